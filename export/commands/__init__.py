@@ -1,0 +1,1 @@
+"""One module per pipeline stage; each registers its subcommands with `export.cli.command`."""

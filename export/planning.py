@@ -1,0 +1,133 @@
+"""`inspect`: plan a deployment from config.json alone, before any weight is downloaded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from export.layout import check_layout, rank_bytes
+from export.mapping import Mapping
+from export.spec import AttentionKind, FFNKind, ModelSpec
+from export.tensors import parameter_count
+
+
+@dataclass(frozen=True)
+class LayerRun:
+    """Consecutive layers with identical structure, shown as one table row."""
+
+    first: int
+    last: int
+    label: str
+
+    @property
+    def count(self) -> int:
+        return self.last - self.first + 1
+
+
+def layer_runs(spec: ModelSpec) -> list[LayerRun]:
+    runs: list[LayerRun] = []
+    for i, lay in enumerate(spec.layers):
+        label = lay.short()
+        if runs and runs[-1].label == label:
+            runs[-1] = LayerRun(runs[-1].first, i, label)
+        else:
+            runs.append(LayerRun(i, i, label))
+    return runs
+
+
+def attention_free_runs(spec: ModelSpec) -> list[list[int]]:
+    """Maximal runs of consecutive FFN-only blocks (empty blocks in between are skipped over):
+    the candidates for FFN Fusion."""
+    runs: list[list[int]] = []
+    current: list[int] = []
+    for i, lay in enumerate(spec.layers):
+        if lay.is_empty:
+            continue
+        if not lay.has_attention and lay.ffn.kind is FFNKind.SWIGLU:
+            current.append(i)
+        else:
+            if current:
+                runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return runs
+
+
+def wide_ffns(spec: ModelSpec) -> list[tuple[int, int]]:
+    """Attention-free FFNs wider than any FFN in an attention block: what fusion produces."""
+    attn_widths = [lay.ffn.width for lay in spec.layers
+                   if lay.has_attention and lay.ffn.width is not None]
+    limit = max(attn_widths, default=0)
+    return [(i, lay.ffn.width) for i, lay in enumerate(spec.layers)
+            if not lay.has_attention and lay.ffn.width is not None and lay.ffn.width > limit]
+
+
+def plan_report(spec: ModelSpec, mapping: Mapping, dtype: str | None = None) -> dict[str, Any]:
+    dtype = dtype or spec.dtype
+    problems = check_layout(spec, mapping)
+    per_rank = ([rank_bytes(spec, mapping, r, dtype) for r in mapping.ranks()] if not problems
+                else None)
+    return {
+        "architecture": spec.architecture,
+        "hidden_size": spec.hidden, "num_attention_heads": spec.heads, "head_dim": spec.head_dim,
+        "vocab_size": spec.vocab, "dtype": dtype,
+        "layers": spec.num_layers,
+        "attention_layers": len(spec.attention_layers()),
+        "linear_attention_layers": sum(lay.attention.kind is AttentionKind.LINEAR for lay in spec.layers),
+        "ffn_layers": len(spec.ffn_layers()),
+        "linear_ffn_layers": sum(lay.ffn.kind is FFNKind.LINEAR for lay in spec.layers),
+        "empty_layers": len(spec.empty_layers()),
+        "parameters": parameter_count(spec),
+        "kv_cache_bytes_per_token": spec.kv_cache_bytes_per_token(dtype),
+        "sync_points_per_token": spec.sync_points_per_token(),
+        "attention_free_runs": [[r[0], r[-1], len(r)] for r in attention_free_runs(spec)],
+        "wide_ffns": [{"layer": i, "width": w} for i, w in wide_ffns(spec)],
+        "tp": mapping.tp, "pp": mapping.pp,
+        "layout_ok": not problems, "layout_problems": problems,
+        "rank_weight_bytes": per_rank,
+        "layer_runs": [{"first": r.first, "last": r.last, "layer": r.label} for r in layer_runs(spec)],
+    }
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n}"
+
+
+def format_report(rep: dict[str, Any]) -> str:
+    lines = ["layers     count  structure (A<kv>=attention, L=linear, -=no-op, F<width>=SwiGLU FFN)"]
+    for r in rep["layer_runs"]:
+        span = f"{r['first']}" if r["first"] == r["last"] else f"{r['first']}-{r['last']}"
+        lines.append(f"{span:<10} {r['last'] - r['first'] + 1:>5}  {r['layer']}")
+    lines.append("")
+    p = rep["parameters"]
+    lines += [
+        f"architecture             {rep['architecture']}  hidden {rep['hidden_size']}, "
+        f"{rep['num_attention_heads']} heads x {rep['head_dim']}, vocab {rep['vocab_size']}",
+        f"parameters               {p:,} ({p / 1e9:.1f}B)",
+        f"layers                   {rep['layers']}: {rep['attention_layers']} attention, "
+        f"{rep['ffn_layers']} FFN, {rep['empty_layers']} empty"
+        + (f", {rep['linear_attention_layers']} linear attention" if rep["linear_attention_layers"] else "")
+        + (f", {rep['linear_ffn_layers']} linear FFN" if rep["linear_ffn_layers"] else ""),
+        f"KV cache per token       {human_bytes(rep['kv_cache_bytes_per_token'])} ({rep['dtype']})",
+        f"sync points per token    {rep['sync_points_per_token']} (one all-reduce per attention and per FFN)",
+    ]
+    runs = ", ".join(f"{a}-{b} ({n})" for a, b, n in rep["attention_free_runs"]) or "none"
+    lines.append(f"attention-free FFN runs  {runs}")
+    if rep["wide_ffns"]:
+        wide = ", ".join(f"layer {w['layer']}: {w['width']}" for w in rep["wide_ffns"])
+        lines.append(f"fused (wide) FFNs        {wide}")
+    lines.append(f"layout                   tp={rep['tp']} pp={rep['pp']}")
+    if rep["layout_ok"]:
+        sizes = rep["rank_weight_bytes"]
+        lines.append(f"per-rank weights         {human_bytes(max(sizes))} max, "
+                     f"{human_bytes(sum(sizes))} total ({rep['dtype']})")
+        lines.append("divisibility             ok: tp divides heads, kv heads and every FFN width")
+    else:
+        lines.append("divisibility             FAILS:")
+        lines += [f"  - {p}" for p in rep["layout_problems"]]
+    return "\n".join(lines)

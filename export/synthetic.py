@@ -1,0 +1,59 @@
+"""Random-weight checkpoints for any description: test fixtures and benchmark inputs.
+
+Weights stream to disk one tensor at a time, so multi-GB synthetic models cost no more memory
+than their largest tensor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from export.io.atomic import atomic_output_dir
+from export.io.safetensors_format import torch_dtype
+from export.io.writer import HFCheckpointWriter, write_config
+from export.spec import ModelSpec
+from export.tensors import Role, model_tensors
+
+NORM_ROLES = {Role.ATTN_NORM, Role.FFN_NORM, Role.FINAL_NORM}
+
+
+def random_tensor(role: Role, shape: tuple[int, ...], gen: torch.Generator, std: float) -> torch.Tensor:
+    if role in NORM_ROLES:  # non-unit scales, so norm handling bugs are visible
+        return 1.0 + 0.2 * torch.randn(shape, generator=gen)
+    return torch.randn(shape, generator=gen) * std
+
+
+def write_random_checkpoint(path: str | Path, spec: ModelSpec, *, seed: int = 0,
+                            std: float = 0.05, max_shard_bytes: int = 5 << 30) -> Path:
+    """A complete HF checkpoint (config.json + safetensors) for `spec` with seeded weights."""
+    gen = torch.Generator().manual_seed(seed)
+    dtype = torch_dtype(spec.dtype)
+    refs = model_tensors(spec)
+    with atomic_output_dir(path) as tmp:
+        writer = HFCheckpointWriter(tmp, [(r.hf_name, dtype, r.shape) for r in refs], max_shard_bytes)
+        for r in refs:
+            writer.write(r.hf_name, random_tensor(r.role, r.shape, gen, std).to(dtype))
+        writer.close()
+        write_config(tmp, spec.to_hf_config() if spec.architecture != "LlamaForCausalLM"
+                     else llama_config(spec))
+    return Path(path)
+
+
+def llama_config(spec: ModelSpec) -> dict:
+    """A plain `LlamaForCausalLM` config.json for a uniform description."""
+    lay = spec.layers[0]
+    assert all(x == lay for x in spec.layers), "a Llama config needs uniform layers"
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": spec.hidden, "num_attention_heads": spec.heads,
+        "num_key_value_heads": lay.attention.kv_heads, "head_dim": spec.head_dim,
+        "intermediate_size": lay.ffn.width, "num_hidden_layers": spec.num_layers,
+        "vocab_size": spec.vocab, "hidden_act": "silu", "rms_norm_eps": spec.norm_eps,
+        "rope_theta": spec.rope_theta,
+        "rope_scaling": spec.rope_scaling.to_hf() if spec.rope_scaling else None,
+        "tie_word_embeddings": spec.tie_embeddings, "torch_dtype": spec.dtype,
+        "max_position_embeddings": spec.max_position_embeddings,
+        "attention_bias": False, "mlp_bias": False, **spec.passthrough,
+    }

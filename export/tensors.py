@@ -1,0 +1,109 @@
+"""Which tensors a model description needs, by role, under HF names.
+
+A `Role` is what a tensor does (q projection, FFN down projection, ...). The HF name table,
+the TRT-LLM name table, the sharding rules and the runtime's parameters are all keyed by role,
+so adding a layer kind means adding rows to tables, not branches to stages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from export.spec import AttentionKind, FFNKind, ModelSpec
+
+
+class Role(StrEnum):
+    EMBED = "embed"
+    ATTN_NORM = "attn_norm"
+    Q = "q"
+    K = "k"
+    V = "v"
+    O = "o"  # noqa: E741 - the attention output projection
+    LINEAR_ATTN = "linear_attn"
+    FFN_NORM = "ffn_norm"
+    GATE = "gate"
+    UP = "up"
+    DOWN = "down"
+    LINEAR_FFN = "linear_ffn"
+    FINAL_NORM = "final_norm"
+    LM_HEAD = "lm_head"
+
+
+GLOBAL_ROLES = (Role.EMBED, Role.FINAL_NORM, Role.LM_HEAD)
+
+# HF names, one row per role. `{l}` is the (global) layer index.
+HF_NAMES: dict[Role, str] = {
+    Role.EMBED: "model.embed_tokens.weight",
+    Role.ATTN_NORM: "model.layers.{l}.input_layernorm.weight",
+    Role.Q: "model.layers.{l}.self_attn.q_proj.weight",
+    Role.K: "model.layers.{l}.self_attn.k_proj.weight",
+    Role.V: "model.layers.{l}.self_attn.v_proj.weight",
+    Role.O: "model.layers.{l}.self_attn.o_proj.weight",
+    Role.LINEAR_ATTN: "model.layers.{l}.self_attn.linear_attn.weight",
+    Role.FFN_NORM: "model.layers.{l}.post_attention_layernorm.weight",
+    Role.GATE: "model.layers.{l}.mlp.gate_proj.weight",
+    Role.UP: "model.layers.{l}.mlp.up_proj.weight",
+    Role.DOWN: "model.layers.{l}.mlp.down_proj.weight",
+    Role.LINEAR_FFN: "model.layers.{l}.mlp.linear_mlp.weight",
+    Role.FINAL_NORM: "model.norm.weight",
+    Role.LM_HEAD: "lm_head.weight",
+}
+
+# Names found in HF checkpoints that carry no weight we need (recomputed at load time).
+HF_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """One tensor of the full (unsharded) model."""
+
+    role: Role
+    layer: int | None  # global layer index; None for embed / final norm / lm_head
+    shape: tuple[int, ...]
+
+    @property
+    def hf_name(self) -> str:
+        return HF_NAMES[self.role].format(l=self.layer)
+
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def layer_roles(spec: ModelSpec, layer: int) -> list[tuple[Role, tuple[int, ...]]]:
+    """The roles (and full shapes) a layer has; no-op sublayers have none, not even a norm."""
+    lay = spec.layers[layer]
+    h, hd = spec.hidden, spec.head_dim
+    out: list[tuple[Role, tuple[int, ...]]] = []
+    if lay.attention.kind is AttentionKind.FULL:
+        kv = lay.attention.kv_heads
+        assert kv is not None
+        out += [(Role.ATTN_NORM, (h,)), (Role.Q, (spec.heads * hd, h)), (Role.K, (kv * hd, h)),
+                (Role.V, (kv * hd, h)), (Role.O, (h, spec.heads * hd))]
+    elif lay.attention.kind is AttentionKind.LINEAR:
+        out += [(Role.ATTN_NORM, (h,)), (Role.LINEAR_ATTN, (h, h))]
+    if lay.ffn.kind is FFNKind.SWIGLU:
+        w = lay.ffn.width
+        assert w is not None
+        out += [(Role.FFN_NORM, (h,)), (Role.GATE, (w, h)), (Role.UP, (w, h)), (Role.DOWN, (h, w))]
+    elif lay.ffn.kind is FFNKind.LINEAR:
+        out += [(Role.FFN_NORM, (h,)), (Role.LINEAR_FFN, (h, h))]
+    return out
+
+
+def model_tensors(spec: ModelSpec) -> list[TensorRef]:
+    """Every tensor the description needs, in checkpoint order (embed, layers, norm, head)."""
+    refs = [TensorRef(Role.EMBED, None, (spec.vocab, spec.hidden))]
+    for i in range(spec.num_layers):
+        refs += [TensorRef(role, i, shape) for role, shape in layer_roles(spec, i)]
+    refs.append(TensorRef(Role.FINAL_NORM, None, (spec.hidden,)))
+    if not spec.tie_embeddings:
+        refs.append(TensorRef(Role.LM_HEAD, None, (spec.vocab, spec.hidden)))
+    return refs
+
+
+def parameter_count(spec: ModelSpec) -> int:
+    return sum(r.numel() for r in model_tensors(spec))

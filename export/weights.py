@@ -1,0 +1,58 @@
+"""Where a rank's weights come from, behind one interface the reference runtime consumes.
+
+`RankWeights.get(role, layer)` returns the rank-local (already sharded) tensor. The HF source
+slices with `export.sharding`; the TRT-LLM source reads the rank file we wrote for TRT-LLM. The
+runtime cannot tell them apart, which is how `verify` checks the exported files themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from export.io.reader import CheckpointReader
+from export.layout import lm_head_ref, on_rank
+from export.mapping import Mapping
+from export.sharding import shard_for
+from export.spec import ModelSpec
+from export.tensors import Role, TensorRef, layer_roles
+
+
+class RankWeights(Protocol):
+    spec: ModelSpec
+    mapping: Mapping
+    rank: int
+
+    def get(self, role: Role, layer: int | None = None) -> torch.Tensor:
+        """The rank's piece of tensor (role, global layer); KeyError if the rank holds none."""
+        ...
+
+
+def find_ref(spec: ModelSpec, role: Role, layer: int | None) -> TensorRef:
+    if layer is None:
+        shapes = {Role.EMBED: (spec.vocab, spec.hidden), Role.FINAL_NORM: (spec.hidden,),
+                  Role.LM_HEAD: (spec.vocab, spec.hidden)}
+        if role not in shapes:
+            raise KeyError(f"{role.value} needs a layer index")
+        return TensorRef(role, None, shapes[role])
+    for r, shape in layer_roles(spec, layer):
+        if r is role:
+            return TensorRef(role, layer, shape)
+    raise KeyError(f"layer {layer} has no {role.value} tensor")
+
+
+class HFRankWeights:
+    """A rank's pieces read straight from an HF checkpoint: sliced reads, nothing else loaded."""
+
+    def __init__(self, reader: CheckpointReader, spec: ModelSpec, mapping: Mapping, rank: int,
+                 dtype: torch.dtype | None = None) -> None:
+        self.reader, self.spec, self.mapping, self.rank, self.dtype = reader, spec, mapping, rank, dtype
+
+    def get(self, role: Role, layer: int | None = None) -> torch.Tensor:
+        ref = lm_head_ref(self.spec) if role is Role.LM_HEAD else find_ref(self.spec, role, layer)
+        if not on_rank(ref, self.spec, self.mapping, self.rank):
+            raise KeyError(f"rank {self.rank} holds no {role.value} of layer {layer}")
+        shard = shard_for(self.spec, ref, self.mapping.tp_rank(self.rank), self.mapping.tp)
+        t = self.reader.read(ref, shard)
+        return t.to(self.dtype) if self.dtype is not None else t
