@@ -25,6 +25,18 @@ from export.runtime.steps import Exit, Stepper
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 600.0
+TMP_PREFIX = "export-runtime-"
+
+
+def _clean_stale() -> None:
+    """Remove rendezvous/log dirs of drivers that were killed outright (their pid is gone)."""
+    for d in Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}*-*"):
+        try:
+            os.kill(int(d.name.removeprefix(TMP_PREFIX).split("-")[0]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue
 
 
 class LocalBackend:
@@ -56,7 +68,8 @@ class ProcessBackend:
     def __init__(self, source: Path, mapping: Mapping, dtype: str, *, threads: int = 1,
                  python: str | None = None) -> None:
         self.mapping = mapping
-        self.tmp = tempfile.mkdtemp(prefix="export-runtime-")
+        _clean_stale()
+        self.tmp = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-")
         self.procs: list[subprocess.Popen] = []
         self.replies: list[int] = []
         self._finalizer = weakref.finalize(self, _kill, self.procs, self.tmp)

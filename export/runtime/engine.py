@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ class Engine:
         self.spec, self.mapping, self.backend = spec, mapping, backend
         self.leader = mapping.rank(0, mapping.pp - 1)  # last stage, tp rank 0 returns logits
         self._lock = threading.Lock()
+        self._owner: int | None = None  # thread holding the lock, to refuse re-entry instead of deadlocking
 
     @classmethod
     def start(cls, source: Path, *, tp: int | None = None, pp: int | None = None, dtype: str = "float32",
@@ -66,6 +68,19 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """One request at a time (the ranks run in lockstep); calling back into the engine while
+        consuming its own `stream` is an error, not a deadlock."""
+        if self._owner == threading.get_ident():
+            raise ExportError("engine busy: this thread is still consuming a generation from it")
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._owner = None
+
     def _call(self, cmd: Any) -> Any:
         """Run a step on every rank; the leader's reply."""
         return self.backend.call(cmd)[self.leader]
@@ -74,7 +89,7 @@ class Engine:
     def logits(self, input_ids: list[list[int]]) -> torch.Tensor:
         """[B, T, vocab] fp32 prefill logits, no cache; a right-padded (ragged) batch is fine."""
         self._check(input_ids, 0)
-        with self._lock:
+        with self._exclusive():
             return self._call(Logits(tuple(tuple(s) for s in input_ids)))
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
@@ -92,7 +107,7 @@ class Engine:
 
     def stats(self) -> list[dict[str, int]]:
         """Per rank: KV-cache bytes (held now, and per token) and collectives issued so far."""
-        with self._lock:
+        with self._exclusive():
             return self.backend.call(Stats())
 
     def kv_cache_bytes(self) -> int:
@@ -118,7 +133,7 @@ class Engine:
         slots = tuple(range(len(prompts)))
         stop = set(params.stop_token_ids)
         gen = make_generator(params)
-        with self._lock:
+        with self._exclusive():
             self.backend.call(Reserve(len(prompts), max(map(len, prompts)) + params.max_tokens))
             self.backend.call(Free(slots))
             try:
