@@ -38,3 +38,19 @@ def tiny_spec(vocab: int, tp_kv: int = 2) -> ModelSpec:
     return ModelSpec(hidden=64, heads=4, head_dim=16, vocab=vocab, layers=(full, ffn_only, ffn_only, full),
                      dtype="float32", max_position_embeddings=256,
                      passthrough={"bos_token_id": 1, "eos_token_id": 2})
+
+
+def make_engine_dir(root: Path, tp: int = 2, seed: int = 0) -> Path:
+    """tokenizer + matching random DeciLM checkpoint -> `convert` at `tp` -> root/engines/tiny."""
+    from export.synthetic import write_random_checkpoint
+    from export.trtllm.convert import convert
+
+    src = root / "hf"
+    tok_dir = root / "tok"
+    vocab = write_tokenizer(tok_dir)
+    write_random_checkpoint(src, tiny_spec(vocab), seed=seed, std=0.2)
+    for f in tok_dir.iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    out = root / "engines" / "tiny"
+    convert(src, out, tp=tp, progress=False)
+    return out

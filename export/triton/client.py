@@ -56,10 +56,14 @@ class QueryResult:
     tokens: int = 0
     ttft_s: float | None = None
     total_s: float = 0.0
+    streamed: bool = True
+
 
     @property
     def tokens_per_s(self) -> float | None:
-        """Decode rate after the first token (the prefill is in ttft)."""
+        """Streaming: decode rate after the first token (the prefill is in ttft); else tokens / total."""
+        if not self.streamed:
+            return self.tokens / self.total_s if self.tokens and self.total_s > 0 else None
         if self.ttft_s is None or self.tokens < 2 or self.total_s <= self.ttft_s:
             return None
         return (self.tokens - 1) / (self.total_s - self.ttft_s)
@@ -117,7 +121,7 @@ def _query_grpc(request: Request, url: str, model: str, on_text: Callable[[str],
     events: queue.Queue = queue.Queue()
     result, start = QueryResult(), time.perf_counter()
     with grpcclient.InferenceServerClient(url) as client:
-        client.start_stream(callback=lambda res, err: events.put((res, err)))
+        client.start_stream(callback=lambda result, error: events.put((result, error)))
         try:
             client.async_stream_infer(model, grpc_inputs(request.fields()), request_id="1",
                                       enable_empty_final_response=True)
@@ -139,6 +143,7 @@ def _query_grpc(request: Request, url: str, model: str, on_text: Callable[[str],
             client.stop_stream(cancel_requests=True)
     result.total_s = time.perf_counter() - start
     result.text = "".join(result.pieces)
+    result.streamed = request.stream
     return result
 
 
@@ -164,6 +169,7 @@ def _query_http(request: Request, url: str, model: str, on_text: Callable[[str],
         conn.close()
     result.total_s = time.perf_counter() - start
     result.text = "".join(result.pieces)
+    result.streamed = request.stream
     return result
 
 

@@ -34,6 +34,8 @@ ENSEMBLE_EXTRAS = {
             '      input_map { key: "IS_FINAL" value: "_IS_FINAL" }'),
     "trtllm": ("", ""),
 }
+# Source files a flavour leaves out: the C++ tensorrtllm backend has no model.py.
+SKIPPED = {("trtllm", "tensorrt_llm"): ("model.py",)}
 
 
 @dataclass(frozen=True)
@@ -72,8 +74,8 @@ class RepoSettings:
                  (0.0 < self.kv_cache_free_gpu_mem_fraction <= 1.0,
                   f"kv_cache_free_gpu_mem_fraction must be in (0, 1], got {self.kv_cache_free_gpu_mem_fraction}"),
                  (self.max_batch_size >= 1, f"max_batch_size must be >= 1, got {self.max_batch_size}"),
-                 (0 < self.max_input_len < self.max_seq_len,
-                  f"need 0 < max_input_len ({self.max_input_len}) < max_seq_len ({self.max_seq_len})")]
+                 (0 < self.max_input_len <= self.max_seq_len,
+                  f"need 0 < max_input_len ({self.max_input_len}) <= max_seq_len ({self.max_seq_len})")]
         for ok, msg in rules:
             if not ok:
                 raise ExportError(f"package: {msg}")
@@ -82,6 +84,8 @@ class RepoSettings:
         out: dict[str, str | None] = {}
         for k, v in asdict(self).items():
             out[k] = None if v is None else pbtxt_bool(v) if isinstance(v, bool) else str(v)
+        if self.gpu_device_ids is None:  # one GPU per rank, as trtllm-build laid the engine out
+            out["gpu_device_ids"] = ",".join(str(i) for i in range(self.tp * self.pp))
         out["engine_extra_outputs"], out["postprocessing_extra_inputs"] = ENSEMBLE_EXTRAS[self.backend]
         return out
 
@@ -113,7 +117,7 @@ def settings_from_manifest(engine_dir: Path, backend: str, **overrides: Any) -> 
         max_seq_len=int(build["max_seq_len"]), tp=m.tp, pp=m.pp, runtime_dtype=m.dtype,
         checkpoint_dir=engine_dir / entry.get("path", m.checkpoint) if backend == "cpu" else None,
         engine_dir=engine_dir / entry.get("path", "trtllm") if backend == "trtllm" else None,
-        gpu_device_ids=",".join(str(i) for i in range(m.tp * m.pp)), **tuning)
+        **tuning)
     return replace(s, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -138,7 +142,9 @@ def render_repo(settings: RepoSettings, out: Path, templates: Path = TEMPLATES) 
     configs = {name: render_model(name, settings, templates) for name in MODELS}
     with atomic_output_dir(out) as tmp:
         for name, text in configs.items():
-            shutil.copytree(templates / name, tmp / name, ignore=shutil.ignore_patterns("config*.pbtxt", "__pycache__"))
+            skip = SKIPPED.get((settings.backend, name), ())
+            shutil.copytree(templates / name, tmp / name,
+                            ignore=shutil.ignore_patterns("config*.pbtxt", "__pycache__", *skip))
             (tmp / name / "config.pbtxt").write_text(text)
         deploy = {"backend": settings.backend, "world_size": settings.world_size,
                   "settings": {k: v for k, v in settings.values().items() if "extra" not in k}}
