@@ -80,16 +80,18 @@ DTYPES = {"text_input": object, "max_tokens": np.int32, "stream": bool, "tempera
           "stop_words": object, "bad_words": object}
 
 
-def grpc_inputs(fields: dict[str, Any]) -> list:
+def grpc_inputs(fields: dict[str, Any], dtypes: dict[str, Any] | None = None) -> list:
+    """[1, n] tensors for the ensemble/BLS inputs (`dtypes` overrides the numpy dtype per name)."""
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import np_to_triton_dtype
 
     out = []
     for name, value in fields.items():
         vals = value if isinstance(value, list) else [value]
-        if DTYPES[name] is object:
+        dtype = (dtypes or {}).get(name, DTYPES[name])
+        if dtype is object:
             vals = [v.encode("utf-8") if isinstance(v, str) else v for v in vals]
-        arr = np.array([vals], dtype=DTYPES[name])
+        arr = np.array([vals], dtype=dtype)
         t = grpcclient.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
         t.set_data_from_numpy(arr)
         out.append(t)
@@ -116,14 +118,23 @@ def _collect(result: QueryResult, start: float, text: str, tokens: int, on_text:
 
 def _query_grpc(request: Request, url: str, model: str, on_text: Callable[[str], None],
                 timeout: float) -> QueryResult:
+    result = stream_infer(grpc_inputs(request.fields()), url=url, model=model, on_text=on_text, timeout=timeout)
+    result.streamed = request.stream
+    return result
+
+
+def stream_infer(inputs: list, *, url: str, model: str, on_text: Callable[[str], None] | None = None,
+                 timeout: float = 300.0) -> QueryResult:
+    """One request over the gRPC stream RPC with prepared inputs; collects pieces until the final flag."""
     import tritonclient.grpc as grpcclient
 
+    on_text = on_text or (lambda s: None)
     events: queue.Queue = queue.Queue()
     result, start = QueryResult(), time.perf_counter()
     with grpcclient.InferenceServerClient(url) as client:
         client.start_stream(callback=lambda result, error: events.put((result, error)))
         try:
-            client.async_stream_infer(model, grpc_inputs(request.fields()), request_id="1",
+            client.async_stream_infer(model, inputs, request_id="1",
                                       enable_empty_final_response=True)
             while True:
                 try:
@@ -143,7 +154,6 @@ def _query_grpc(request: Request, url: str, model: str, on_text: Callable[[str],
             client.stop_stream(cancel_requests=True)
     result.total_s = time.perf_counter() - start
     result.text = "".join(result.pieces)
-    result.streamed = request.stream
     return result
 
 

@@ -1,0 +1,109 @@
+"""A real tritonserver (the nvidia-pytriton bundle) serving the cpu flavour of a TP=2 engine.
+
+One server for the module. Every query's text must equal the reference runtime's greedy output
+decoded by the same tokenizer; bad requests get errors naming the fault while the server keeps
+answering good ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from triton_support import make_engine_dir
+
+from export.triton.client import QueryError, Request, grpc_inputs, query, stream_infer
+
+PROMPTS = ["héllo wörld 中文", "the quick brown fox"]
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    from export.triton.package import package_repo
+    from export.triton.server import start_server
+
+    root = tmp_path_factory.mktemp("triton")
+    engine_dir = make_engine_dir(root, tp=2)
+    repo = package_repo(engine_dir, root / "repo", backend="cpu")
+    with start_server(repo, timeout=240) as server:
+        yield engine_dir, server
+    assert not server.alive()
+
+
+@pytest.fixture(scope="module")
+def reference(deployment):
+    """Greedy text per prompt from the reference runtime on the same rank files (tp=2)."""
+    from export.runtime.engine import Engine
+    from export.runtime.sampling import SamplingParams
+    from export.triton.pipeline import load_tokenizer
+
+    engine_dir, _ = deployment
+    tok = load_tokenizer(str(engine_dir / "tokenizer"))
+    out = {}
+    with Engine.start(engine_dir / "checkpoint") as engine:
+        assert engine.mapping.tp == 2
+        for p in PROMPTS:
+            ids = engine.generate([tok.encode(p)], SamplingParams(MAX_TOKENS, stop_token_ids=(tok.eos_token_id,)))[0]
+            ids = ids[:ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
+            out[p] = (tok.decode(ids), len(ids))
+    return out
+
+
+def url(server, protocol):
+    return server.grpc_url if protocol == "grpc" else server.http_url
+
+
+@pytest.mark.parametrize("model", ["ensemble", "tensorrt_llm_bls"])
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("stream", [True, False])
+def test_text_equals_reference_greedy_output(deployment, reference, model, protocol, stream):
+    _, server = deployment
+    for prompt in PROMPTS:
+        res = query(Request(prompt, max_tokens=MAX_TOKENS, stream=stream, temperature=0.0),
+                    url=url(server, protocol), protocol=protocol, model=model, timeout=60)
+        text, n = reference[prompt]
+        assert res.text == text and res.tokens == n
+        assert res.ttft_s is not None and res.tokens_per_s
+        if stream:
+            assert len(res.pieces) > 1  # pieces really arrived one by one
+        else:
+            assert len(res.pieces) == 1
+
+
+def good(server, reference):
+    res = query(Request(PROMPTS[1], max_tokens=MAX_TOKENS), url=server.grpc_url, timeout=60)
+    assert res.text == reference[PROMPTS[1]][0]
+
+
+BASE = {"text_input": PROMPTS[0], "max_tokens": 4}
+BAD_GRPC = {
+    "missing text_input": ({"max_tokens": 4}, {}, "text_input"),
+    "max_tokens 0": ({**BASE, "max_tokens": 0}, {}, r"max_tokens must be >= 1 \(got 0\)"),
+    "max_tokens above the limit": ({**BASE, "max_tokens": 100000}, {}, r"max_tokens 100000 exceeds the limit"),
+    "wrong dtype": ({**BASE, "max_tokens": 4.0}, {"max_tokens": np.float32}, r"max_tokens.*(FP32|INT32)"),
+    "invalid UTF-8": ({**BASE, "text_input": b"\xff\xfe oops"}, {}, "text_input: not valid UTF-8"),
+    "negative temperature": ({**BASE, "temperature": -1.0}, {}, r"temperature must be >= 0 \(got -1"),
+}
+
+
+@pytest.mark.parametrize("model", ["ensemble", "tensorrt_llm_bls"])
+@pytest.mark.parametrize("case", list(BAD_GRPC))
+def test_bad_grpc_request_is_answered_and_server_keeps_serving(deployment, reference, model, case):
+    _, server = deployment
+    fields, dtypes, message = BAD_GRPC[case]
+    with pytest.raises(QueryError, match=message):
+        stream_infer(grpc_inputs(fields, dtypes), url=server.grpc_url, model=model, timeout=60)
+    good(server, reference)
+
+
+def test_bad_http_requests_and_unknown_model(deployment, reference):
+    _, server = deployment
+    with pytest.raises(QueryError, match=r"temperature must be >= 0.*HTTP 400"):
+        query(Request(PROMPTS[0], max_tokens=4, temperature=-0.5, stream=False), url=server.http_url,
+              protocol="http")
+    with pytest.raises(QueryError, match=r"max_tokens must be >= 1"):
+        query(Request(PROMPTS[0], max_tokens=0, stream=True), url=server.http_url, protocol="http")
+    for protocol in ("grpc", "http"):
+        with pytest.raises(QueryError, match=r"unknown model|not found"):
+            query(Request(PROMPTS[0], max_tokens=4), url=url(server, protocol), protocol=protocol, model="nope")
+    good(server, reference)
