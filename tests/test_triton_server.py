@@ -107,3 +107,18 @@ def test_bad_http_requests_and_unknown_model(deployment, reference):
         with pytest.raises(QueryError, match=r"unknown model|not found"):
             query(Request(PROMPTS[0], max_tokens=4), url=url(server, protocol), protocol=protocol, model="nope")
     good(server, reference)
+
+
+def test_concurrent_streams_each_get_their_own_text(deployment, reference):
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, server = deployment
+
+    def one(i: int) -> str:
+        model = ("ensemble", "tensorrt_llm_bls")[i % 2]
+        return query(Request(PROMPTS[i % 2], max_tokens=MAX_TOKENS), url=server.grpc_url, model=model,
+                     timeout=120).text
+
+    with ThreadPoolExecutor(4) as pool:
+        texts = list(pool.map(one, range(4)))
+    assert texts == [reference[PROMPTS[i % 2]][0] for i in range(4)]

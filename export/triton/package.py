@@ -136,6 +136,8 @@ def render_model(name: str, settings: RepoSettings, templates: Path = TEMPLATES)
 def render_repo(settings: RepoSettings, out: Path, templates: Path = TEMPLATES) -> Path:
     """Write the repository atomically: every config rendered and parsed before anything lands."""
     settings.check()
+    if not (templates / "ensemble" / "config.pbtxt").is_file():
+        raise ExportError(f"model repository sources not found at {templates} (run from a source checkout)")
     if settings.tokenizer_dir is None or not Path(settings.tokenizer_dir).is_dir():
         raise ExportError(f"package: the engine has no tokenizer directory ({settings.tokenizer_dir}); "
                           f"pre/postprocessing need the tokenizer files")
