@@ -1,0 +1,47 @@
+"""`generate`: text in, text out through the reference runtime (any tp x pp), with tokens/s."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from export.cli import command, with_args
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", type=Path, help="HF checkpoint dir, TRT-LLM checkpoint dir, or engines/NAME")
+    p.add_argument("prompt")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel worker processes (default: 1, "
+                                                        "or the TRT-LLM checkpoint's own)")
+    p.add_argument("--pp", type=int, default=None, help="pipeline stages")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    p.add_argument("--dtype", default="float32", help="fp32 | bf16 | fp16 (compute dtype)")
+    p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer dir (default: beside the weights)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker process")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+@command("generate", "generate text with the reference runtime (tp/pp worker processes) and report tokens/s")
+@with_args(_args)
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from export.runtime.sampling import SamplingParams
+    from export.runtime.text import generate_text
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed)
+    res = generate_text(args.ckpt, args.prompt, params, tp=args.tp, pp=args.pp, dtype=args.dtype,
+                        tokenizer=args.tokenizer, stop_at_eos=not args.ignore_eos, threads=args.threads)
+    if args.json:
+        print(json.dumps(res.to_json(), indent=2))
+        return 0
+    print(res.text)
+    print(f"[tp={res.tp} pp={res.pp}] {res.prompt_tokens} prompt tokens, {len(res.new_tokens)} new tokens; "
+          f"prefill {res.prefill_s * 1e3:.1f} ms, decode {res.tokens_per_s:.1f} tokens/s", file=sys.stderr)
+    return 0

@@ -1,0 +1,85 @@
+"""Text in, text out: the tokenizer shipped with a checkpoint, and timed generation for `generate`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from export.errors import ExportError
+from export.runtime.sampling import SamplingParams
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def tokenizer_dirs(ckpt: Path) -> list[Path]:
+    """Where a checkpoint's tokenizer may live: beside the weights, or `engines/NAME/tokenizer`."""
+    ckpt = Path(ckpt)
+    return [ckpt, ckpt / "tokenizer", ckpt.parent / "tokenizer"]
+
+
+def load_tokenizer(ckpt: Path, tokenizer: Path | None = None) -> Any:
+    """transformers tokenizer, offline; a clear error when the checkpoint ships none."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # it warns about DeciLM's model_type, which tokenizers do not need
+    dirs = [Path(tokenizer)] if tokenizer else tokenizer_dirs(ckpt)
+    for d in dirs:
+        if any((d / f).is_file() for f in TOKENIZER_FILES):
+            try:
+                return AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+            except Exception:  # an unknown model_type etc.: the raw tokenizer.json still works
+                if (d / "tokenizer.json").is_file():
+                    return PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"))
+                raise
+    raise ExportError(f"{ckpt}: no tokenizer found (looked for {', '.join(TOKENIZER_FILES)} in "
+                      f"{', '.join(str(d) for d in dirs)}); pass --tokenizer DIR")
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    prompt_tokens: int
+    new_tokens: list[int]
+    prefill_s: float  # prompt in, first token out
+    decode_s: float  # the remaining tokens
+    tp: int
+    pp: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode throughput (tokens after the first, over the time they took)."""
+        n = len(self.new_tokens) - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self) | {"tokens_per_s": round(self.tokens_per_s, 2)}
+
+
+def generate_text(ckpt: Path, prompt: str, params: SamplingParams, *, tp: int | None = None, pp: int | None = None,
+                  dtype: str = "float32", tokenizer: Path | None = None, stop_at_eos: bool = True,
+                  threads: int = 1) -> GenerationResult:
+    """Tokenize, stream new tokens from an `Engine`, detokenize; timings split prefill / decode."""
+    from dataclasses import replace
+
+    from export.runtime.engine import Engine
+
+    tok = load_tokenizer(ckpt, tokenizer)
+    ids = tok.encode(prompt)
+    with Engine.start(Path(ckpt), tp=tp, pp=pp, dtype=dtype, threads=threads) as eng:
+        eos = eng.spec.passthrough.get("eos_token_id", tok.eos_token_id)
+        if stop_at_eos and eos is not None and not params.stop_token_ids:
+            params = replace(params, stop_token_ids=tuple(eos) if isinstance(eos, list) else (eos,))
+        out: list[int] = []
+        t0 = time.perf_counter()
+        t_first = t0
+        for step in eng.stream(ids, params):
+            if not out:
+                t_first = time.perf_counter()
+            out += step
+        t_end = time.perf_counter()
+        mapping = eng.mapping
+    return GenerationResult(tok.decode(out, skip_special_tokens=True), len(ids), out, t_first - t0,
+                            t_end - t_first, mapping.tp, mapping.pp)

@@ -1,0 +1,67 @@
+"""Tensor and pipeline parallelism over real worker processes (gloo): same logits as tp = 1."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from export.errors import ExportError
+from export.runtime.engine import Engine
+from export.runtime.sampling import SamplingParams
+from export.synthetic import write_random_checkpoint
+from tests.conftest import hetero_spec
+
+PROMPTS = [[5, 17, 33, 2, 90, 41, 7, 64, 12], [3, 8, 1, 77], [60, 61, 62, 63, 64, 65]]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The hetero checkpoint and what tp = 1 makes of it (logits, greedy and seeded samples)."""
+    path = write_random_checkpoint(tmp_path_factory.mktemp("tp") / "ckpt", hetero_spec(), seed=4, std=0.1)
+    with Engine.start(path) as eng:
+        assert eng.mapping.world_size == 1
+        ref = {"logits": eng.logits(PROMPTS),
+               "greedy": eng.generate(PROMPTS, SamplingParams(max_tokens=6)),
+               "sampled": eng.generate(PROMPTS, SamplingParams(max_tokens=6, temperature=0.8, top_k=40,
+                                                               top_p=0.95, seed=7))}
+    return path, ref
+
+
+def _same_logits(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.shape == want.shape == (3, 9, 99)
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_tp2_matches_tp1(reference):
+    path, ref = reference
+    with Engine.start(path, tp=2) as eng:
+        _same_logits(eng.logits(PROMPTS), ref["logits"])
+        assert eng.generate(PROMPTS, SamplingParams(max_tokens=6)) == ref["greedy"]
+        assert eng.generate(PROMPTS, SamplingParams(max_tokens=6, temperature=0.8, top_k=40, top_p=0.95,
+                                                    seed=7)) == ref["sampled"]
+        stats = eng.stats()
+    spec = hetero_spec()
+    # both ranks hold cache for the 3 attention layers only; layer 5 has 1 kv head, duplicated on both ranks
+    per_rank = 2 * (1 + 2 + 1) * spec.head_dim * 4
+    assert [s["kv_bytes_per_token"] for s in stats] == [per_rank, per_rank]
+
+
+def test_tp4_matches_tp1(reference):
+    path, ref = reference
+    with Engine.start(path, tp=4) as eng:
+        _same_logits(eng.logits(PROMPTS), ref["logits"])
+
+
+def test_tp2_pp2_matches_tp1(reference):
+    path, ref = reference
+    with Engine.start(path, tp=2, pp=2) as eng:
+        _same_logits(eng.logits(PROMPTS), ref["logits"])
+        assert eng.generate(PROMPTS, SamplingParams(max_tokens=6)) == ref["greedy"]
+        stream = list(eng.stream(PROMPTS[1], SamplingParams(max_tokens=6)))
+    assert stream == [[t] for t in ref["greedy"][1]]
+
+
+def test_impossible_layout_is_refused_before_starting(reference):
+    path, _ = reference
+    with pytest.raises(ExportError, match="tp=3"):
+        Engine.start(path, tp=3)
