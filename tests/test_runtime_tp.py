@@ -34,13 +34,17 @@ def _same_logits(got: torch.Tensor, want: torch.Tensor) -> None:
 
 def test_tp2_matches_tp1(reference):
     path, ref = reference
+    spec = hetero_spec()
     with Engine.start(path, tp=2) as eng:
+        before = eng.stats()
         _same_logits(eng.logits(PROMPTS), ref["logits"])
+        # one collective per attention / FFN sublayer, plus the vocab-parallel lm_head's gather
+        assert [a["tp_collectives"] - b["tp_collectives"] for a, b in zip(eng.stats(), before)] == \
+            [spec.sync_points_per_token() + 1] * 2
         assert eng.generate(PROMPTS, SamplingParams(max_tokens=6)) == ref["greedy"]
         assert eng.generate(PROMPTS, SamplingParams(max_tokens=6, temperature=0.8, top_k=40, top_p=0.95,
                                                     seed=7)) == ref["sampled"]
         stats = eng.stats()
-    spec = hetero_spec()
     # both ranks hold cache for the 3 attention layers only; layer 5 has 1 kv head, duplicated on both ranks
     per_rank = 2 * (1 + 2 + 1) * spec.head_dim * 4
     assert [s["kv_bytes_per_token"] for s in stats] == [per_rank, per_rank]
@@ -65,3 +69,46 @@ def test_impossible_layout_is_refused_before_starting(reference):
     path, _ = reference
     with pytest.raises(ExportError, match="tp=3"):
         Engine.start(path, tp=3)
+
+
+DRIVER = """
+import os, sys, time
+from export.runtime.engine import Engine
+eng = Engine.start(sys.argv[1], tp=2)
+print(" ".join(str(p.pid) for p in eng.backend.procs), flush=True)
+time.sleep(600)
+"""
+
+
+def test_workers_die_with_their_driver(reference, tmp_path):
+    """A driver killed outright (no close, no atexit) leaves no worker behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    path, _ = reference
+    repo = Path(__file__).resolve().parents[1]
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(path)], cwd=repo, stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in driver.stdout.readline().split()]
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    deadline = time.time() + 20
+    while any(_alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in pids)
+    assert os.getpid()  # the test process itself is untouched
+
+
+def _alive(pid: int) -> bool:
+    from pathlib import Path
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"

@@ -52,6 +52,7 @@ class Decoder(nn.Module):
         self.local_heads = spec.heads // self.tp
         self.kv_local = {i: kv_heads_per_rank(spec.layers[i].attention.kv_heads, self.tp)  # type: ignore[arg-type]
                          for i in spec.attention_layers() if i in self.local_layers}
+        self._flat: dict[tuple[Role, int | None], torch.Tensor] = {}  # plain-dict view: hot-path lookups
         self.params = nn.ModuleDict({GLOBAL: nn.ParameterDict()})
         for i in self.local_layers:
             self.params[str(i)] = nn.ParameterDict()
@@ -63,10 +64,12 @@ class Decoder(nn.Module):
     # ---- parameters ----------------------------------------------------------------------
     def _store(self, role: Role, layer: int | None, t: torch.Tensor) -> None:
         key = GLOBAL if layer is None else str(layer)
-        self.params[key][role.value] = nn.Parameter(t, requires_grad=False)
+        param = nn.Parameter(t, requires_grad=False)
+        self.params[key][role.value] = param
+        self._flat[(role, layer)] = param
 
     def w(self, role: Role, layer: int | None = None) -> torch.Tensor:
-        return self.params[GLOBAL if layer is None else str(layer)][role.value]
+        return self._flat[(role, layer)]
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,77 @@
+"""`bench <name>`: a group of benchmark commands; each stage registers its own sub-benchmark.
+
+Another module adds one with::
+
+    from export.commands.bench import bench
+    @bench("convert", "one-line help", configure=lambda p: p.add_argument(...))
+    def _bench_convert(args) -> int: ...
+
+All command modules are imported before the parser is built, so the registry is complete then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from export.cli import command, with_args
+
+Configure = Callable[[argparse.ArgumentParser], None]
+Handler = Callable[[argparse.Namespace], int]
+BENCHES: dict[str, tuple[str, Configure, Handler]] = {}
+
+
+def bench(name: str, help_text: str, configure: Configure = lambda p: None) -> Callable[[Handler], Handler]:
+    def deco(fn: Handler) -> Handler:
+        BENCHES[name] = (help_text, configure, fn)
+        return fn
+    return deco
+
+
+def _configure(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    for name, (help_text, configure, _) in sorted(BENCHES.items()):
+        configure(sub.add_parser(name, help=help_text, description=help_text))
+
+
+@command("bench", "benchmarks that print figures (ratios against a baseline measured in the same run)")
+@with_args(_configure)
+def _cmd_bench(args: argparse.Namespace) -> int:
+    return BENCHES[args.bench][2](args)
+
+
+# ---- bench decode (the reference runtime) ----------------------------------------------------
+def _tps(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tp wants a comma-separated list of integers, got {text!r}") from None
+
+
+def _decode_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", type=Path, help="HF checkpoint dir (or TRT-LLM checkpoint / engines/NAME)")
+    p.add_argument("--tp", type=_tps, default=[1, 2], help="comma-separated tp sizes; the first is the baseline")
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=32, help="decode steps timed per batch size")
+    p.add_argument("--batches", type=_tps, default=[1, 8], help="decode batch sizes")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--json-out", type=Path, default=None, help="also write the JSON report here")
+
+
+@bench("decode", "reference-runtime prefill/decode tokens/s and sync points per token, per tp", _decode_args)
+def _bench_decode(args: argparse.Namespace) -> int:
+    from export.io.atomic import atomic_write_text
+    from export.runtime.bench import bench_decode, format_table
+
+    report = bench_decode(args.ckpt, args.tp, pp=args.pp, prompt_len=args.prompt_len, batches=tuple(args.batches),
+                          steps=args.steps, dtype=args.dtype, threads=args.threads)
+    text = json.dumps(report, indent=2)
+    print(format_table(report))
+    print(text)
+    if args.json_out:
+        atomic_write_text(args.json_out, text + "\n")
+    return 0
