@@ -59,3 +59,15 @@ def test_absent_trtllm_says_what_is_missing_and_what_works(engine, capsys):
 def test_build_without_manifest_is_clear(tmp_path, capsys):
     code, _, err = _build(capsys, tmp_path)
     assert code == 2 and "no manifest.json" in err
+
+
+def test_bench_measure_machinery_on_a_tiny_model(tmp_path):
+    """The benchmark's copy/convert children on a tiny source: both report time, bytes and peak RSS."""
+    from export.trtllm.bench import format_report, measure
+    src = make_source(tmp_path / "s", llama_spec())
+    row = measure(src, tmp_path / "work", tp=2)
+    assert row["copy"]["bytes_written"] == row["source_bytes"]
+    assert row["convert"]["bytes_read"] > 0 and row["convert"]["peak_rss_bytes"] > row["copy"]["peak_rss_bytes"]
+    assert row["ratio"] > 0 and not (tmp_path / "work" / "s-convert").exists()
+    rep = {"tp": 2, "sizes": [row], "peak_rss_growth_bytes": 0, "min_ratio": row["ratio"], "target_ratio": 0.7}
+    assert "convert --tp 2 vs plain copy" in format_report(rep)
