@@ -31,7 +31,7 @@ def test_verify_passes_fp32(source, tmp_path, tp, pp):
 
 def test_verify_bf16_reported_and_cli(source, tmp_path, capsys):
     eng = convert(source, tmp_path / "e", tp=1, dtype="bf16", progress=False).out
-    assert main(["verify", str(eng), "--against", str(source)]) == 0
+    assert main(["verify", str(eng)]) == 0  # --against defaults to the manifest's source_path
     out = capsys.readouterr().out
     assert "PASS" in out and "float32 source -> bfloat16" in out
     cpu = Manifest.load(eng).engines["cpu"]
