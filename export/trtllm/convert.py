@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -75,8 +76,9 @@ def convert(source: Path, out: Path, *, tp: int, pp: int = 1, dtype: str | None 
     source = Path(source)
     spec, mapping, dtype, reader, plans = prepare(source, tp, pp, dtype)
     start = time.perf_counter()
-    with ThreadPoolExecutor(1) as pool:  # the content hash reads the source beside the conversion
-        digest = pool.submit(tree_sha256, source)
+    stop = threading.Event()
+    with ThreadPoolExecutor(1) as pool, _stop_on_error(stop):  # the hash reads the source beside the pass
+        digest = pool.submit(tree_sha256, source, stop)
         with atomic_output_dir(out) as tmp:
             ckpt = tmp / "checkpoint"
             ckpt.mkdir()
@@ -93,6 +95,15 @@ def convert(source: Path, out: Path, *, tp: int, pp: int = 1, dtype: str | None 
     log.info("converted %s -> %s: %d ranks, %.2f GB read, %.2f GB written in %.1f s (%.2f GB/s read)",
              source, out, mapping.world_size, read / 1e9, written / 1e9, seconds, read / 1e9 / seconds)
     return ConvertResult(Path(out), manifest, read, written, seconds)
+
+
+@contextlib.contextmanager
+def _stop_on_error(stop: threading.Event) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        stop.set()
+        raise
 
 
 def default_build(spec: ModelSpec) -> dict[str, int]:
