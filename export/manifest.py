@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,11 +69,11 @@ class Manifest:
         return Path(engine_dir) / self.engines[engine]["path"]
 
 
-def tree_sha256(path: Path) -> str:
+def tree_sha256(path: Path, stop: threading.Event | None = None) -> str:
     """Content hash of a checkpoint directory: every file's bytes, with its relative path.
 
     Hidden files are skipped; reads go through 8 MiB chunks (hashlib releases the GIL, so this
-    runs beside the converter in a thread).
+    runs beside the converter in a thread); setting `stop` abandons it (the caller failed).
     """
     root = Path(path)
     total = hashlib.sha256()
@@ -80,6 +81,8 @@ def tree_sha256(path: Path) -> str:
         h = hashlib.sha256()
         with open(p, "rb") as f:
             while chunk := f.read(8 << 20):
+                if stop is not None and stop.is_set():
+                    return ""
                 h.update(chunk)
         total.update(p.relative_to(root).as_posix().encode() + b"\0" + h.digest())
     return total.hexdigest()

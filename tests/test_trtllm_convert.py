@@ -176,15 +176,17 @@ def test_bf16_and_llama_and_tied(tmp_path):
 
 
 def test_each_source_tensor_read_once(source, tmp_path, monkeypatch):
+    from export.trtllm.convert import RawTensors
     reads: list[str] = []
-    original = CheckpointReader.get
+    original = RawTensors.read
 
     def counting(self, name):
         reads.append(name)
         return original(self, name)
 
-    monkeypatch.setattr(CheckpointReader, "get", counting)
-    monkeypatch.setattr(CheckpointReader, "get_slice", lambda *a: pytest.fail("sliced re-read"))
+    monkeypatch.setattr(RawTensors, "read", counting)
+    for other in ("get", "get_slice", "read"):  # no other path to the weights
+        monkeypatch.setattr(CheckpointReader, other, lambda *a: pytest.fail("read outside the pass"))
     convert(source, tmp_path / "e", tp=4, progress=False)
     assert sorted(reads) == sorted(read_all(source)) and len(reads) == len(set(reads))
 
@@ -245,3 +247,19 @@ def test_cli_convert(source, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "export", "convert", str(source), "--tp", "3", "--out",
                           str(tmp_path / "f")], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "tp=3 does not divide" in bad.stderr and not (tmp_path / "f").exists()
+
+
+def test_failure_mid_pass_leaves_nothing(source, tmp_path, monkeypatch):
+    from export.trtllm.convert import RawTensors
+    original, calls = RawTensors.read, []
+
+    def failing(self, name):
+        calls.append(name)
+        if len(calls) == 10:
+            raise OSError("disk on fire")
+        return original(self, name)
+
+    monkeypatch.setattr(RawTensors, "read", failing)
+    with pytest.raises(OSError, match="disk on fire"):
+        convert(source, tmp_path / "e", tp=2, progress=False)
+    assert list(tmp_path.iterdir()) == []

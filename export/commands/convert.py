@@ -52,16 +52,19 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("engine_dir", help="engines/NAME written by convert")
-    p.add_argument("--against", required=True, help="the source HF checkpoint (run at tp=1 as the reference)")
+    p.add_argument("--against", default=None,
+                   help="the source HF checkpoint, run at tp=1 as the reference (default: the manifest's source_path)")
     p.add_argument("--tol", type=float, default=1e-4, help="max abs logits difference when dtypes match")
 
 
 @command("verify", "run the reference runtime on the rank files (at their tp/pp); compare logits with the source")
 @with_args(_verify_args)
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from export.manifest import Manifest
     from export.trtllm.verify import verify
 
-    res = verify(args.engine_dir, args.against, tol=args.tol)
+    against = args.against or Manifest.load(args.engine_dir).source_path
+    res = verify(args.engine_dir, against, tol=args.tol)
     print(res.summary())
     return 0 if res.passed else 1
 

@@ -12,17 +12,21 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.errors import ExportError
+import torch
+
+from export.errors import CheckpointError, ExportError
 from export.io.atomic import atomic_output_dir
 from export.io.reader import CheckpointReader
-from export.io.safetensors_format import SafetensorsWriter, torch_dtype
+from export.io.safetensors_format import SafetensorsWriter, read_header, torch_dtype
 from export.layout import require_layout
 from export.manifest import DEFAULT_BUILD, Manifest, tree_sha256
 from export.mapping import Mapping
@@ -72,8 +76,9 @@ def convert(source: Path, out: Path, *, tp: int, pp: int = 1, dtype: str | None 
     source = Path(source)
     spec, mapping, dtype, reader, plans = prepare(source, tp, pp, dtype)
     start = time.perf_counter()
-    with ThreadPoolExecutor(1) as pool:  # the content hash reads the source beside the conversion
-        digest = pool.submit(tree_sha256, source)
+    stop = threading.Event()
+    with ThreadPoolExecutor(1) as pool, _stop_on_error(stop):  # the hash reads the source beside the pass
+        digest = pool.submit(tree_sha256, source, stop)
         with atomic_output_dir(out) as tmp:
             ckpt = tmp / "checkpoint"
             ckpt.mkdir()
@@ -92,6 +97,15 @@ def convert(source: Path, out: Path, *, tp: int, pp: int = 1, dtype: str | None 
     return ConvertResult(Path(out), manifest, read, written, seconds)
 
 
+@contextlib.contextmanager
+def _stop_on_error(stop: threading.Event) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        stop.set()
+        raise
+
+
 def default_build(spec: ModelSpec) -> dict[str, int]:
     """trtllm-build sizes, capped by the model's context length."""
     seq = min(DEFAULT_BUILD["max_seq_len"], spec.max_position_embeddings)
@@ -102,6 +116,7 @@ def write_rank_files(reader: CheckpointReader, plans: list[RankPlan], ckpt: Path
                      progress: bool = True) -> int:
     """The streaming pass: each source tensor read once, its pieces written to every rank file."""
     tdtype = torch_dtype(dtype)
+    source = RawTensors(reader)
     writers = {p.rank: SafetensorsWriter(rank_file(ckpt, p.rank), [(n, tdtype, s) for n, s in p.tensors.items()])
                for p in plans}
     order = list(_by_source(reader, plans))
@@ -109,7 +124,7 @@ def write_rank_files(reader: CheckpointReader, plans: list[RankPlan], ckpt: Path
     try:
         with byte_progress(sum(reader.info(n).nbytes for n, _ in order), "convert", progress) as bar:
             for name, placements in order:
-                full = reader.get(name)
+                full = source.read(name)
                 for p in placements:
                     piece = take(full, p.piece.shard, p.piece.ref.shape).to(tdtype)
                     written += writers[p.rank].write_rows(p.name, p.row, piece)
@@ -120,9 +135,47 @@ def write_rank_files(reader: CheckpointReader, plans: list[RankPlan], ckpt: Path
         for w in writers.values():
             _close_quietly(w)
         raise
+    finally:
+        source.close()
     for w in writers.values():
         w.close()
     return written
+
+
+class RawTensors:
+    """Whole tensors by `pread` into a fresh buffer, not through a memory map.
+
+    A map keeps every page it touched resident in this process until it is closed, so the RSS of
+    a long pass would grow to the model size; a buffer is freed as soon as its pieces are written.
+    """
+
+    def __init__(self, reader: CheckpointReader) -> None:
+        self.reader = reader
+        self._files: dict[str, tuple[int, int]] = {}  # name -> (fd, data_start)
+
+    def _file(self, fname: str) -> tuple[int, int]:
+        if fname not in self._files:
+            path = self.reader.path / fname
+            _, _, data_start = read_header(path)
+            self._files[fname] = (os.open(path, os.O_RDONLY), data_start)
+        return self._files[fname]
+
+    def read(self, name: str) -> torch.Tensor:
+        info = self.reader.info(name)
+        fd, data_start = self._file(self.reader.file_of(name))
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        view, pos = memoryview(buf.numpy()), data_start + info.begin
+        while view:
+            n = os.preadv(fd, [view], pos)
+            if n == 0:
+                raise CheckpointError(f"tensor {name}: file ends early", self.reader.path / self.reader.file_of(name))
+            view, pos = view[n:], pos + n
+        return buf.view(info.dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        for fd, _ in self._files.values():
+            os.close(fd)
+        self._files.clear()
 
 
 def _by_source(reader: CheckpointReader, plans: list[RankPlan]) -> Iterator[tuple[str, list[Placement]]]:
