@@ -98,3 +98,29 @@ def _cmd_query(args: argparse.Namespace) -> int:
     print()
     print(res.summary(), file=sys.stderr)
     return 0
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("engine_dir", help="engines/NAME (served with the cpu flavour)")
+    p.add_argument("--prompt", default="The quick brown fox")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+
+
+def _register_bench() -> None:
+    from export.commands.bench import bench
+
+    @bench("serve", "Triton (ensemble, BLS; gRPC streaming) TTFT and tokens/s vs Engine.stream in the same run",
+           _bench_args)
+    def _bench_serve(args: argparse.Namespace) -> int:
+        import json
+
+        from export.triton.bench import bench_serve, format_report
+
+        rep = bench_serve(args.engine_dir, prompt=args.prompt, max_tokens=args.max_tokens, repeats=args.repeats)
+        print(format_report(rep))
+        print(json.dumps(rep, indent=2))
+        return 0
+
+
+_register_bench()
