@@ -46,6 +46,8 @@ def reference(deployment):
             ids = engine.generate([tok.encode(p)], SamplingParams(MAX_TOKENS, stop_token_ids=(tok.eos_token_id,)))[0]
             ids = ids[:ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
             out[p] = (tok.decode(ids), len(ids))
+        out["ids"] = ids  # the last prompt's ids, for the end_id test
+    out["tokenizer"] = tok
     return out
 
 
@@ -122,3 +124,13 @@ def test_concurrent_streams_each_get_their_own_text(deployment, reference):
     with ThreadPoolExecutor(4) as pool:
         texts = list(pool.map(one, range(4)))
     assert texts == [reference[PROMPTS[i % 2]][0] for i in range(4)]
+
+
+@pytest.mark.parametrize("model", ["ensemble", "tensorrt_llm_bls"])
+def test_end_id_from_the_request_ends_generation(deployment, reference, model):
+    _, server = deployment
+    ids, tok = reference["ids"], reference["tokenizer"]
+    end = ids[3]
+    res = query(Request(PROMPTS[-1], max_tokens=MAX_TOKENS, end_id=end), url=server.grpc_url, model=model, timeout=60)
+    kept = ids[:ids.index(end)]
+    assert res.tokens == len(kept) and res.text == tok.decode(kept)
