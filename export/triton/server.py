@@ -145,7 +145,8 @@ def start_server(repo: str | Path, *, host: str = "127.0.0.1", http_port: int = 
     repo = Path(repo).resolve()
     if not repo.is_dir():
         raise ExportError(f"{repo}: no such model repository")
-    work_dir = Path(tempfile.mkdtemp(prefix="tritonserver-"))
+    _clean_stale_work_dirs()
+    work_dir = Path(tempfile.mkdtemp(prefix=f"tritonserver-{os.getpid()}-"))
     binary = find_tritonserver(work_dir)
     ports = [p or free_port(host) for p in (http_port, grpc_port, metrics_port)]
     deploy = read_deploy(repo)
@@ -165,6 +166,21 @@ def start_server(repo: str | Path, *, host: str = "127.0.0.1", http_port: int = 
         _keep_log(text)
         raise
     return handle
+
+
+def _clean_stale_work_dirs() -> None:
+    """Work dirs (backend links, log) of launchers that were killed: their pid is gone."""
+    for d in Path(tempfile.gettempdir()).glob("tritonserver-*-*"):
+        try:
+            pid = int(d.name.split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:
+            pass
 
 
 def _keep_log(text: str) -> None:
