@@ -5,6 +5,7 @@ responses. `Engine.start` launches the TP worker processes with subprocess (mult
 not work inside the python-backend stub); `finalize` closes them.
 """
 
+import contextlib
 import json
 import sys
 import threading
@@ -38,7 +39,6 @@ class TritonPythonModel:
 
         torch.set_num_threads(1)
         from export.runtime.engine import Engine
-
         from export.triton import pipeline
 
         self.pipeline = pipeline
@@ -63,14 +63,15 @@ class TritonPythonModel:
                 t = pb_utils.get_input_tensor_by_name(request, name)
                 inputs[name] = None if t is None else t.as_numpy()
             req = self.pipeline.engine_request(inputs, self.max_seq_len)
-            for step in self.runner.steps(req):
-                if sender.is_cancelled():
-                    break
-                out = self.pipeline.engine_outputs(step)
-                response = pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in out.items()])
-                sender.send(response, flags=final if step.final else 0)
-                if step.final:
-                    return
+            with contextlib.closing(self.runner.steps(req)) as steps:  # closing frees the engine for the next
+                for step in steps:
+                    if sender.is_cancelled():
+                        break
+                    out = self.pipeline.engine_outputs(step)
+                    response = pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in out.items()])
+                    sender.send(response, flags=final if step.final else 0)
+                    if step.final:
+                        return
             sender.send(flags=final)
         except self.pipeline.RequestError as e:
             sender.send(_error(str(e)), flags=final)
