@@ -134,3 +134,20 @@ def test_end_id_from_the_request_ends_generation(deployment, reference, model):
     res = query(Request(PROMPTS[-1], max_tokens=MAX_TOKENS, end_id=end), url=server.grpc_url, model=model, timeout=60)
     kept = ids[:ids.index(end)]
     assert res.tokens == len(kept) and res.text == tok.decode(kept)
+
+
+def test_a_cancelled_stream_frees_the_engine(deployment, reference):
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    _, server = deployment
+    got: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: got.put((result, error)))
+    client.async_stream_infer("ensemble", grpc_inputs({"text_input": PROMPTS[0], "max_tokens": 200, "stream": True}))
+    result, error = got.get(timeout=60)
+    assert error is None and result.as_numpy("text_output") is not None  # generation is running
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    good(server, reference)  # the engine lock was released: the next request is served
