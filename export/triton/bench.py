@@ -21,15 +21,28 @@ from export.triton.server import start_server
 def _engine_baseline(engine_dir: Path, prompt: str, max_tokens: int, repeats: int) -> dict[str, float]:
     from export.manifest import Manifest
     from export.runtime.engine import Engine
-    from export.runtime.sampling import SamplingParams
     from export.triton.pipeline import load_tokenizer
 
     m = Manifest.load(engine_dir)
     tok = load_tokenizer(str(engine_dir / m.tokenizer)) if m.tokenizer else None
     ids = tok.encode(prompt) if tok else [1, 2, 3]
     stop = (tok.eos_token_id,) if tok and tok.eos_token_id is not None else ()
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the Triton engine model runs its driver
+    try:
+        return _time_stream(Engine.start(engine_dir / m.checkpoint), ids, max_tokens, stop, repeats)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _time_stream(engine: Any, ids: list[int], max_tokens: int, stop: tuple[int, ...],
+                 repeats: int) -> dict[str, float]:
+    from export.runtime.sampling import SamplingParams
+
     ttfts, rates, counts = [], [], []
-    with Engine.start(engine_dir / m.checkpoint) as engine:
+    with engine:
         for _ in range(repeats + 1):  # the first run warms up
             start, first, n = time.perf_counter(), None, 0
             for new in engine.stream(ids, SamplingParams(max_tokens=max_tokens, stop_token_ids=stop)):
