@@ -105,31 +105,56 @@ class SafetensorsWriter:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.write(self._fd, struct.pack("<Q", len(blob)) + blob)
         os.ftruncate(self._fd, self._data_start + offset)
-        self._written: set[str] = set()
+        self._rows: dict[str, list[tuple[int, int]]] = {}
 
     def write(self, name: str, tensor: torch.Tensor) -> int:
-        if name not in self._slots:
-            raise KeyError(f"tensor {name} was not planned for {self.path.name}")
-        if name in self._written:
+        """Write a whole planned tensor."""
+        self._slot(name)
+        if name in self._rows:
             raise ValueError(f"tensor {name} written twice to {self.path.name}")
-        dtype, shape, offset, nbytes = self._slots[name]
+        dtype, shape, _, _ = self._slots[name]
         if tuple(tensor.shape) != shape or tensor.dtype != dtype:
             raise ValueError(f"tensor {name}: got {tuple(tensor.shape)} {tensor.dtype}, "
                              f"planned {shape} {dtype}")
+        return self.write_rows(name, 0, tensor)
+
+    def write_rows(self, name: str, first_row: int, tensor: torch.Tensor) -> int:
+        """Write rows [first_row, first_row + len(tensor)) of a planned tensor into its byte range.
+
+        Lets a packed tensor (TRT-LLM's qkv) be filled from its parts without assembling it in memory.
+        Rows may arrive in any order; overlaps are refused and `close()` checks every row arrived.
+        """
+        dtype, shape, offset, nbytes = self._slot(name)
+        rows = shape[0] if shape else 1
+        n = tensor.shape[0] if tensor.dim() else 1
+        if tensor.dtype != dtype or tuple(tensor.shape[1:]) != shape[1:] or not 0 <= first_row <= rows - n:
+            raise ValueError(f"tensor {name}: rows [{first_row}, {first_row + n}) of {tuple(tensor.shape)} "
+                             f"{tensor.dtype} do not fit planned {shape} {dtype}")
+        done = self._rows.setdefault(name, [])
+        if any(a < first_row + n and first_row < b for a, b in done):
+            raise ValueError(f"tensor {name}: rows [{first_row}, {first_row + n}) written twice "
+                             f"to {self.path.name}")
+        done.append((first_row, first_row + n))
+        row_bytes = nbytes // rows if rows else 0
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         view = memoryview(data)
-        pos = self._data_start + offset
+        pos = self._data_start + offset + first_row * row_bytes
         while view:
-            n = os.pwrite(self._fd, view, pos)
-            view, pos = view[n:], pos + n
-        self._written.add(name)
-        return nbytes
+            k = os.pwrite(self._fd, view, pos)
+            view, pos = view[k:], pos + k
+        return len(data)
+
+    def _slot(self, name: str) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+        if name not in self._slots:
+            raise KeyError(f"tensor {name} was not planned for {self.path.name}")
+        return self._slots[name]
 
     def close(self) -> None:
-        missing = set(self._slots) - self._written
         os.close(self._fd)
+        missing = [name for name, (_, shape, _, _) in self._slots.items()
+                   if sum(b - a for a, b in self._rows.get(name, [])) != (shape[0] if shape else 1)]
         if missing:
-            raise ValueError(f"{self.path.name}: {len(missing)} planned tensors never written, "
+            raise ValueError(f"{self.path.name}: {len(missing)} planned tensors never written (or only partly), "
                              f"e.g. {sorted(missing)[:3]}")
 
 

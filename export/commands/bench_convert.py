@@ -1,0 +1,40 @@
+"""`bench convert`: registered in the `bench` command group (export/commands/bench.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from export.cli import default_path
+from export.commands.bench import bench
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers wants comma-separated integers, got {text!r}") from None
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache", type=Path, default=default_path("out", "bench"),
+                   help="where the synthetic Llama-3.1-8B-shaped checkpoints are generated once (default: out/bench)")
+    p.add_argument("--layers", type=_sizes, default=(4, 8),
+                   help="model sizes in decoder layers of the real 8B shapes (default 4,8; the real model has 32)")
+    p.add_argument("--tp", type=int, default=4)
+    p.add_argument("--json-out", type=Path, default=None, help="also write the JSON report here")
+
+
+@bench("convert", "convert --tp 4 GB/s vs a plain copy of the same files, and peak RSS at two model sizes", _args)
+def _bench_convert(args: argparse.Namespace) -> int:
+    from export.io.atomic import atomic_write_text
+    from export.trtllm.bench import bench_convert, format_report
+
+    rep = bench_convert(args.cache, sizes=args.layers, tp=args.tp)
+    text = json.dumps(rep, indent=2)
+    print(format_report(rep))
+    print(text)
+    if args.json_out:
+        atomic_write_text(args.json_out, text + "\n")
+    return 0

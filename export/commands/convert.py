@@ -1,0 +1,87 @@
+"""`convert`, `verify`, `build`: HF checkpoint -> TRT-LLM checkpoint -> checked -> TensorRT engines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from export.cli import command, with_args
+
+
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", nargs="?", help="HF checkpoint directory (DeciLM / nemotron-nas or plain Llama)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (must divide the layer count)")
+    p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: the source's)")
+    p.add_argument("--out", help="output engine directory, e.g. engines/NAME")
+    p.add_argument("--dry-run", nargs="?", const="", metavar="CONFIG", default=None,
+                   help="print per-rank tensor names, shapes and bytes from config.json alone; write nothing")
+    p.add_argument("--summary", action="store_true", help="with --dry-run: per-rank totals only")
+    p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@command("convert", "HF checkpoint -> TRT-LLM checkpoint (config.json + rank{r}.safetensors) in one streaming pass")
+@with_args(_convert_args)
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from export.errors import ExportError
+    from export.mapping import Mapping
+
+    if args.dry_run is not None:
+        from export.spec import ModelSpec
+        from export.trtllm.dryrun import dry_run, format_dry_run
+
+        config = args.dry_run or args.source
+        if not config:
+            raise ExportError("--dry-run needs a config.json (or a checkpoint directory)")
+        rep = dry_run(ModelSpec.load(config), Mapping(args.tp, args.pp), args.dtype)
+        print(json.dumps(rep, indent=1) if args.json else format_dry_run(rep, tensors=not args.summary))
+        return 0 if not rep["problems"] else 1
+    if not args.source or not args.out:
+        raise ExportError("convert needs a source checkpoint and --out engines/NAME (or --dry-run CONFIG)")
+    from export.trtllm.convert import convert
+
+    res = convert(args.source, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype, progress=not args.no_progress)
+    m = res.manifest
+    print(f"wrote {res.out}: checkpoint/ ({m.tp * m.pp} rank files, tp={m.tp} pp={m.pp}, {m.dtype}), "
+          f"tokenizer/ {'copied' if m.tokenizer else 'absent (source has none)'}, manifest.json")
+    print(f"read {res.bytes_read / 1e9:.3f} GB, wrote {res.bytes_written / 1e9:.3f} GB in {res.seconds:.2f} s "
+          f"({res.bytes_read / 1e6 / res.seconds:.0f} MB/s read)")
+    return 0
+
+
+def _verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("engine_dir", help="engines/NAME written by convert")
+    p.add_argument("--against", default=None,
+                   help="the source HF checkpoint, run at tp=1 as the reference (default: the manifest's source_path)")
+    p.add_argument("--tol", type=float, default=1e-4, help="max abs logits difference when dtypes match")
+
+
+@command("verify", "run the reference runtime on the rank files (at their tp/pp); compare logits with the source")
+@with_args(_verify_args)
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from export.manifest import Manifest
+    from export.trtllm.verify import verify
+
+    against = args.against or Manifest.load(args.engine_dir).source_path
+    res = verify(args.engine_dir, against, tol=args.tol)
+    print(res.summary())
+    return 0 if res.passed else 1
+
+
+def _build_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("engine_dir", help="engines/NAME written by convert")
+    p.add_argument("--require-trtllm", action="store_true",
+                   help="exit non-zero when TensorRT-LLM or a GPU is missing (default: explain and exit 0)")
+    for key in ("max-batch-size", "max-input-len", "max-seq-len", "max-num-tokens"):
+        p.add_argument(f"--{key}", type=int, default=None, help="default: the manifest's build settings")
+
+
+@command("build", "trtllm-build the checkpoint into engines/NAME/trtllm (GPU hosts with tensorrt-llm 1.2.1)")
+@with_args(_build_args)
+def _cmd_build(args: argparse.Namespace) -> int:
+    from export.trtllm.build import BUILD_KEYS, build
+
+    outcome = build(args.engine_dir, options={k: getattr(args, k) for k in BUILD_KEYS}, require=args.require_trtllm)
+    print(outcome.message)
+    return 0

@@ -1,0 +1,126 @@
+"""package / serve / query: the Triton deployment stage."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+
+from export.cli import command, with_args
+
+
+def _package_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("engine_dir", help="engines/NAME (manifest.json, checkpoint/, tokenizer/)")
+    p.add_argument("--out", required=True, help="model repository to write (replaced atomically)")
+    p.add_argument("--backend", choices=("cpu", "trtllm"), default="cpu",
+                   help="engine model: cpu = reference runtime on the python backend; trtllm = tensorrtllm backend")
+    p.add_argument("--max-batch-size", type=int, default=None, help="override the manifest's build.max_batch_size")
+    p.add_argument("--kv-cache-fraction", type=float, default=None, dest="kv_cache_free_gpu_mem_fraction",
+                   help="trtllm: kv_cache_free_gpu_mem_fraction (default: manifest, else 0.9)")
+    p.add_argument("--batching-strategy", default=None, help="trtllm: inflight_fused_batching | inflight_batching | V1")
+    p.add_argument("--gpu-device-ids", default=None, help="trtllm: e.g. 0,1 (default: 0..world_size-1)")
+
+
+@command("package", "render a Triton model repository (ensemble, BLS, pre/postprocessing, engine) for engines/NAME")
+@with_args(_package_args)
+def _cmd_package(args: argparse.Namespace) -> int:
+    from export.triton.package import package_repo
+
+    t = time.perf_counter()
+    out = package_repo(args.engine_dir, args.out, backend=args.backend, max_batch_size=args.max_batch_size,
+                       kv_cache_free_gpu_mem_fraction=args.kv_cache_free_gpu_mem_fraction,
+                       batching_strategy=args.batching_strategy, gpu_device_ids=args.gpu_device_ids)
+    print(f"packaged {args.backend} model repository at {out} ({time.perf_counter() - t:.2f} s)")
+    return 0
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("repo", help="model repository written by `package`")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the models to load")
+
+
+@command("serve", "run tritonserver on a model repository until Ctrl-C (no process left behind)")
+@with_args(_serve_args)
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from export.triton.server import start_server
+
+    def _term(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)
+    t = time.perf_counter()
+    server = start_server(args.repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                          metrics_port=args.metrics_port, timeout=args.timeout)
+    try:
+        print(f"tritonserver ready in {time.perf_counter() - t:.1f} s: http {server.http_url}, "
+              f"grpc {server.grpc_url}, metrics {server.host}:{server.metrics_port} (Ctrl-C stops)", flush=True)
+        while server.alive():
+            time.sleep(0.5)
+        print(f"tritonserver exited with code {server.process.returncode}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("stopping tritonserver", file=sys.stderr)
+        return 0
+    finally:
+        server.stop()
+
+
+def _query_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt")
+    p.add_argument("--url", default=None, help="host:port (default 127.0.0.1:8001 grpc / :8000 http)")
+    p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    p.add_argument("--model", default="ensemble", help="ensemble | tensorrt_llm_bls")
+    p.add_argument("--stream", action="store_true", help="stream pieces as they are generated")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--end-id", type=int, default=None)
+    p.add_argument("--stop-word", action="append", default=[], dest="stop_words")
+
+
+@command("query", "send a prompt to a served model (gRPC stream or HTTP generate); print text, TTFT, tokens/s")
+@with_args(_query_args)
+def _cmd_query(args: argparse.Namespace) -> int:
+    from export.triton.client import Request, query
+
+    req = Request(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, seed=args.seed, end_id=args.end_id, stop_words=tuple(args.stop_words),
+                  stream=args.stream)
+    res = query(req, url=args.url, protocol=args.protocol, model=args.model,
+                on_text=lambda s: print(s, end="", flush=True))
+    print()
+    print(res.summary(), file=sys.stderr)
+    return 0
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("engine_dir", help="engines/NAME (served with the cpu flavour)")
+    p.add_argument("--prompt", default="The quick brown fox")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+
+
+def _register_bench() -> None:
+    from export.commands.bench import bench
+
+    @bench("serve", "Triton (ensemble, BLS; gRPC streaming) TTFT and tokens/s vs Engine.stream in the same run",
+           _bench_args)
+    def _bench_serve(args: argparse.Namespace) -> int:
+        import json
+
+        from export.triton.bench import bench_serve, format_report
+
+        rep = bench_serve(args.engine_dir, prompt=args.prompt, max_tokens=args.max_tokens, repeats=args.repeats)
+        print(format_report(rep))
+        print(json.dumps(rep, indent=2))
+        return 0
+
+
+_register_bench()

@@ -1,0 +1,162 @@
+"""`package`: render a Triton model repository for engines/NAME from `triton_repo/`.
+
+The repository has tensorrtllm_backend's five models (preprocessing -> tensorrt_llm ->
+postprocessing wired by `ensemble`, plus `tensorrt_llm_bls`). The engine model comes in two
+flavours: `trtllm` (the C++ tensorrtllm backend on engines/NAME/trtllm) and `cpu` (the reference
+runtime on engines/NAME/checkpoint, on the python backend). Every value comes from the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from export.errors import ExportError
+from export.io.atomic import atomic_output_dir
+from export.triton.binary import EXPORT_ROOT
+from export.triton.render import fill, parse_model_config, pbtxt_bool
+from export.triton.server import DEPLOY_FILE
+
+TEMPLATES = EXPORT_ROOT / "triton_repo"
+MODELS = ("ensemble", "preprocessing", "tensorrt_llm", "postprocessing", "tensorrt_llm_bls")
+BACKENDS = ("cpu", "trtllm")
+BATCHING = ("inflight_fused_batching", "inflight_batching", "V1")
+
+# What the ensemble wires in addition for the cpu engine, which sends every id generated so far
+# so postprocessing can detokenize incrementally (TensorRT-LLM's backend has no such outputs).
+ENSEMBLE_EXTRAS = {
+    "cpu": ('output_map { key: "generated_ids" value: "_GENERATED_IDS" }\n'
+            '      output_map { key: "is_final" value: "_IS_FINAL" }',
+            'input_map { key: "GENERATED_IDS" value: "_GENERATED_IDS" }\n'
+            '      input_map { key: "IS_FINAL" value: "_IS_FINAL" }'),
+    "trtllm": ("", ""),
+}
+# Source files a flavour leaves out: the C++ tensorrtllm backend has no model.py.
+SKIPPED = {("trtllm", "tensorrt_llm"): ("model.py",)}
+
+
+@dataclass(frozen=True)
+class RepoSettings:
+    """Every value a template needs, typed; `values()` turns them into template strings."""
+
+    backend: str
+    tokenizer_dir: Path | None
+    max_batch_size: int
+    max_input_len: int
+    max_seq_len: int
+    tp: int = 1
+    pp: int = 1
+    runtime_dtype: str = "float32"
+    checkpoint_dir: Path | None = None           # cpu flavour
+    engine_dir: Path | None = None               # trtllm flavour
+    decoupled: bool = True
+    batching_strategy: str = "inflight_fused_batching"
+    batch_scheduler_policy: str = "guaranteed_no_evict"
+    kv_cache_free_gpu_mem_fraction: float = 0.9
+    enable_kv_cache_reuse: bool = False
+    gpu_device_ids: str | None = None
+    max_queue_delay_microseconds: int = 0
+    max_queue_size: int = 0
+    preprocessing_instance_count: int = 1
+    postprocessing_instance_count: int = 1
+    bls_instance_count: int = 1
+    add_special_tokens: bool = True
+    skip_special_tokens: bool = True
+    export_root: Path = field(default=EXPORT_ROOT)
+
+    def check(self) -> None:
+        rules = [(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}"),
+                 (self.batching_strategy in BATCHING,
+                  f"batching_strategy must be one of {BATCHING}, got {self.batching_strategy!r}"),
+                 (0.0 < self.kv_cache_free_gpu_mem_fraction <= 1.0,
+                  f"kv_cache_free_gpu_mem_fraction must be in (0, 1], got {self.kv_cache_free_gpu_mem_fraction}"),
+                 (self.max_batch_size >= 1, f"max_batch_size must be >= 1, got {self.max_batch_size}"),
+                 (0 < self.max_input_len <= self.max_seq_len,
+                  f"need 0 < max_input_len ({self.max_input_len}) <= max_seq_len ({self.max_seq_len})")]
+        for ok, msg in rules:
+            if not ok:
+                raise ExportError(f"package: {msg}")
+
+    def values(self) -> dict[str, str | None]:
+        out: dict[str, str | None] = {}
+        for k, v in asdict(self).items():
+            out[k] = None if v is None else pbtxt_bool(v) if isinstance(v, bool) else str(v)
+        if self.gpu_device_ids is None:  # one GPU per rank, as trtllm-build laid the engine out
+            out["gpu_device_ids"] = ",".join(str(i) for i in range(self.tp * self.pp))
+        out["engine_extra_outputs"], out["postprocessing_extra_inputs"] = ENSEMBLE_EXTRAS[self.backend]
+        return out
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp if self.backend == "trtllm" else 1
+
+
+def settings_from_manifest(engine_dir: Path, backend: str, **overrides: Any) -> RepoSettings:
+    """The manifest's facts (TP/PP, dtype, build limits, engine paths) as repository settings."""
+    from export.manifest import Manifest
+
+    engine_dir = Path(engine_dir).resolve()
+    m = Manifest.load(engine_dir)
+    if backend not in m.engines and not (backend == "cpu" and m.checkpoint):
+        have = ", ".join(m.engines) or "none"
+        hint = " (run `build` on a GPU host)" if backend == "trtllm" else ""
+        raise ExportError(f"{engine_dir}: no {backend!r} engine in manifest.json (engines: {have}){hint}")
+    entry = dict(m.engines.get(backend, {}))
+    build = dict(m.build)
+    for key in ("max_batch_size", "max_input_len", "max_seq_len"):
+        if build.get(key) is None:
+            raise ExportError(f"{engine_dir}/manifest.json: build.{key} is missing")
+    tuning = {k: entry[k] for k in ("batching_strategy", "batch_scheduler_policy", "kv_cache_free_gpu_mem_fraction",
+                                    "enable_kv_cache_reuse", "gpu_device_ids", "decoupled") if k in entry}
+    s = RepoSettings(
+        backend=backend, tokenizer_dir=engine_dir / m.tokenizer if m.tokenizer else None,
+        max_batch_size=int(build["max_batch_size"]), max_input_len=int(build["max_input_len"]),
+        max_seq_len=int(build["max_seq_len"]), tp=m.tp, pp=m.pp, runtime_dtype=m.dtype,
+        checkpoint_dir=engine_dir / entry.get("path", m.checkpoint) if backend == "cpu" else None,
+        engine_dir=engine_dir / entry.get("path", "trtllm") if backend == "trtllm" else None,
+        **tuning)
+    return replace(s, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def render_model(name: str, settings: RepoSettings, templates: Path = TEMPLATES) -> str:
+    """One model's config.pbtxt, rendered and parsed (RenderError names the file and key)."""
+    src = templates / name
+    tpl = src / f"config.{settings.backend}.pbtxt"
+    if not tpl.is_file():
+        tpl = src / "config.pbtxt"
+    where = f"{name}/config.pbtxt"
+    text = fill(tpl.read_text(), settings.values(), where)
+    parse_model_config(text, where, expect_name=name)
+    return text
+
+
+def render_repo(settings: RepoSettings, out: Path, templates: Path = TEMPLATES) -> Path:
+    """Write the repository atomically: every config rendered and parsed before anything lands."""
+    settings.check()
+    if not (templates / "ensemble" / "config.pbtxt").is_file():
+        raise ExportError(f"model repository sources not found at {templates} (run from a source checkout)")
+    if settings.tokenizer_dir is None or not Path(settings.tokenizer_dir).is_dir():
+        raise ExportError(f"package: the engine has no tokenizer directory ({settings.tokenizer_dir}); "
+                          f"pre/postprocessing need the tokenizer files")
+    configs = {name: render_model(name, settings, templates) for name in MODELS}
+    with atomic_output_dir(out) as tmp:
+        for name, text in configs.items():
+            skip = SKIPPED.get((settings.backend, name), ())
+            shutil.copytree(templates / name, tmp / name,
+                            ignore=shutil.ignore_patterns("config*.pbtxt", "__pycache__", *skip))
+            (tmp / name / "config.pbtxt").write_text(text)
+        deploy = {"backend": settings.backend, "world_size": settings.world_size,
+                  "settings": {k: v for k, v in settings.values().items() if "extra" not in k}}
+        (tmp / DEPLOY_FILE).write_text(json.dumps(deploy, indent=2) + "\n")
+    return Path(out)
+
+
+def package_repo(engine_dir: str | Path, out: str | Path, *, backend: str = "cpu", **overrides: Any) -> Path:
+    """engines/NAME -> a Triton model repository at `out` (replaced atomically)."""
+    settings = settings_from_manifest(Path(engine_dir), backend, **overrides)
+    if backend == "cpu" and not (settings.checkpoint_dir and settings.checkpoint_dir.is_dir()):
+        raise ExportError(f"{engine_dir}: checkpoint directory {settings.checkpoint_dir} is missing (run `convert`)")
+    return render_repo(settings, Path(out))

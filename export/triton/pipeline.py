@@ -1,0 +1,210 @@
+"""What the python models do, as plain functions over numpy arrays (tested without a server).
+
+`preprocess` and `postprocess` are the bodies of the `preprocessing` / `postprocessing` models;
+`EngineRunner` turns one `tensorrt_llm` request into engine steps for the cpu flavour.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from export.triton.detok import text_delta
+from export.triton.requests import (
+    Limits,
+    RequestError,
+    check_output_len,
+    check_sampling,
+    decode_text,
+    scalar,
+    split_word_list,
+    stack_word_lists,
+    text_rows,
+    word_list,
+)
+
+Arrays = dict[str, np.ndarray | None]
+
+
+def load_tokenizer(path: str) -> Any:
+    """The engine's own tokenizer files, offline (see `export.triton.tokenizer` for why not transformers)."""
+    from export.triton.tokenizer import Tokenizer
+
+    return Tokenizer(path)
+
+
+def default_ids(tokenizer: Any) -> tuple[int, int]:
+    """(end_id, pad_id): the tokenizer's eos (-1 if none), pad falling back to eos, then 0."""
+    end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else max(end, 0)
+    return int(end), int(pad)
+
+
+def preprocess(tokenizer: Any, inputs: Arrays, limits: Limits,
+               add_special_tokens: bool = True) -> dict[str, np.ndarray]:
+    """QUERY [B,1] -> padded INPUT_ID [B,L] and the other preprocessing outputs; RequestError if bad."""
+    query = inputs.get("QUERY")
+    if query is None:
+        raise RequestError("text_input: required input is missing")
+    texts = [row[0] for row in text_rows(query, "text_input")]
+    end_default, pad_default = default_ids(tokenizer)
+    rows, out_lens, ends, pads = [], [], [], []
+    for b, text in enumerate(texts):
+        if not text:
+            raise RequestError("text_input: empty prompt")
+        ids = tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        out_lens.append(check_output_len(scalar(inputs.get("REQUEST_OUTPUT_LEN"), "max_tokens", None, b),
+                                         len(ids), limits))
+        check_sampling(scalar(inputs.get("TEMPERATURE"), "temperature", None, b),
+                       scalar(inputs.get("RUNTIME_TOP_K"), "top_k", None, b),
+                       scalar(inputs.get("RUNTIME_TOP_P"), "top_p", None, b))
+        rows.append(ids)
+        ends.append(scalar(inputs.get("END_ID"), "end_id", end_default, b))
+        pads.append(scalar(inputs.get("PAD_ID"), "pad_id", pad_default, b))
+    width = max(len(r) for r in rows)
+    input_ids = np.array([r + [pads[i]] * (width - len(r)) for i, r in enumerate(rows)], dtype=np.int32)
+
+    def words(name: str) -> np.ndarray:
+        per_row = text_rows(inputs.get(name), name.lower()) or [[] for _ in rows]
+        return stack_word_lists([word_list(w, lambda s: tokenizer.encode(s, add_special_tokens=False))
+                                 for w in per_row])
+
+    col = lambda xs: np.array(xs, dtype=np.int32).reshape(-1, 1)  # noqa: E731
+    return {"INPUT_ID": input_ids, "REQUEST_INPUT_LEN": col([len(r) for r in rows]),
+            "REQUEST_OUTPUT_LEN": col(out_lens), "OUT_END_ID": col(ends), "OUT_PAD_ID": col(pads),
+            "BAD_WORDS_IDS": words("BAD_WORDS_DICT"), "STOP_WORDS_IDS": words("STOP_WORDS_DICT")}
+
+
+def postprocess(tokenizer: Any, inputs: Arrays, skip_special_tokens: bool = True) -> dict[str, np.ndarray]:
+    """TOKENS_BATCH [B, beam, T] -> OUTPUT [B, 1]; incremental when GENERATED_IDS is given."""
+    tokens = np.asarray(inputs["TOKENS_BATCH"])
+    lengths = np.asarray(inputs["SEQUENCE_LENGTH"]).reshape(tokens.shape[0], -1)
+    generated, final = inputs.get("GENERATED_IDS"), inputs.get("IS_FINAL")
+    texts, counts = [], []
+    for b in range(tokens.shape[0]):
+        new = tokens[b, 0, :int(lengths[b, 0])].tolist()
+        if generated is None:  # TensorRT-LLM's own engine: each response decoded alone
+            text = tokenizer.decode(new, skip_special_tokens=skip_special_tokens)
+        else:
+            all_ids = np.asarray(generated)[b].tolist()
+            is_final = bool(scalar(final, "IS_FINAL", True, b))
+            text = text_delta(tokenizer, all_ids, len(all_ids) - len(new), is_final, skip_special_tokens)
+        texts.append(text.encode("utf-8"))
+        counts.append(len(new))
+    return {"OUTPUT": np.array(texts, dtype=object).reshape(-1, 1),
+            "NUM_OUTPUT_TOKENS": np.array(counts, dtype=np.int32).reshape(-1, 1)}
+
+
+# ---- the cpu engine model ------------------------------------------------------------------
+@dataclass(frozen=True)
+class EngineRequest:
+    prompt: list[int]
+    max_tokens: int
+    end_id: int
+    stop_words: list[list[int]]
+    streaming: bool
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Step:
+    """One response: the tokens new in it, every token generated so far, and whether it is the last."""
+
+    new: list[int]
+    generated: list[int]
+    final: bool
+
+
+def engine_request(inputs: Arrays, max_seq_len: int) -> EngineRequest:
+    """The `tensorrt_llm` inputs of one request (batch 1, as TensorRT-LLM's in-flight batcher requires)."""
+    ids = inputs.get("input_ids")
+    if ids is None:
+        raise RequestError("input_ids: required input is missing")
+    ids = np.asarray(ids)
+    if ids.ndim == 2 and ids.shape[0] != 1:
+        raise RequestError(f"input_ids: the engine takes one sequence per request, got batch {ids.shape[0]}")
+    length = int(scalar(inputs.get("input_lengths"), "input_lengths", ids.shape[-1]))
+    prompt = ids.reshape(-1)[:length].tolist()
+    n = check_output_len(scalar(inputs.get("request_output_len"), "request_output_len"), len(prompt),
+                         Limits(max_seq_len, max_seq_len))
+    temperature = scalar(inputs.get("temperature"), "temperature", 0.0)
+    top_k = scalar(inputs.get("runtime_top_k"), "runtime_top_k", 0)
+    top_p = scalar(inputs.get("runtime_top_p"), "runtime_top_p", 1.0)
+    check_sampling(temperature, top_k, top_p)
+    if split_word_list(inputs.get("bad_words_list")):
+        raise RequestError("bad_words: not supported by the cpu engine (the reference runtime has no logit bans)")
+    seed = scalar(inputs.get("seed"), "seed")
+    return EngineRequest(prompt, n, int(scalar(inputs.get("end_id"), "end_id", -1)),
+                         split_word_list(inputs.get("stop_words_list")),
+                         bool(scalar(inputs.get("streaming"), "streaming", False)),
+                         float(temperature), int(top_k), float(top_p), None if seed is None else int(seed))
+
+
+class EngineRunner:
+    """Runs requests on one `Engine`, one at a time (the lock) until the runtime batches in flight."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.lock = threading.Lock()
+
+    def params(self, req: EngineRequest) -> Any:
+        from export.runtime.sampling import SamplingParams
+
+        return SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_k=req.top_k,
+                              top_p=req.top_p, seed=req.seed,
+                              stop_token_ids=(req.end_id,) if req.end_id >= 0 else ())
+
+    def steps(self, req: EngineRequest) -> Iterator[Step]:
+        """Streaming: a Step per engine step; else one Step. The last Step has final=True."""
+        generated: list[int] = []
+        pending: list[int] = []
+        with self.lock:
+            stream = self.engine.stream(req.prompt, self.params(req))
+            try:
+                for new in stream:
+                    new = [int(t) for t in new]
+                    done = req.end_id >= 0 and req.end_id in new
+                    if done:
+                        new = new[:new.index(req.end_id)]  # the end token is not part of the output
+                    generated += new
+                    pending += new
+                    done = done or len(generated) >= req.max_tokens or _ends_with_stop(generated, req.stop_words)
+                    if req.streaming or done:
+                        yield Step(pending, list(generated), done)
+                        pending = []
+                    if done:
+                        return
+            finally:
+                stream.close()
+        yield Step(pending, list(generated), True)
+
+
+def _ends_with_stop(ids: list[int], stops: list[list[int]]) -> bool:
+    return any(len(s) <= len(ids) and ids[-len(s):] == s for s in stops)
+
+
+def engine_outputs(step: Step) -> dict[str, np.ndarray]:
+    return {"output_ids": np.array([[step.new]], dtype=np.int32).reshape(1, 1, -1),
+            "sequence_length": np.array([[len(step.new)]], dtype=np.int32),
+            "generated_ids": np.array([step.generated], dtype=np.int32).reshape(1, -1),
+            "is_final": np.array([[step.final]], dtype=bool)}
+
+
+__all__ = [
+    "EngineRunner",
+    "Limits",
+    "RequestError",
+    "decode_text",
+    "engine_outputs",
+    "engine_request",
+    "load_tokenizer",
+    "postprocess",
+    "preprocess",
+]

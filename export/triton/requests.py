@@ -1,0 +1,125 @@
+"""Request validation and tensor preparation shared by the python models (no Triton imports).
+
+Each function takes plain numpy arrays (None for an absent optional input) and raises
+`RequestError` naming the input at fault, which the model returns as that request's error
+while the server keeps serving.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+class RequestError(ValueError):
+    """A bad request: the message names the input and the rule it broke."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_input_len: int
+    max_seq_len: int
+
+
+def scalar(arr: np.ndarray | None, name: str, default: Any = None, row: int = 0) -> Any:
+    """Row `row` of a [batch, 1] (or [batch]) input as a Python scalar; `default` when absent."""
+    if arr is None:
+        return default
+    a = np.asarray(arr)
+    if a.ndim == 0:
+        return a.item()
+    flat = a.reshape(a.shape[0], -1) if a.ndim > 1 else a.reshape(-1, 1)
+    if flat.shape[1] != 1:
+        raise RequestError(f"{name}: expected one value per batch row, got shape {list(a.shape)}")
+    return flat[row, 0].item()
+
+
+def decode_text(value: Any, name: str = "text_input") -> str:
+    if isinstance(value, str):
+        return value
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestError(f"{name}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def check_output_len(max_tokens: Any, input_len: int, limits: Limits) -> int:
+    if max_tokens is None:
+        raise RequestError("max_tokens: required input is missing")
+    n = int(max_tokens)
+    if n <= 0:
+        raise RequestError(f"max_tokens must be >= 1 (got {n})")
+    if input_len > limits.max_input_len:
+        raise RequestError(f"text_input: {input_len} prompt tokens exceed max_input_len {limits.max_input_len}")
+    room = limits.max_seq_len - input_len
+    if n > room:
+        raise RequestError(f"max_tokens {n} exceeds the limit {room} "
+                           f"(max_seq_len {limits.max_seq_len} - {input_len} prompt tokens)")
+    return n
+
+
+def check_sampling(temperature: Any, top_k: Any, top_p: Any) -> None:
+    """The same rules `export.runtime.sampling.SamplingParams` needs, reported by input name."""
+    if temperature is not None and not (float(temperature) >= 0.0):
+        raise RequestError(f"temperature must be >= 0 (got {temperature})")
+    if top_k is not None and int(top_k) < 0:
+        raise RequestError(f"top_k must be >= 0 (got {top_k})")
+    if top_p is not None and not (0.0 < float(top_p) <= 1.0):
+        raise RequestError(f"top_p must be in (0, 1] (got {top_p})")
+
+
+def word_list(words: Sequence[str], encode: Any) -> np.ndarray:
+    """tensorrtllm_backend's [2, L] format: concatenated ids, then cumulative end offsets (-1 padded)."""
+    ids: list[int] = []
+    offsets: list[int] = []
+    for w in words:
+        if not w:
+            continue
+        ids += list(encode(w))
+        offsets.append(len(ids))
+    out = np.zeros((2, len(ids)), dtype=np.int32)
+    if ids:
+        out[0, :len(ids)] = ids
+        out[1, :] = -1
+        out[1, :len(offsets)] = offsets
+    return out
+
+
+def split_word_list(arr: np.ndarray | None) -> list[list[int]]:
+    """Inverse of `word_list` for one request ([2, L] or [1, 2, L])."""
+    if arr is None:
+        return []
+    a = np.asarray(arr)
+    if a.ndim == 3:
+        a = a[0]
+    if a.size == 0:
+        return []
+    ids, offsets = a[0].tolist(), [o for o in a[1].tolist() if o >= 0]
+    words, start = [], 0
+    for end in offsets:
+        if end > start:
+            words.append(ids[start:end])
+        start = end
+    return words
+
+
+def stack_word_lists(lists: list[np.ndarray]) -> np.ndarray:
+    """[batch, 2, L] padded with 0 (ids) and -1 (offsets)."""
+    width = max((x.shape[1] for x in lists), default=0)
+    out = np.zeros((len(lists), 2, width), dtype=np.int32)
+    out[:, 1, :] = -1
+    for i, x in enumerate(lists):
+        out[i, :, :x.shape[1]] = x
+    return out
+
+
+def text_rows(arr: np.ndarray | None, name: str) -> list[list[str]]:
+    """A [batch, n] STRING input as per-row lists of str (bad UTF-8 named)."""
+    if arr is None:
+        return []
+    a = np.asarray(arr, dtype=object)
+    a = a.reshape(a.shape[0], -1) if a.ndim > 1 else a.reshape(1, -1)
+    return [[decode_text(v, name) for v in row] for row in a]

@@ -1,0 +1,122 @@
+"""The TRT-LLM checkpoint config.json (`DeciConfig`), written from and read back into a ModelSpec.
+
+Only keys `DeciConfig(**cfg)` accepts in every release up to 1.3.0rc20 are written: `mapping`
+and `quantization` hold only their minimal sub-keys (unknown sub-keys raise TypeError in some
+versions) and `layer_configs` entries only `impl` plus kv heads / intermediate size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from export.errors import ConfigError
+from export.mapping import Mapping
+from export.spec import DECILM, FFN, Attention, AttentionKind, FFNKind, Layer, ModelSpec, RopeScaling, normalize_dtype
+
+REQUIRED = ("architecture", "dtype", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "hidden_act", "max_position_embeddings", "layer_configs", "mapping")
+LAYER_KEYS = {"attention": {"impl", "num_key_value_heads"}, "ffn": {"impl", "intermediate_size"}}
+MAPPING_KEYS = {"world_size", "tp_size", "pp_size"}
+
+
+def trtllm_config(spec: ModelSpec, mapping: Mapping, dtype: str) -> dict[str, Any]:
+    """config.json for a TRT-LLM `DeciLMForCausalLM` checkpoint of `spec` at `mapping`."""
+    kvs = [spec.layers[i].attention.kv_heads for i in spec.attention_layers()]
+    widths = [lay.ffn.width for lay in spec.layers if lay.ffn.width is not None]
+    return {
+        "architecture": DECILM, "dtype": normalize_dtype(dtype), "logits_dtype": "float32",
+        "vocab_size": spec.vocab, "hidden_size": spec.hidden, "num_hidden_layers": spec.num_layers,
+        "num_attention_heads": spec.heads, "num_key_value_heads": max(kvs, default=spec.heads),
+        "head_size": spec.head_dim, "intermediate_size": max(widths, default=4 * spec.hidden),
+        "hidden_act": "silu", "norm_epsilon": spec.norm_eps, "position_embedding_type": "rope_gpt_neox",
+        "max_position_embeddings": spec.max_position_embeddings, "rotary_base": spec.rope_theta,
+        "rotary_scaling": _rotary_scaling(spec.rope_scaling),
+        "mapping": mapping.to_trtllm(), "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
+        "use_parallel_embedding": False, "embedding_sharding_dim": 0,
+        "layer_configs": spec.to_trtllm_layer_configs(),
+    }
+
+
+def _rotary_scaling(rs: RopeScaling | None) -> dict[str, Any] | None:
+    """Both `type` (read by TRT-LLM 0.11's trtllm-build) and `rope_type` (later releases)."""
+    return None if rs is None else {**rs.to_hf(), "type": "llama3"}
+
+
+def write_trtllm_config(directory: Path, spec: ModelSpec, mapping: Mapping, dtype: str) -> dict[str, Any]:
+    cfg = trtllm_config(spec, mapping, dtype)
+    (Path(directory) / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return cfg
+
+
+def read_trtllm_config(path: Path) -> tuple[ModelSpec, Mapping]:
+    """(spec, mapping) from a checkpoint's config.json; every problem reported at once."""
+    p = Path(path)
+    p = p / "config.json" if p.is_dir() else p
+    try:
+        cfg = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read a TRT-LLM config ({e})") from None
+    return parse_trtllm_config(cfg, str(p))
+
+
+def parse_trtllm_config(cfg: dict[str, Any], where: str = "config") -> tuple[ModelSpec, Mapping]:
+    problems = [f"required field {k!r} is missing" for k in REQUIRED if cfg.get(k) is None]
+    if not problems and cfg["architecture"] != DECILM:
+        problems.append(f"field 'architecture' is {cfg['architecture']!r}, expected {DECILM!r}")
+    if not problems and cfg["hidden_act"] != "silu":
+        problems.append(f"field 'hidden_act' is {cfg['hidden_act']!r}; only 'silu' is supported")
+    layers = [] if problems else _parse_layers(cfg["layer_configs"], cfg["num_hidden_layers"], problems)
+    if problems:
+        raise ConfigError(f"{where}: " + "; ".join(problems))
+    m = cfg["mapping"]
+    mapping = Mapping(int(m.get("tp_size", 1)), int(m.get("pp_size", 1)))
+    if m.get("world_size", mapping.world_size) != mapping.world_size:
+        raise ConfigError(f"{where}: mapping.world_size {m['world_size']} != tp_size * pp_size")
+    heads = cfg["num_attention_heads"]
+    spec = ModelSpec(
+        hidden=cfg["hidden_size"], heads=heads, head_dim=cfg.get("head_size") or cfg["hidden_size"] // heads,
+        vocab=cfg["vocab_size"], layers=tuple(layers), rope_theta=float(cfg.get("rotary_base", 10000.0)),
+        rope_scaling=_parse_scaling(cfg.get("rotary_scaling"), where), norm_eps=float(cfg.get("norm_epsilon", 1e-5)),
+        tie_embeddings=False, dtype=normalize_dtype(cfg["dtype"]),
+        max_position_embeddings=int(cfg["max_position_embeddings"]), architecture=DECILM)
+    return spec, mapping
+
+
+def _parse_layers(entries: Any, n: int, problems: list[str]) -> list[Layer]:
+    if not isinstance(entries, list) or len(entries) != n:
+        problems.append(f"layer_configs must be a list of num_hidden_layers={n} entries")
+        return []
+    layers = []
+    for i, e in enumerate(entries):
+        bad = [f"{part}.{k}" for part, keys in LAYER_KEYS.items() for k in (e.get(part) or {}) if k not in keys]
+        if set(e) != set(LAYER_KEYS) or bad:
+            problems.append(f"layer {i}: layer_configs entry has keys {sorted(e)} {bad or ''}; "
+                            f"allowed: attention.{{impl, num_key_value_heads}}, ffn.{{impl, intermediate_size}}")
+            continue
+        try:
+            a, f = e["attention"], e["ffn"]
+            kind = AttentionKind(a["impl"])
+            fkind = FFNKind(f["impl"])
+        except (KeyError, ValueError) as err:
+            problems.append(f"layer {i}: bad impl ({err})")
+            continue
+        kv = a.get("num_key_value_heads") if kind is AttentionKind.FULL else None
+        width = f.get("intermediate_size") if fkind is FFNKind.SWIGLU else None
+        if kind is AttentionKind.FULL and not isinstance(kv, int):
+            problems.append(f"layer {i}: attention.num_key_value_heads must be an integer, got {kv!r}")
+        if fkind is FFNKind.SWIGLU and not isinstance(width, int):
+            problems.append(f"layer {i}: ffn.intermediate_size must be an integer, got {width!r}")
+        layers.append(Layer(Attention(kind, kv), FFN(fkind, width)))
+    return layers
+
+
+def _parse_scaling(rs: Any, where: str) -> RopeScaling | None:
+    if not rs:
+        return None
+    kind = rs.get("rope_type") or rs.get("type")
+    if kind != "llama3":
+        raise ConfigError(f"{where}: rotary_scaling type {kind!r} is not supported (only llama3)")
+    return RopeScaling(float(rs["factor"]), float(rs.get("low_freq_factor", 1.0)),
+                       float(rs.get("high_freq_factor", 4.0)), int(rs["original_max_position_embeddings"]))

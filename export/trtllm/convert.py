@@ -1,0 +1,214 @@
+"""HF checkpoint -> TRT-LLM checkpoint in one streaming pass, all ranks written by one process.
+
+Every rank file's header is planned up front (`plan`), then each source tensor is read once, in
+file order, cut into its pieces for every rank (`export.sharding` via the plan) and each piece is
+written at its final offset; q, k and v land in their row ranges of the rank's qkv. Peak memory is
+one source tensor plus one piece, whatever the model size. Everything is checked before the first
+byte is written, and the output appears atomically with its manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from export.errors import CheckpointError, ExportError
+from export.io.atomic import atomic_output_dir
+from export.io.reader import CheckpointReader
+from export.io.safetensors_format import SafetensorsWriter, read_header, torch_dtype
+from export.layout import require_layout
+from export.manifest import DEFAULT_BUILD, Manifest, tree_sha256
+from export.mapping import Mapping
+from export.progress import byte_progress
+from export.sharding import take
+from export.spec import ModelSpec, normalize_dtype
+from export.trtllm.config import write_trtllm_config
+from export.trtllm.plan import Placement, RankPlan, check_complete, plan_checkpoint
+from export.trtllm.weights import rank_file
+
+log = logging.getLogger(__name__)
+
+# Files that make up a tokenizer (copied to engines/NAME/tokenizer/); the first group must be present.
+TOKENIZER_CORE = ("tokenizer.json", "tokenizer.model", "vocab.json")
+TOKENIZER_FILES = (*TOKENIZER_CORE, "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "merges.txt", "generation_config.json", "chat_template.jinja", "chat_template.json")
+FUSION_PLAN = "fusion_plan.json"  # written by `fuse` beside the fused checkpoint
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    out: Path
+    manifest: Manifest
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+
+
+def prepare(source: Path, tp: int, pp: int, dtype: str | None) -> tuple[ModelSpec, Mapping, str, CheckpointReader,
+                                                                      list[RankPlan]]:
+    """Everything that can refuse the job, before any output exists."""
+    spec = ModelSpec.load(source)
+    mapping = Mapping(tp, pp)
+    require_layout(spec, mapping)
+    reader = CheckpointReader(source)
+    reader.validate(spec)
+    plans = plan_checkpoint(spec, mapping)
+    problems = check_complete(spec, mapping, plans)
+    if problems:  # a bug in the tables, not in the input
+        raise AssertionError("incomplete TRT-LLM plan:\n  - " + "\n  - ".join(problems))
+    return spec, mapping, normalize_dtype(dtype or spec.dtype), reader, plans
+
+
+def convert(source: Path, out: Path, *, tp: int, pp: int = 1, dtype: str | None = None,
+            progress: bool = True) -> ConvertResult:
+    """Write `out/` = checkpoint/ (config.json + rank{r}.safetensors), tokenizer/, manifest.json."""
+    source = Path(source)
+    spec, mapping, dtype, reader, plans = prepare(source, tp, pp, dtype)
+    start = time.perf_counter()
+    stop = threading.Event()
+    with ThreadPoolExecutor(1) as pool, _stop_on_error(stop):  # the hash reads the source beside the pass
+        digest = pool.submit(tree_sha256, source, stop)
+        with atomic_output_dir(out) as tmp:
+            ckpt = tmp / "checkpoint"
+            ckpt.mkdir()
+            written = write_rank_files(reader, plans, ckpt, dtype, progress)
+            write_trtllm_config(ckpt, spec, mapping, dtype)
+            tokenizer = copy_tokenizer(source, tmp / "tokenizer")
+            manifest = Manifest(source_path=str(source.resolve()), source_sha256=digest.result(),
+                                fusion_plan=_fusion_plan(source), tp=tp, pp=pp, dtype=dtype, tokenizer=tokenizer,
+                                engines={"cpu": {"path": "checkpoint", "verified": False}},
+                                build=default_build(spec))
+            manifest.save(tmp)
+    seconds = time.perf_counter() - start
+    read = sum(reader.info(n).nbytes for n, _ in _by_source(reader, plans))
+    log.info("converted %s -> %s: %d ranks, %.2f GB read, %.2f GB written in %.1f s (%.2f GB/s read)",
+             source, out, mapping.world_size, read / 1e9, written / 1e9, seconds, read / 1e9 / seconds)
+    return ConvertResult(Path(out), manifest, read, written, seconds)
+
+
+@contextlib.contextmanager
+def _stop_on_error(stop: threading.Event) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        stop.set()
+        raise
+
+
+def default_build(spec: ModelSpec) -> dict[str, int]:
+    """trtllm-build sizes, capped by the model's context length."""
+    seq = min(DEFAULT_BUILD["max_seq_len"], spec.max_position_embeddings)
+    return {**DEFAULT_BUILD, "max_seq_len": seq, "max_input_len": min(DEFAULT_BUILD["max_input_len"], seq)}
+
+
+def write_rank_files(reader: CheckpointReader, plans: list[RankPlan], ckpt: Path, dtype: str,
+                     progress: bool = True) -> int:
+    """The streaming pass: each source tensor read once, its pieces written to every rank file."""
+    tdtype = torch_dtype(dtype)
+    source = RawTensors(reader)
+    writers = {p.rank: SafetensorsWriter(rank_file(ckpt, p.rank), [(n, tdtype, s) for n, s in p.tensors.items()])
+               for p in plans}
+    order = list(_by_source(reader, plans))
+    written = 0
+    try:
+        with byte_progress(sum(reader.info(n).nbytes for n, _ in order), "convert", progress) as bar:
+            for name, placements in order:
+                full = source.read(name)
+                for p in placements:
+                    piece = take(full, p.piece.shard, p.piece.ref.shape).to(tdtype)
+                    written += writers[p.rank].write_rows(p.name, p.row, piece)
+                    del piece
+                del full
+                bar.update(reader.info(name).nbytes)
+    except BaseException:
+        for w in writers.values():
+            _close_quietly(w)
+        raise
+    finally:
+        source.close()
+    for w in writers.values():
+        w.close()
+    return written
+
+
+class RawTensors:
+    """Whole tensors by `pread` into a fresh buffer, not through a memory map.
+
+    A map keeps every page it touched resident in this process until it is closed, so the RSS of
+    a long pass would grow to the model size; a buffer is freed as soon as its pieces are written.
+    """
+
+    def __init__(self, reader: CheckpointReader) -> None:
+        self.reader = reader
+        self._files: dict[str, tuple[int, int]] = {}  # name -> (fd, data_start)
+
+    def _file(self, fname: str) -> tuple[int, int]:
+        if fname not in self._files:
+            path = self.reader.path / fname
+            _, _, data_start = read_header(path)
+            self._files[fname] = (os.open(path, os.O_RDONLY), data_start)
+        return self._files[fname]
+
+    def read(self, name: str) -> torch.Tensor:
+        info = self.reader.info(name)
+        fd, data_start = self._file(self.reader.file_of(name))
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        view, pos = memoryview(buf.numpy()), data_start + info.begin
+        while view:
+            n = os.preadv(fd, [view], pos)
+            if n == 0:
+                raise CheckpointError(f"tensor {name}: file ends early", self.reader.path / self.reader.file_of(name))
+            view, pos = view[n:], pos + n
+        return buf.view(info.dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        for fd, _ in self._files.values():
+            os.close(fd)
+        self._files.clear()
+
+
+def _by_source(reader: CheckpointReader, plans: list[RankPlan]) -> Iterator[tuple[str, list[Placement]]]:
+    """Placements grouped by the source tensor they read, in file-locality order."""
+    groups: dict[str, list[Placement]] = {}
+    for plan in plans:
+        for p in plan.placements:
+            groups.setdefault(reader.hf_name(p.piece.ref), []).append(p)
+    yield from sorted(groups.items(), key=lambda kv: (reader.file_of(kv[0]), reader.info(kv[0]).begin))
+
+
+def _close_quietly(w: SafetensorsWriter) -> None:
+    with contextlib.suppress(ValueError, OSError):  # already failing; report the first error
+        w.close()
+
+
+def copy_tokenizer(source: Path, dst: Path) -> str | None:
+    """Copy the source's tokenizer files; None (nothing created) when it has no tokenizer."""
+    if not any((source / f).is_file() for f in TOKENIZER_CORE):
+        log.warning("%s has no tokenizer (%s); serving will need one", source, " / ".join(TOKENIZER_CORE))
+        return None
+    dst.mkdir()
+    for f in TOKENIZER_FILES:
+        if (source / f).is_file():
+            shutil.copy2(source / f, dst / f)
+    return dst.name
+
+
+def _fusion_plan(source: Path) -> dict | None:
+    p = source / FUSION_PLAN
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{p}: not valid JSON ({e})") from None

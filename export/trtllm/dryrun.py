@@ -1,0 +1,51 @@
+"""`convert --dry-run`: every rank file's tensors, shapes and bytes, from config.json alone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from export.layout import rank_bytes, require_layout
+from export.mapping import Mapping
+from export.planning import human_bytes
+from export.spec import DTYPE_BYTES, ModelSpec, normalize_dtype
+from export.trtllm.config import trtllm_config
+from export.trtllm.plan import check_complete, plan_checkpoint
+
+
+def dry_run(spec: ModelSpec, mapping: Mapping, dtype: str | None = None) -> dict[str, Any]:
+    """The plan the converter would write, with per-rank totals cross-checked against `inspect`'s."""
+    dtype = normalize_dtype(dtype or spec.dtype)
+    require_layout(spec, mapping)
+    plans = plan_checkpoint(spec, mapping)
+    problems = check_complete(spec, mapping, plans)
+    per = DTYPE_BYTES[dtype]
+    ranks = []
+    for plan in plans:
+        tensors = [{"name": n, "shape": list(s), "bytes": _numel(s) * per} for n, s in plan.tensors.items()]
+        ranks.append({"rank": plan.rank, "tp_rank": mapping.tp_rank(plan.rank), "pp_rank": mapping.pp_rank(plan.rank),
+                      "file": f"rank{plan.rank}.safetensors", "tensors": tensors, "bytes": plan.nbytes(dtype),
+                      "inspect_bytes": rank_bytes(spec, mapping, plan.rank, dtype)})
+    return {"tp": mapping.tp, "pp": mapping.pp, "dtype": dtype, "problems": problems,
+            "config": trtllm_config(spec, mapping, dtype), "ranks": ranks,
+            "total_bytes": sum(r["bytes"] for r in ranks)}
+
+
+def format_dry_run(rep: dict[str, Any], tensors: bool = True) -> str:
+    lines = []
+    for r in rep["ranks"]:
+        lines.append(f"{r['file']} (tp_rank {r['tp_rank']}, pp_rank {r['pp_rank']}): {len(r['tensors'])} tensors, "
+                     f"{r['bytes']:,} bytes ({human_bytes(r['bytes'])})")
+        if tensors:
+            lines += [f"  {t['name']:<52} {t['shape']!s:<18} {t['bytes']:>15,}" for t in r["tensors"]]
+    ok = all(r["bytes"] == r["inspect_bytes"] for r in rep["ranks"]) and not rep["problems"]
+    lines.append(f"total {rep['total_bytes']:,} bytes ({human_bytes(rep['total_bytes'])}, {rep['dtype']}) over "
+                 f"{len(rep['ranks'])} ranks at tp={rep['tp']} pp={rep['pp']}; every split divides; per-rank bytes "
+                 + ("match `inspect`" if ok else "DO NOT match `inspect`: " + "; ".join(rep["problems"])))
+    return "\n".join(lines)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

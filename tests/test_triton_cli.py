@@ -1,0 +1,105 @@
+"""`package`, `serve`, `query` as a user runs them: real subprocesses, real server, Ctrl-C, no leftovers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from triton_support import make_engine_dir
+
+from export.triton.server import ServerError, free_port, start_server
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def export_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "export", *args]
+
+
+def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(export_cmd(*args), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (tritonserver, python stubs, engine workers)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.add(c)
+            todo.append(c)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    engine_dir = make_engine_dir(root, tp=2)
+    res = run("package", str(engine_dir), "--out", str(root / "repo"), "--backend", "cpu")
+    assert res.returncode == 0, res.stderr
+    assert "packaged cpu model repository" in res.stdout
+    return root / "repo"
+
+
+def test_serve_query_then_ctrl_c_leaves_nothing_behind(repo):
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    serve = subprocess.Popen(export_cmd("serve", str(repo), "--http-port", str(http), "--grpc-port", str(grpc),
+                                        "--metrics-port", str(metrics)),
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        line = serve.stdout.readline()
+        assert "tritonserver ready" in line, serve.stderr.read()
+        assert f"http 127.0.0.1:{http}" in line  # loopback by default
+        tree = descendants(serve.pid)
+        assert len(tree) >= 3  # tritonserver + python stubs (+ the engine's 2 TP workers)
+        streamed = run("query", "héllo 中文", "--url", f"127.0.0.1:{grpc}", "--stream", "--max-tokens", "8")
+        assert streamed.returncode == 0, streamed.stderr
+        assert "time to first token" in streamed.stderr and "tokens/s" in streamed.stderr
+        single = run("query", "héllo 中文", "--url", f"127.0.0.1:{http}", "--protocol", "http", "--max-tokens", "8")
+        assert single.returncode == 0 and single.stdout == streamed.stdout
+        bad = run("query", "x", "--url", f"127.0.0.1:{grpc}", "--max-tokens", "0")
+        assert bad.returncode == 2 and "max_tokens must be >= 1" in bad.stderr
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10).read().decode()
+        assert 'nv_inference_request_success{model="ensemble"' in text
+        serve.send_signal(signal.SIGINT)
+        assert serve.wait(timeout=60) == 0
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in tree) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in tree if alive(p)]
+    finally:
+        if serve.poll() is None:
+            os.killpg(serve.pid, signal.SIGKILL)
+            serve.wait()
+
+
+def test_a_model_that_fails_to_load_is_reported_with_the_servers_error(repo, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(repo / "preprocessing", broken / "preprocessing")
+    cfg = broken / "preprocessing/config.pbtxt"
+    cfg.write_text(cfg.read_text().replace(str(repo.parent / "engines/tiny/tokenizer"), str(tmp_path / "nowhere")))
+    with pytest.raises(ServerError, match=r"(?s)preprocessing.*no tokenizer\.json"):
+        start_server(broken, timeout=120)

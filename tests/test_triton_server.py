@@ -1,0 +1,153 @@
+"""A real tritonserver (the nvidia-pytriton bundle) serving the cpu flavour of a TP=2 engine.
+
+One server for the module. Every query's text must equal the reference runtime's greedy output
+decoded by the same tokenizer; bad requests get errors naming the fault while the server keeps
+answering good ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from triton_support import make_engine_dir
+
+from export.triton.client import QueryError, Request, grpc_inputs, query, stream_infer
+
+PROMPTS = ["héllo wörld 中文", "the quick brown fox"]
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    from export.triton.package import package_repo
+    from export.triton.server import start_server
+
+    root = tmp_path_factory.mktemp("triton")
+    engine_dir = make_engine_dir(root, tp=2)
+    repo = package_repo(engine_dir, root / "repo", backend="cpu")
+    with start_server(repo, timeout=240) as server:
+        yield engine_dir, server
+    assert not server.alive()
+
+
+@pytest.fixture(scope="module")
+def reference(deployment):
+    """Greedy text per prompt from the reference runtime on the same rank files (tp=2)."""
+    from export.runtime.engine import Engine
+    from export.runtime.sampling import SamplingParams
+    from export.triton.pipeline import load_tokenizer
+
+    engine_dir, _ = deployment
+    tok = load_tokenizer(str(engine_dir / "tokenizer"))
+    out = {}
+    with Engine.start(engine_dir / "checkpoint") as engine:
+        assert engine.mapping.tp == 2
+        for p in PROMPTS:
+            ids = engine.generate([tok.encode(p)], SamplingParams(MAX_TOKENS, stop_token_ids=(tok.eos_token_id,)))[0]
+            ids = ids[:ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
+            out[p] = (tok.decode(ids), len(ids))
+        out["ids"] = ids  # the last prompt's ids, for the end_id test
+    out["tokenizer"] = tok
+    return out
+
+
+def url(server, protocol):
+    return server.grpc_url if protocol == "grpc" else server.http_url
+
+
+@pytest.mark.parametrize("model", ["ensemble", "tensorrt_llm_bls"])
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("stream", [True, False])
+def test_text_equals_reference_greedy_output(deployment, reference, model, protocol, stream):
+    _, server = deployment
+    for prompt in PROMPTS:
+        res = query(Request(prompt, max_tokens=MAX_TOKENS, stream=stream, temperature=0.0),
+                    url=url(server, protocol), protocol=protocol, model=model, timeout=60)
+        text, n = reference[prompt]
+        assert res.text == text and res.tokens == n
+        assert res.ttft_s is not None and res.tokens_per_s
+        if stream:
+            assert len(res.pieces) > 1  # pieces really arrived one by one
+        else:
+            assert len(res.pieces) == 1
+
+
+def good(server, reference):
+    res = query(Request(PROMPTS[1], max_tokens=MAX_TOKENS), url=server.grpc_url, timeout=60)
+    assert res.text == reference[PROMPTS[1]][0]
+
+
+BASE = {"text_input": PROMPTS[0], "max_tokens": 4}
+BAD_GRPC = {
+    "missing text_input": ({"max_tokens": 4}, {}, "text_input"),
+    "max_tokens 0": ({**BASE, "max_tokens": 0}, {}, r"max_tokens must be >= 1 \(got 0\)"),
+    "max_tokens above the limit": ({**BASE, "max_tokens": 100000}, {}, r"max_tokens 100000 exceeds the limit"),
+    "wrong dtype": ({**BASE, "max_tokens": 4.0}, {"max_tokens": np.float32}, r"max_tokens.*(FP32|INT32)"),
+    "invalid UTF-8": ({**BASE, "text_input": b"\xff\xfe oops"}, {}, "text_input: not valid UTF-8"),
+    "negative temperature": ({**BASE, "temperature": -1.0}, {}, r"temperature must be >= 0 \(got -1"),
+}
+
+
+@pytest.mark.parametrize("model", ["ensemble", "tensorrt_llm_bls"])
+@pytest.mark.parametrize("case", list(BAD_GRPC))
+def test_bad_grpc_request_is_answered_and_server_keeps_serving(deployment, reference, model, case):
+    _, server = deployment
+    fields, dtypes, message = BAD_GRPC[case]
+    with pytest.raises(QueryError, match=message):
+        stream_infer(grpc_inputs(fields, dtypes), url=server.grpc_url, model=model, timeout=60)
+    good(server, reference)
+
+
+def test_bad_http_requests_and_unknown_model(deployment, reference):
+    _, server = deployment
+    with pytest.raises(QueryError, match=r"temperature must be >= 0.*HTTP 400"):
+        query(Request(PROMPTS[0], max_tokens=4, temperature=-0.5, stream=False), url=server.http_url,
+              protocol="http")
+    with pytest.raises(QueryError, match=r"max_tokens must be >= 1"):
+        query(Request(PROMPTS[0], max_tokens=0, stream=True), url=server.http_url, protocol="http")
+    for protocol in ("grpc", "http"):
+        with pytest.raises(QueryError, match=r"unknown model|not found"):
+            query(Request(PROMPTS[0], max_tokens=4), url=url(server, protocol), protocol=protocol, model="nope")
+    good(server, reference)
+
+
+def test_concurrent_streams_each_get_their_own_text(deployment, reference):
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, server = deployment
+
+    def one(i: int) -> str:
+        model = ("ensemble", "tensorrt_llm_bls")[i % 2]
+        return query(Request(PROMPTS[i % 2], max_tokens=MAX_TOKENS), url=server.grpc_url, model=model,
+                     timeout=120).text
+
+    with ThreadPoolExecutor(4) as pool:
+        texts = list(pool.map(one, range(4)))
+    assert texts == [reference[PROMPTS[i % 2]][0] for i in range(4)]
+
+
+@pytest.mark.parametrize("model", ["ensemble", "tensorrt_llm_bls"])
+def test_end_id_from_the_request_ends_generation(deployment, reference, model):
+    _, server = deployment
+    ids, tok = reference["ids"], reference["tokenizer"]
+    end = ids[3]
+    res = query(Request(PROMPTS[-1], max_tokens=MAX_TOKENS, end_id=end), url=server.grpc_url, model=model, timeout=60)
+    kept = ids[:ids.index(end)]
+    assert res.tokens == len(kept) and res.text == tok.decode(kept)
+
+
+def test_a_cancelled_stream_frees_the_engine(deployment, reference):
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    _, server = deployment
+    got: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: got.put((result, error)))
+    client.async_stream_infer("ensemble", grpc_inputs({"text_input": PROMPTS[0], "max_tokens": 200, "stream": True}))
+    result, error = got.get(timeout=60)
+    assert error is None and result.as_numpy("text_output") is not None  # generation is running
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    good(server, reference)  # the engine lock was released: the next request is served

@@ -1,0 +1,56 @@
+"""Fixtures for the Triton tests: a tiny byte-level BPE tokenizer, a matching random model,
+and an engines/NAME directory around them (manifest + checkpoint + tokenizer)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from export.spec import FFN, Attention, AttentionKind, FFNKind, Layer, ModelSpec
+
+CORPUS = ["the quick brown fox jumps over the lazy dog", "héllo wörld, ça va? naïve café",
+          "数据 模型 推理 服务 中文 文本", "emoji 🙂 🚀 ✨ and more", "Triton serves tensor parallel models",
+          "streaming text keeps spaces and multi byte characters"] * 4
+SPECIALS = ["<unk>", "<s>", "</s>"]
+
+
+def write_tokenizer(path: Path, vocab_size: int = 320) -> int:
+    """A byte-level BPE (so multi-byte characters span tokens); returns its vocab size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "model_max_length": 256, "clean_up_tokenization_spaces": False}))
+    return tok.get_vocab_size()
+
+
+def tiny_spec(vocab: int, tp_kv: int = 2) -> ModelSpec:
+    full = Layer(Attention(AttentionKind.FULL, tp_kv), FFN(FFNKind.SWIGLU, 256))
+    ffn_only = Layer(Attention(AttentionKind.NOOP), FFN(FFNKind.SWIGLU, 512))
+    return ModelSpec(hidden=64, heads=4, head_dim=16, vocab=vocab, layers=(full, ffn_only, ffn_only, full),
+                     dtype="float32", max_position_embeddings=256,
+                     passthrough={"bos_token_id": 1, "eos_token_id": 2})
+
+
+def make_engine_dir(root: Path, tp: int = 2, seed: int = 0) -> Path:
+    """tokenizer + matching random DeciLM checkpoint -> `convert` at `tp` -> root/engines/tiny."""
+    from export.synthetic import write_random_checkpoint
+    from export.trtllm.convert import convert
+
+    src = root / "hf"
+    tok_dir = root / "tok"
+    vocab = write_tokenizer(tok_dir)
+    write_random_checkpoint(src, tiny_spec(vocab), seed=seed, std=0.2)
+    for f in tok_dir.iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    out = root / "engines" / "tiny"
+    convert(src, out, tp=tp, progress=False)
+    return out
