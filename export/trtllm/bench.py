@@ -129,10 +129,19 @@ def format_report(rep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def peak_rss() -> int:
+    """This process's RSS high-water mark (VmHWM). Not ru_maxrss: Linux carries that across exec
+    from the forked parent, so a child of a big parent would report the parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _child_main(argv: list[str]) -> None:
     kind, src, out, tp = argv[0], Path(argv[1]), Path(argv[2]), int(argv[3])
     res = _run_copy(src, out) if kind == "copy" else _run_convert(src, out, tp)
-    res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    res["peak_rss_bytes"] = peak_rss()
     print(json.dumps(res))
 
 

@@ -10,16 +10,17 @@ byte is written, and the output appears atomically with its manifest.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import shutil
-import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -76,34 +77,21 @@ def convert(source: Path, out: Path, *, tp: int, pp: int = 1, dtype: str | None 
     source = Path(source)
     spec, mapping, dtype, reader, plans = prepare(source, tp, pp, dtype)
     start = time.perf_counter()
-    stop = threading.Event()
-    with ThreadPoolExecutor(1) as pool, _stop_on_error(stop):  # the hash reads the source beside the pass
-        digest = pool.submit(tree_sha256, source, stop)
-        with atomic_output_dir(out) as tmp:
-            ckpt = tmp / "checkpoint"
-            ckpt.mkdir()
-            written = write_rank_files(reader, plans, ckpt, dtype, progress)
-            write_trtllm_config(ckpt, spec, mapping, dtype)
-            tokenizer = copy_tokenizer(source, tmp / "tokenizer")
-            manifest = Manifest(source_path=str(source.resolve()), source_sha256=digest.result(),
-                                fusion_plan=_fusion_plan(source), tp=tp, pp=pp, dtype=dtype, tokenizer=tokenizer,
-                                engines={"cpu": {"path": "checkpoint", "verified": False}},
-                                build=default_build(spec))
-            manifest.save(tmp)
+    with atomic_output_dir(out) as tmp:
+        ckpt = tmp / "checkpoint"
+        ckpt.mkdir()
+        written, digests = write_rank_files(reader, plans, ckpt, dtype, progress)
+        write_trtllm_config(ckpt, spec, mapping, dtype)
+        tokenizer = copy_tokenizer(source, tmp / "tokenizer")
+        manifest = Manifest(source_path=str(source.resolve()), source_sha256=tree_sha256(source, digests),
+                            fusion_plan=_fusion_plan(source), tp=tp, pp=pp, dtype=dtype, tokenizer=tokenizer,
+                            engines={"cpu": {"path": "checkpoint", "verified": False}}, build=default_build(spec))
+        manifest.save(tmp)
     seconds = time.perf_counter() - start
     read = sum(reader.info(n).nbytes for n, _ in _by_source(reader, plans))
     log.info("converted %s -> %s: %d ranks, %.2f GB read, %.2f GB written in %.1f s (%.2f GB/s read)",
              source, out, mapping.world_size, read / 1e9, written / 1e9, seconds, read / 1e9 / seconds)
     return ConvertResult(Path(out), manifest, read, written, seconds)
-
-
-@contextlib.contextmanager
-def _stop_on_error(stop: threading.Event) -> Iterator[None]:
-    try:
-        yield
-    except BaseException:
-        stop.set()
-        raise
 
 
 def default_build(spec: ModelSpec) -> dict[str, int]:
@@ -113,8 +101,11 @@ def default_build(spec: ModelSpec) -> dict[str, int]:
 
 
 def write_rank_files(reader: CheckpointReader, plans: list[RankPlan], ckpt: Path, dtype: str,
-                     progress: bool = True) -> int:
-    """The streaming pass: each source tensor read once, its pieces written to every rank file."""
+                     progress: bool = True) -> tuple[int, dict[str, bytes]]:
+    """The streaming pass: each source tensor read once, its pieces written to every rank file.
+
+    Returns (bytes written, sha256 of each source file whose every byte the pass read).
+    """
     tdtype = torch_dtype(dtype)
     source = RawTensors(reader)
     writers = {p.rank: SafetensorsWriter(rank_file(ckpt, p.rank), [(n, tdtype, s) for n, s in p.tensors.items()])
@@ -124,7 +115,7 @@ def write_rank_files(reader: CheckpointReader, plans: list[RankPlan], ckpt: Path
     try:
         with byte_progress(sum(reader.info(n).nbytes for n, _ in order), "convert", progress) as bar:
             for name, placements in order:
-                full = source.read(name)
+                full = source.read(name)  # also hashed, in a thread, while its pieces are written
                 for p in placements:
                     piece = take(full, p.piece.shard, p.piece.ref.shape).to(tdtype)
                     written += writers[p.rank].write_rows(p.name, p.row, piece)
@@ -136,46 +127,74 @@ def write_rank_files(reader: CheckpointReader, plans: list[RankPlan], ckpt: Path
             _close_quietly(w)
         raise
     finally:
-        source.close()
+        digests = source.close()
     for w in writers.values():
         w.close()
-    return written
+    return written, digests
 
 
 class RawTensors:
-    """Whole tensors by `pread` into a fresh buffer, not through a memory map.
+    """Whole tensors by `pread` into a fresh buffer (not a memory map), hashed on the way.
 
     A map keeps every page it touched resident in this process until it is closed, so the RSS of
-    a long pass would grow to the model size; a buffer is freed as soon as its pieces are written.
+    a long pass would grow to the model size; a buffer is freed once its pieces are written. Each
+    file's sha256 (header, then tensors in offset order) is fed from these same buffers by a helper
+    thread (hashlib releases the GIL), so the manifest's content hash costs no second read. A file
+    read with gaps (tensors the model does not use) is left for `tree_sha256` to hash itself.
     """
 
     def __init__(self, reader: CheckpointReader) -> None:
         self.reader = reader
         self._files: dict[str, tuple[int, int]] = {}  # name -> (fd, data_start)
+        self._hash: dict[str, tuple[Any, int]] = {}  # file -> (sha256, next data offset expected)
+        self._hasher = ThreadPoolExecutor(1)
+        self._pending: Future | None = None
 
     def _file(self, fname: str) -> tuple[int, int]:
         if fname not in self._files:
             path = self.reader.path / fname
             _, _, data_start = read_header(path)
-            self._files[fname] = (os.open(path, os.O_RDONLY), data_start)
+            fd = os.open(path, os.O_RDONLY)
+            self._files[fname] = (fd, data_start)
+            self._hash[fname] = (hashlib.sha256(os.pread(fd, data_start, 0)), 0)
         return self._files[fname]
 
     def read(self, name: str) -> torch.Tensor:
-        info = self.reader.info(name)
-        fd, data_start = self._file(self.reader.file_of(name))
+        info, fname = self.reader.info(name), self.reader.file_of(name)
+        fd, data_start = self._file(fname)
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
         view, pos = memoryview(buf.numpy()), data_start + info.begin
         while view:
             n = os.preadv(fd, [view], pos)
             if n == 0:
-                raise CheckpointError(f"tensor {name}: file ends early", self.reader.path / self.reader.file_of(name))
+                raise CheckpointError(f"tensor {name}: file ends early", self.reader.path / fname)
             view, pos = view[n:], pos + n
+        self._feed(fname, info.begin, buf)
         return buf.view(info.dtype).reshape(info.shape)
 
-    def close(self) -> None:
-        for fd, _ in self._files.values():
+    def _feed(self, fname: str, begin: int, buf: torch.Tensor) -> None:
+        if self._pending is not None:
+            self._pending.result()  # at most one buffer waits for the hash
+        h, expected = self._hash[fname]
+        if h is None or begin != expected:
+            self._hash[fname] = (None, -1)
+            return
+        self._hash[fname] = (h, begin + buf.numel())
+        self._pending = self._hasher.submit(h.update, buf.numpy())
+
+    def close(self) -> dict[str, bytes]:
+        """Close the files; sha256 of every file read whole."""
+        if self._pending is not None:
+            self._pending.result()
+        self._hasher.shutdown()
+        done = {}
+        for fname, (fd, data_start) in self._files.items():
+            h, end = self._hash[fname]
+            if h is not None and end == os.fstat(fd).st_size - data_start:
+                done[fname] = h.digest()
             os.close(fd)
         self._files.clear()
+        return done
 
 
 def _by_source(reader: CheckpointReader, plans: list[RankPlan]) -> Iterator[tuple[str, list[Placement]]]:
