@@ -1,10 +1,11 @@
 """HF checkpoint -> TRT-LLM checkpoint in one streaming pass, all ranks written by one process.
 
 Every rank file's header is planned up front (`plan`), then each source tensor is read once, in
-file order, cut into its pieces for every rank (`export.sharding` via the plan) and each piece is
-written at its final offset; q, k and v land in their row ranges of the rank's qkv. Peak memory is
-one source tensor plus one piece, whatever the model size. Everything is checked before the first
-byte is written, and the output appears atomically with its manifest.
+file order and in row windows of at most 64 MiB, each window cut into its pieces for every rank
+(`export.sharding` via the plan) and each piece written at its final rows; q, k and v land in their
+row ranges of the rank's qkv. Peak memory is a couple of windows, whatever the model or tensor size
+(Ultra's widest fused FFN matrix alone is 14 GB). Everything is checked before the first byte is
+written, and the output appears atomically with its manifest.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from export.progress import byte_progress
 from export.sharding import take
 from export.spec import ModelSpec, normalize_dtype
 from export.trtllm.config import write_trtllm_config
-from export.trtllm.plan import Placement, RankPlan, check_complete, plan_checkpoint
+from export.trtllm.plan import Placement, RankPlan, check_complete, plan_checkpoint, window
 from export.trtllm.weights import rank_file
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ TOKENIZER_CORE = ("tokenizer.json", "tokenizer.model", "vocab.json")
 TOKENIZER_FILES = (*TOKENIZER_CORE, "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "merges.txt", "generation_config.json", "chat_template.jinja", "chat_template.json")
 FUSION_PLAN = "fusion_plan.json"  # written by `fuse` beside the fused checkpoint
+WINDOW_BYTES = 64 << 20  # source rows read at a time: bounds memory whatever the largest tensor
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ def prepare(source: Path, tp: int, pp: int, dtype: str | None) -> tuple[ModelSpe
 
 
 def convert(source: Path, out: Path, *, tp: int, pp: int = 1, dtype: str | None = None,
-            progress: bool = True) -> ConvertResult:
+            progress: bool = True, window_bytes: int = WINDOW_BYTES) -> ConvertResult:
     """Write `out/` = checkpoint/ (config.json + rank{r}.safetensors), tokenizer/, manifest.json."""
     source = Path(source)
     spec, mapping, dtype, reader, plans = prepare(source, tp, pp, dtype)
@@ -80,7 +82,7 @@ def convert(source: Path, out: Path, *, tp: int, pp: int = 1, dtype: str | None 
     with atomic_output_dir(out) as tmp:
         ckpt = tmp / "checkpoint"
         ckpt.mkdir()
-        written, digests = write_rank_files(reader, plans, ckpt, dtype, progress)
+        written, digests = write_rank_files(reader, plans, ckpt, dtype, progress, window_bytes)
         write_trtllm_config(ckpt, spec, mapping, dtype)
         tokenizer = copy_tokenizer(source, tmp / "tokenizer")
         manifest = Manifest(source_path=str(source.resolve()), source_sha256=tree_sha256(source, digests),
@@ -101,8 +103,9 @@ def default_build(spec: ModelSpec) -> dict[str, int]:
 
 
 def write_rank_files(reader: CheckpointReader, plans: list[RankPlan], ckpt: Path, dtype: str,
-                     progress: bool = True) -> tuple[int, dict[str, bytes]]:
-    """The streaming pass: each source tensor read once, its pieces written to every rank file.
+                     progress: bool = True, window_bytes: int = WINDOW_BYTES) -> tuple[int, dict[str, bytes]]:
+    """The streaming pass: each source tensor read once, in row windows of at most `window_bytes`,
+    each window's pieces written to every rank file at their final rows.
 
     Returns (bytes written, sha256 of each source file whose every byte the pass read).
     """
@@ -115,13 +118,18 @@ def write_rank_files(reader: CheckpointReader, plans: list[RankPlan], ckpt: Path
     try:
         with byte_progress(sum(reader.info(n).nbytes for n, _ in order), "convert", progress) as bar:
             for name, placements in order:
-                full = source.read(name)  # also hashed, in a thread, while its pieces are written
+                info = reader.info(name)
+                rows = info.shape[0] if info.shape else 1
+                step = max(1, window_bytes // max(1, info.nbytes // max(rows, 1)))
+                for first in range(0, rows, step):
+                    stop = min(rows, first + step)
+                    chunk = source.read(name, first, stop)  # also hashed, in a thread, while it is written
+                    for p in placements:
+                        written += _write_window(writers[p.rank], p, chunk, first, stop, tdtype)
+                    bar.update(chunk.numel() * chunk.element_size())
+                    del chunk
                 for p in placements:
-                    piece = take(full, p.piece.shard, p.piece.ref.shape).to(tdtype)
-                    written += writers[p.rank].write_rows(p.name, p.row, piece)
-                    del piece
-                del full
-                bar.update(reader.info(name).nbytes)
+                    written += _write_padding(writers[p.rank], p, tdtype)
     except BaseException:
         for w in writers.values():
             _close_quietly(w)
@@ -131,6 +139,24 @@ def write_rank_files(reader: CheckpointReader, plans: list[RankPlan], ckpt: Path
     for w in writers.values():
         w.close()
     return written, digests
+
+
+def _write_window(w: SafetensorsWriter, p: Placement, chunk: torch.Tensor, first: int, stop: int,
+                  dtype: torch.dtype) -> int:
+    fed = window(p, first, stop)
+    if fed is None:
+        return 0
+    shard, row = fed
+    return w.write_rows(p.name, row, take(chunk, shard, tuple(chunk.shape)).to(dtype))
+
+
+def _write_padding(w: SafetensorsWriter, p: Placement, dtype: torch.dtype) -> int:
+    """lm_head's zero rows past the vocabulary (the shard's `pad`)."""
+    s = p.piece.shard
+    if not s.pad:
+        return 0
+    zeros = torch.zeros((s.pad, *p.piece.shape[1:]), dtype=dtype)
+    return w.write_rows(p.name, p.row + s.stop - s.start, zeros)
 
 
 class RawTensors:
@@ -159,18 +185,23 @@ class RawTensors:
             self._hash[fname] = (hashlib.sha256(os.pread(fd, data_start, 0)), 0)
         return self._files[fname]
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, first: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows [first, stop) of tensor `name` (all of it by default)."""
         info, fname = self.reader.info(name), self.reader.file_of(name)
         fd, data_start = self._file(fname)
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
-        view, pos = memoryview(buf.numpy()), data_start + info.begin
+        rows = info.shape[0] if info.shape else 1
+        stop = rows if stop is None else stop
+        row_bytes = info.nbytes // rows if rows else 0
+        begin = info.begin + first * row_bytes
+        buf = torch.empty((stop - first) * row_bytes, dtype=torch.uint8)
+        view, pos = memoryview(buf.numpy()), data_start + begin
         while view:
             n = os.preadv(fd, [view], pos)
             if n == 0:
                 raise CheckpointError(f"tensor {name}: file ends early", self.reader.path / fname)
             view, pos = view[n:], pos + n
-        self._feed(fname, info.begin, buf)
-        return buf.view(info.dtype).reshape(info.shape)
+        self._feed(fname, begin, buf)
+        return buf.view(info.dtype).reshape((stop - first, *info.shape[1:]) if info.shape else ())
 
     def _feed(self, fname: str, begin: int, buf: torch.Tensor) -> None:
         if self._pending is not None:
