@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,21 +68,24 @@ class Manifest:
         return Path(engine_dir) / self.engines[engine]["path"]
 
 
-def tree_sha256(path: Path, stop: threading.Event | None = None) -> str:
-    """Content hash of a checkpoint directory: every file's bytes, with its relative path.
+def tree_sha256(path: Path, known: dict[str, bytes] | None = None) -> str:
+    """Content hash of a checkpoint directory: every file's sha256, with its relative path.
 
-    Hidden files are skipped; reads go through 8 MiB chunks (hashlib releases the GIL, so this
-    runs beside the converter in a thread); setting `stop` abandons it (the caller failed).
+    Hidden files are skipped. `known` holds digests (by relative path) already computed from bytes
+    read for another purpose, e.g. by the converter's pass, so those files are not read again.
     """
     root = Path(path)
     total = hashlib.sha256()
     for p in sorted(q for q in root.rglob("*") if q.is_file() and not q.name.startswith(".")):
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            while chunk := f.read(8 << 20):
-                if stop is not None and stop.is_set():
-                    return ""
-                h.update(chunk)
-        total.update(p.relative_to(root).as_posix().encode() + b"\0" + h.digest())
+        rel = p.relative_to(root).as_posix()
+        digest = (known or {}).get(rel) or file_sha256(p)
+        total.update(rel.encode() + b"\0" + digest)
     return total.hexdigest()
 
+
+def file_sha256(path: Path) -> bytes:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.digest()

@@ -100,7 +100,10 @@ def measure(src: Path, work: Path, tp: int) -> dict[str, Any]:
         row[kind] = _child(kind, src, out, tp)
         shutil.rmtree(out, ignore_errors=True)
         row[kind]["gb_per_s"] = row["source_bytes"] / row[kind]["seconds"] / 1e9
+        row[kind]["written_gb_per_s"] = row[kind]["bytes_written"] / row[kind]["seconds"] / 1e9
     row["ratio"] = row["convert"]["gb_per_s"] / row["copy"]["gb_per_s"]
+    # TRT-LLM wants the whole embedding on every tp rank, so convert must write more than it reads
+    row["written_ratio"] = row["convert"]["written_gb_per_s"] / row["copy"]["written_gb_per_s"]
     return row
 
 
@@ -111,28 +114,41 @@ def bench_convert(cache: Path, *, sizes: tuple[int, ...] = (4, 8), tp: int = 4) 
     shutil.rmtree(work, ignore_errors=True)
     rss = [r["convert"]["peak_rss_bytes"] for r in rows]
     return {"tp": tp, "sizes": rows, "peak_rss_growth_bytes": max(rss) - min(rss),
-            "min_ratio": min(r["ratio"] for r in rows), "target_ratio": 0.7}
+            "min_ratio": min(r["ratio"] for r in rows),
+            "min_written_ratio": min(r["written_ratio"] for r in rows), "target_ratio": 0.7}
 
 
 def format_report(rep: dict[str, Any]) -> str:
-    lines = [f"{'model':<34} {'size':>8} {'copy GB/s':>10} {'convert GB/s':>13} {'ratio':>6} "
-             f"{'written':>9} {'peak RSS copy':>14} {'peak RSS convert':>17}"]
+    lines = ["GB/s = source bytes per second (written: output bytes per second)",
+             f"{'model':<24} {'source':>8} {'written':>8} {'copy GB/s':>10} {'convert GB/s':>13} {'ratio':>6} "
+             f"{'written ratio':>14} {'peak RSS copy':>14} {'peak RSS convert':>17}"]
     for r in rep["sizes"]:
         c, v = r["copy"], r["convert"]
-        lines.append(f"{Path(r['source']).name:<34} {r['source_bytes'] / 1e9:>6.2f}GB {c['gb_per_s']:>10.2f} "
-                     f"{v['gb_per_s']:>13.2f} {r['ratio']:>6.2f} {v['bytes_written'] / 1e9:>7.2f}GB "
+        name = Path(r["source"]).name
+        lines.append(f"{name:<24} {r['source_bytes'] / 1e9:>6.2f}GB {v['bytes_written'] / 1e9:>6.2f}GB "
+                     f"{c['gb_per_s']:>10.2f} {v['gb_per_s']:>13.2f} {r['ratio']:>6.2f} {r['written_ratio']:>14.2f} "
                      f"{c['peak_rss_bytes'] / 2**20:>11.0f}MiB {v['peak_rss_bytes'] / 2**20:>14.0f}MiB")
     ok = rep["min_ratio"] >= rep["target_ratio"]
-    lines.append(f"convert --tp {rep['tp']} vs plain copy: {rep['min_ratio']:.2f}x at worst "
-                 f"(target >= {rep['target_ratio']}x: {'met' if ok else 'NOT met'}); peak RSS grows by "
+    lines.append(f"convert --tp {rep['tp']} vs plain copy: {rep['min_ratio']:.2f}x source bytes/s at worst "
+                 f"(target >= {rep['target_ratio']}x: {'met' if ok else 'NOT met'}), "
+                 f"{rep['min_written_ratio']:.2f}x written bytes/s; peak RSS grows by "
                  f"{rep['peak_rss_growth_bytes'] / 2**20:.0f} MiB between the sizes")
     return "\n".join(lines)
+
+
+def peak_rss() -> int:
+    """This process's RSS high-water mark (VmHWM). Not ru_maxrss: Linux carries that across exec
+    from the forked parent, so a child of a big parent would report the parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _child_main(argv: list[str]) -> None:
     kind, src, out, tp = argv[0], Path(argv[1]), Path(argv[2]), int(argv[3])
     res = _run_copy(src, out) if kind == "copy" else _run_convert(src, out, tp)
-    res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    res["peak_rss_bytes"] = peak_rss()
     print(json.dumps(res))
 
 

@@ -1,25 +1,27 @@
 """HF checkpoint -> TRT-LLM checkpoint in one streaming pass, all ranks written by one process.
 
 Every rank file's header is planned up front (`plan`), then each source tensor is read once, in
-file order, cut into its pieces for every rank (`export.sharding` via the plan) and each piece is
-written at its final offset; q, k and v land in their row ranges of the rank's qkv. Peak memory is
-one source tensor plus one piece, whatever the model size. Everything is checked before the first
-byte is written, and the output appears atomically with its manifest.
+file order and in row windows of at most 64 MiB, each window cut into its pieces for every rank
+(`export.sharding` via the plan) and each piece written at its final rows; q, k and v land in their
+row ranges of the rank's qkv. Peak memory is a couple of windows, whatever the model or tensor size
+(Ultra's widest fused FFN matrix alone is 14 GB). Everything is checked before the first byte is
+written, and the output appears atomically with its manifest.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import shutil
-import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,7 +36,7 @@ from export.progress import byte_progress
 from export.sharding import take
 from export.spec import ModelSpec, normalize_dtype
 from export.trtllm.config import write_trtllm_config
-from export.trtllm.plan import Placement, RankPlan, check_complete, plan_checkpoint
+from export.trtllm.plan import Placement, RankPlan, check_complete, plan_checkpoint, window
 from export.trtllm.weights import rank_file
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ TOKENIZER_CORE = ("tokenizer.json", "tokenizer.model", "vocab.json")
 TOKENIZER_FILES = (*TOKENIZER_CORE, "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "merges.txt", "generation_config.json", "chat_template.jinja", "chat_template.json")
 FUSION_PLAN = "fusion_plan.json"  # written by `fuse` beside the fused checkpoint
+WINDOW_BYTES = 64 << 20  # source rows read at a time: bounds memory whatever the largest tensor
 
 
 @dataclass(frozen=True)
@@ -71,39 +74,26 @@ def prepare(source: Path, tp: int, pp: int, dtype: str | None) -> tuple[ModelSpe
 
 
 def convert(source: Path, out: Path, *, tp: int, pp: int = 1, dtype: str | None = None,
-            progress: bool = True) -> ConvertResult:
+            progress: bool = True, window_bytes: int = WINDOW_BYTES) -> ConvertResult:
     """Write `out/` = checkpoint/ (config.json + rank{r}.safetensors), tokenizer/, manifest.json."""
     source = Path(source)
     spec, mapping, dtype, reader, plans = prepare(source, tp, pp, dtype)
     start = time.perf_counter()
-    stop = threading.Event()
-    with ThreadPoolExecutor(1) as pool, _stop_on_error(stop):  # the hash reads the source beside the pass
-        digest = pool.submit(tree_sha256, source, stop)
-        with atomic_output_dir(out) as tmp:
-            ckpt = tmp / "checkpoint"
-            ckpt.mkdir()
-            written = write_rank_files(reader, plans, ckpt, dtype, progress)
-            write_trtllm_config(ckpt, spec, mapping, dtype)
-            tokenizer = copy_tokenizer(source, tmp / "tokenizer")
-            manifest = Manifest(source_path=str(source.resolve()), source_sha256=digest.result(),
-                                fusion_plan=_fusion_plan(source), tp=tp, pp=pp, dtype=dtype, tokenizer=tokenizer,
-                                engines={"cpu": {"path": "checkpoint", "verified": False}},
-                                build=default_build(spec))
-            manifest.save(tmp)
+    with atomic_output_dir(out) as tmp:
+        ckpt = tmp / "checkpoint"
+        ckpt.mkdir()
+        written, digests = write_rank_files(reader, plans, ckpt, dtype, progress, window_bytes)
+        write_trtllm_config(ckpt, spec, mapping, dtype)
+        tokenizer = copy_tokenizer(source, tmp / "tokenizer")
+        manifest = Manifest(source_path=str(source.resolve()), source_sha256=tree_sha256(source, digests),
+                            fusion_plan=_fusion_plan(source), tp=tp, pp=pp, dtype=dtype, tokenizer=tokenizer,
+                            engines={"cpu": {"path": "checkpoint", "verified": False}}, build=default_build(spec))
+        manifest.save(tmp)
     seconds = time.perf_counter() - start
     read = sum(reader.info(n).nbytes for n, _ in _by_source(reader, plans))
     log.info("converted %s -> %s: %d ranks, %.2f GB read, %.2f GB written in %.1f s (%.2f GB/s read)",
              source, out, mapping.world_size, read / 1e9, written / 1e9, seconds, read / 1e9 / seconds)
     return ConvertResult(Path(out), manifest, read, written, seconds)
-
-
-@contextlib.contextmanager
-def _stop_on_error(stop: threading.Event) -> Iterator[None]:
-    try:
-        yield
-    except BaseException:
-        stop.set()
-        raise
 
 
 def default_build(spec: ModelSpec) -> dict[str, int]:
@@ -113,8 +103,12 @@ def default_build(spec: ModelSpec) -> dict[str, int]:
 
 
 def write_rank_files(reader: CheckpointReader, plans: list[RankPlan], ckpt: Path, dtype: str,
-                     progress: bool = True) -> int:
-    """The streaming pass: each source tensor read once, its pieces written to every rank file."""
+                     progress: bool = True, window_bytes: int = WINDOW_BYTES) -> tuple[int, dict[str, bytes]]:
+    """The streaming pass: each source tensor read once, in row windows of at most `window_bytes`,
+    each window's pieces written to every rank file at their final rows.
+
+    Returns (bytes written, sha256 of each source file whose every byte the pass read).
+    """
     tdtype = torch_dtype(dtype)
     source = RawTensors(reader)
     writers = {p.rank: SafetensorsWriter(rank_file(ckpt, p.rank), [(n, tdtype, s) for n, s in p.tensors.items()])
@@ -124,58 +118,114 @@ def write_rank_files(reader: CheckpointReader, plans: list[RankPlan], ckpt: Path
     try:
         with byte_progress(sum(reader.info(n).nbytes for n, _ in order), "convert", progress) as bar:
             for name, placements in order:
-                full = source.read(name)
+                info = reader.info(name)
+                rows = info.shape[0] if info.shape else 1
+                step = max(1, window_bytes // max(1, info.nbytes // max(rows, 1)))
+                for first in range(0, rows, step):
+                    stop = min(rows, first + step)
+                    chunk = source.read(name, first, stop)  # also hashed, in a thread, while it is written
+                    for p in placements:
+                        written += _write_window(writers[p.rank], p, chunk, first, stop, tdtype)
+                    bar.update(chunk.numel() * chunk.element_size())
+                    del chunk
                 for p in placements:
-                    piece = take(full, p.piece.shard, p.piece.ref.shape).to(tdtype)
-                    written += writers[p.rank].write_rows(p.name, p.row, piece)
-                    del piece
-                del full
-                bar.update(reader.info(name).nbytes)
+                    written += _write_padding(writers[p.rank], p, tdtype)
     except BaseException:
         for w in writers.values():
             _close_quietly(w)
         raise
     finally:
-        source.close()
+        digests = source.close()
     for w in writers.values():
         w.close()
-    return written
+    return written, digests
+
+
+def _write_window(w: SafetensorsWriter, p: Placement, chunk: torch.Tensor, first: int, stop: int,
+                  dtype: torch.dtype) -> int:
+    fed = window(p, first, stop)
+    if fed is None:
+        return 0
+    shard, row = fed
+    return w.write_rows(p.name, row, take(chunk, shard, tuple(chunk.shape)).to(dtype))
+
+
+def _write_padding(w: SafetensorsWriter, p: Placement, dtype: torch.dtype) -> int:
+    """lm_head's zero rows past the vocabulary (the shard's `pad`)."""
+    s = p.piece.shard
+    if not s.pad:
+        return 0
+    zeros = torch.zeros((s.pad, *p.piece.shape[1:]), dtype=dtype)
+    return w.write_rows(p.name, p.row + s.stop - s.start, zeros)
 
 
 class RawTensors:
-    """Whole tensors by `pread` into a fresh buffer, not through a memory map.
+    """Whole tensors by `pread` into a fresh buffer (not a memory map), hashed on the way.
 
     A map keeps every page it touched resident in this process until it is closed, so the RSS of
-    a long pass would grow to the model size; a buffer is freed as soon as its pieces are written.
+    a long pass would grow to the model size; a buffer is freed once its pieces are written. Each
+    file's sha256 (header, then tensors in offset order) is fed from these same buffers by a helper
+    thread (hashlib releases the GIL), so the manifest's content hash costs no second read. A file
+    read with gaps (tensors the model does not use) is left for `tree_sha256` to hash itself.
     """
 
     def __init__(self, reader: CheckpointReader) -> None:
         self.reader = reader
         self._files: dict[str, tuple[int, int]] = {}  # name -> (fd, data_start)
+        self._hash: dict[str, tuple[Any, int]] = {}  # file -> (sha256, next data offset expected)
+        self._hasher = ThreadPoolExecutor(1)
+        self._pending: Future | None = None
 
     def _file(self, fname: str) -> tuple[int, int]:
         if fname not in self._files:
             path = self.reader.path / fname
             _, _, data_start = read_header(path)
-            self._files[fname] = (os.open(path, os.O_RDONLY), data_start)
+            fd = os.open(path, os.O_RDONLY)
+            self._files[fname] = (fd, data_start)
+            self._hash[fname] = (hashlib.sha256(os.pread(fd, data_start, 0)), 0)
         return self._files[fname]
 
-    def read(self, name: str) -> torch.Tensor:
-        info = self.reader.info(name)
-        fd, data_start = self._file(self.reader.file_of(name))
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
-        view, pos = memoryview(buf.numpy()), data_start + info.begin
+    def read(self, name: str, first: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows [first, stop) of tensor `name` (all of it by default)."""
+        info, fname = self.reader.info(name), self.reader.file_of(name)
+        fd, data_start = self._file(fname)
+        rows = info.shape[0] if info.shape else 1
+        stop = rows if stop is None else stop
+        row_bytes = info.nbytes // rows if rows else 0
+        begin = info.begin + first * row_bytes
+        buf = torch.empty((stop - first) * row_bytes, dtype=torch.uint8)
+        view, pos = memoryview(buf.numpy()), data_start + begin
         while view:
             n = os.preadv(fd, [view], pos)
             if n == 0:
-                raise CheckpointError(f"tensor {name}: file ends early", self.reader.path / self.reader.file_of(name))
+                raise CheckpointError(f"tensor {name}: file ends early", self.reader.path / fname)
             view, pos = view[n:], pos + n
-        return buf.view(info.dtype).reshape(info.shape)
+        self._feed(fname, begin, buf)
+        return buf.view(info.dtype).reshape((stop - first, *info.shape[1:]) if info.shape else ())
 
-    def close(self) -> None:
-        for fd, _ in self._files.values():
+    def _feed(self, fname: str, begin: int, buf: torch.Tensor) -> None:
+        if self._pending is not None:
+            self._pending.result()  # at most one buffer waits for the hash
+        h, expected = self._hash[fname]
+        if h is None or begin != expected:
+            self._hash[fname] = (None, -1)
+            return
+        self._hash[fname] = (h, begin + buf.numel())
+        self._pending = self._hasher.submit(h.update, buf.numpy())
+
+    def close(self) -> dict[str, bytes]:
+        """Close the files; sha256 of every file read whole."""
+        if self._pending is not None:
+            self._pending.result()
+        self._hasher.shutdown()
+        done = {}
+        for fname, (fd, data_start) in self._files.items():
+            h, end = self._hash[fname]
+            if h is not None and end == os.fstat(fd).st_size - data_start:
+                done[fname] = h.digest()
             os.close(fd)
         self._files.clear()
+        return done
 
 
 def _by_source(reader: CheckpointReader, plans: list[RankPlan]) -> Iterator[tuple[str, list[Placement]]]:

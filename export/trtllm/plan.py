@@ -48,6 +48,22 @@ class RankPlan:
         raise KeyError(f"rank {self.rank} holds no {role.value} of layer {layer}")
 
 
+def window(p: Placement, first: int, stop: int) -> tuple[Shard, int] | None:
+    """The part of placement `p` that source rows [first, stop) feed, as a shard of that row window
+    plus the destination row it starts at; None when the window feeds none of it.
+
+    The converter streams big tensors (Ultra's fused FFNs are ~14 GB) in row windows; this re-bases
+    `p`'s shard onto a window, it does not split anything itself. Zero padding is written separately.
+    """
+    s = p.piece.shard
+    if s.dim == 0:
+        lo, hi = max(first, s.start), min(stop, s.stop)
+        return (Shard(0, lo - first, hi - first), p.row + lo - s.start) if lo < hi else None
+    if s.dim is None:
+        return Shard(None), p.row + first
+    return Shard(s.dim, s.start, s.stop), p.row + first
+
+
 def _local(spec: ModelSpec, mapping: Mapping, rank: int, layer: int | None) -> int | None:
     if layer is None:
         return None
