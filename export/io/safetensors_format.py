@@ -106,6 +106,7 @@ class SafetensorsWriter:
         os.write(self._fd, struct.pack("<Q", len(blob)) + blob)
         os.ftruncate(self._fd, self._data_start + offset)
         self._written: set[str] = set()
+        self._rows: dict[str, list[tuple[int, int]]] = {}
 
     def write(self, name: str, tensor: torch.Tensor) -> int:
         if name not in self._slots:
@@ -124,6 +125,30 @@ class SafetensorsWriter:
             view, pos = view[n:], pos + n
         self._written.add(name)
         return nbytes
+
+    def write_rows(self, name: str, rows: torch.Tensor, start: int) -> int:
+        """Rows [start, start + len(rows)) of tensor `name` (dim 0), so a tensor larger than memory
+        can be assembled piece by piece. The tensor counts as written once every row is."""
+        if name not in self._slots:
+            raise KeyError(f"tensor {name} was not planned for {self.path.name}")
+        dtype, shape, offset, _ = self._slots[name]
+        stop = start + rows.shape[0]
+        if tuple(rows.shape[1:]) != shape[1:] or rows.dtype != dtype or start < 0 or stop > shape[0]:
+            raise ValueError(f"tensor {name}: rows [{start}, {stop}) of {tuple(rows.shape)} {rows.dtype} "
+                             f"do not fit planned {shape} {dtype}")
+        done = self._rows.setdefault(name, [])
+        if name in self._written or any(a < stop and start < b for a, b in done):
+            raise ValueError(f"tensor {name}: rows [{start}, {stop}) written twice to {self.path.name}")
+        row_bytes = _numel(shape[1:]) * rows.element_size()
+        data = rows.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        view, pos = memoryview(data), self._data_start + offset + start * row_bytes
+        while view:
+            n = os.pwrite(self._fd, view, pos)
+            view, pos = view[n:], pos + n
+        done.append((start, stop))
+        if sum(b - a for a, b in done) == shape[0]:
+            self._written.add(name)
+        return len(data)
 
     def close(self) -> None:
         missing = set(self._slots) - self._written

@@ -63,6 +63,10 @@ class HFCheckpointWriter:
     def write(self, name: str, tensor: torch.Tensor) -> int:
         return self._files[self._weight_map[name]].write(name, tensor)
 
+    def write_rows(self, name: str, rows: torch.Tensor, start: int) -> int:
+        """Part of a tensor: rows [start, start + len(rows)) along dim 0 (see SafetensorsWriter)."""
+        return self._files[self._weight_map[name]].write_rows(name, rows, start)
+
     def close(self) -> None:
         for w in self._files.values():
             w.close()
