@@ -1,0 +1,204 @@
+"""The heterogeneous decoder: one TP rank of one pipeline stage, built from the `ModelSpec`.
+
+Per layer: pre-norm RMSNorm, then full attention (per-layer kv heads, GQA, neox RoPE with llama3
+scaling) or a linear replacement or nothing; then a SwiGLU FFN of the layer's width, a linear
+replacement or nothing. No-op sublayers have no parameters and no KV cache. Parameters are
+created on the meta device and then replaced by the tensors `RankWeights` returns (already
+sharded by `export.sharding`), so weights exist once. Under TP: one all-reduce after each
+attention and each FFN, an all-gather after linear replacements (column-parallel,
+gather_output as in TRT-LLM) and after the vocab-parallel lm_head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from export.errors import CheckpointError
+from export.layout import rank_pieces, require_layout
+from export.mapping import Mapping
+from export.runtime import rope
+from export.runtime.cache import KVCache
+from export.sharding import kv_heads_per_rank
+from export.spec import AttentionKind, FFNKind, ModelSpec
+from export.tensors import Role
+from export.weights import RankWeights
+
+GLOBAL = "global"
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """As HF Llama: normalise in fp32, cast back, then scale."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class Decoder(nn.Module):
+    """One TP rank of one PP stage (the whole model at tp = pp = 1)."""
+
+    def __init__(self, spec: ModelSpec, mapping: Mapping, rank: int, dtype: torch.dtype = torch.float32,
+                 group: dist.ProcessGroup | None = None) -> None:
+        super().__init__()
+        require_layout(spec, mapping)
+        self.spec, self.mapping, self.rank, self.group, self.dtype = spec, mapping, rank, group, dtype
+        self.tp, self.tp_rank = mapping.tp, mapping.tp_rank(rank)
+        self.local_layers = mapping.pp_layers(spec.num_layers, mapping.pp_rank(rank))
+        self.is_first, self.is_last = mapping.is_first_stage(rank), mapping.is_last_stage(rank)
+        self.local_heads = spec.heads // self.tp
+        self.kv_local = {i: kv_heads_per_rank(spec.layers[i].attention.kv_heads, self.tp)  # type: ignore[arg-type]
+                         for i in spec.attention_layers() if i in self.local_layers}
+        self.params = nn.ModuleDict({GLOBAL: nn.ParameterDict()})
+        for i in self.local_layers:
+            self.params[str(i)] = nn.ParameterDict()
+        for piece in rank_pieces(spec, mapping, rank):
+            self._store(piece.ref.role, piece.ref.layer, torch.empty(piece.shape, dtype=dtype))
+        self.inv_freq = torch.empty(0)  # set after loading (not a parameter: computed, not read)
+        self.sync_count = 0  # collectives issued; bench reads it to report sync points per token
+
+    # ---- parameters ----------------------------------------------------------------------
+    def _store(self, role: Role, layer: int | None, t: torch.Tensor) -> None:
+        key = GLOBAL if layer is None else str(layer)
+        self.params[key][role.value] = nn.Parameter(t, requires_grad=False)
+
+    def w(self, role: Role, layer: int | None = None) -> torch.Tensor:
+        return self.params[GLOBAL if layer is None else str(layer)][role.value]
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.parameters())).device
+
+    def new_cache(self, slots: int = 1, max_len: int = 64) -> KVCache:
+        return KVCache(self.kv_local, self.spec.head_dim, self.dtype, self.device, slots, max_len)
+
+    # ---- collectives ---------------------------------------------------------------------
+    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp > 1:
+            dist.all_reduce(x, group=self.group)
+            self.sync_count += 1
+        return x
+
+    def _all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate the ranks' column shards along the last dim (TRT-LLM gather_output)."""
+        if self.tp == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.tp)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        self.sync_count += 1
+        return torch.cat(parts, dim=-1)
+
+    # ---- the public pieces -----------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.w(Role.EMBED))
+
+    def block(self, i: int, h: torch.Tensor, positions: torch.Tensor | None = None,
+              cache: KVCache | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """Global layer `i` with its residuals. Without a cache: causal attention over the T tokens."""
+        if positions is None:
+            positions = torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1)
+        lay = self.spec.layers[i]
+        h = h + ATTENTION[lay.attention.kind](self, i, h, positions, cache, slots)
+        return h + FFN_IMPL[lay.ffn.kind](self, i, h)
+
+    def layers(self, h: torch.Tensor, positions: torch.Tensor | None = None,
+               cache: KVCache | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """All of this stage's layers."""
+        for i in self.local_layers:
+            h = self.block(i, h, positions, cache, slots)
+        return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + lm_head: fp32 logits over the real vocab (TP padding removed)."""
+        x = rms_norm(h, self.w(Role.FINAL_NORM), self.spec.norm_eps)
+        logits = self._all_gather(F.linear(x, self.w(Role.LM_HEAD)))
+        return logits[..., :self.spec.vocab].float()
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """Whole model on one stage: [B, T] ids (at `positions`, written to `slots` of `cache`) -> [B, T, V]."""
+        return self.head(self.layers(self.embed(input_ids), positions, cache, slots))
+
+    # ---- sublayers ---------------------------------------------------------------------------
+    def _attention(self, i: int, h: torch.Tensor, positions: torch.Tensor, cache: KVCache | None,
+                   slots: torch.Tensor | None) -> torch.Tensor:
+        b, t, _ = h.shape
+        hd, kvl = self.spec.head_dim, self.kv_local[i]
+        x = rms_norm(h, self.w(Role.ATTN_NORM, i), self.spec.norm_eps)
+        q = F.linear(x, self.w(Role.Q, i)).view(b, t, self.local_heads, hd)
+        k = F.linear(x, self.w(Role.K, i)).view(b, t, kvl, hd)
+        v = F.linear(x, self.w(Role.V, i)).view(b, t, kvl, hd)
+        cos, sin = rope.cos_sin(self.inv_freq, positions, q.dtype)
+        q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+        if cache is None:
+            keys, values, key_pos = k.transpose(1, 2), v.transpose(1, 2), positions
+        else:
+            assert slots is not None, "a cache needs the slots to write"
+            keys, values = cache.write(i, slots, positions, k, v)
+            key_pos = torch.arange(keys.shape[2], device=h.device).expand(b, -1)
+        mask = key_pos[:, None, None, :] <= positions[:, None, :, None]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                             enable_gqa=self.local_heads != kvl)
+        out = F.linear(out.transpose(1, 2).reshape(b, t, self.local_heads * hd), self.w(Role.O, i))
+        return self._all_reduce(out)
+
+    def _linear_attention(self, i: int, h: torch.Tensor, *_: object) -> torch.Tensor:
+        x = rms_norm(h, self.w(Role.ATTN_NORM, i), self.spec.norm_eps)
+        return self._all_gather(F.linear(x, self.w(Role.LINEAR_ATTN, i)))
+
+    def _swiglu(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        x = rms_norm(h, self.w(Role.FFN_NORM, i), self.spec.norm_eps)
+        act = F.silu(F.linear(x, self.w(Role.GATE, i))) * F.linear(x, self.w(Role.UP, i))
+        return self._all_reduce(F.linear(act, self.w(Role.DOWN, i)))
+
+    def _linear_ffn(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        x = rms_norm(h, self.w(Role.FFN_NORM, i), self.spec.norm_eps)
+        return self._all_gather(F.linear(x, self.w(Role.LINEAR_FFN, i)))
+
+
+def _nothing(*_: object) -> int:
+    """A no-op sublayer contributes 0 to the residual, as TRT-LLM's NoOp layers return 0."""
+    return 0
+
+
+ATTENTION: dict[AttentionKind, Callable[..., torch.Tensor | int]] = {
+    AttentionKind.FULL: Decoder._attention,
+    AttentionKind.LINEAR: Decoder._linear_attention,
+    AttentionKind.NOOP: _nothing,
+}
+FFN_IMPL: dict[FFNKind, Callable[..., torch.Tensor | int]] = {
+    FFNKind.SWIGLU: Decoder._swiglu,
+    FFNKind.LINEAR: Decoder._linear_ffn,
+    FFNKind.NOOP: _nothing,
+}
+
+
+def load_decoder(weights: RankWeights, *, dtype: torch.dtype = torch.float32,
+                 group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu") -> Decoder:
+    """Build on the meta device, then fill each parameter with the rank-local tensor from `weights`."""
+    spec, mapping, rank = weights.spec, weights.mapping, weights.rank
+    with torch.device("meta"):
+        dec = Decoder(spec, mapping, rank, dtype, group)
+    problems: list[str] = []
+    for piece in rank_pieces(spec, mapping, rank):
+        ref = piece.ref
+        where = f"{ref.role.value} of " + (f"layer {ref.layer}" if ref.layer is not None else "the model")
+        if ref.role is Role.LM_HEAD and spec.tie_embeddings and mapping.tp == 1 and dec.is_first:
+            dec._store(ref.role, None, dec.w(Role.EMBED))  # tied and whole: share, not a second copy
+            continue
+        try:
+            t = weights.get(ref.role, ref.layer)
+        except KeyError as e:
+            problems.append(f"{where}: rank {rank} weights hold none ({e})")
+            continue
+        if tuple(t.shape) != piece.shape:
+            problems.append(f"{where}: rank {rank} got shape {list(t.shape)}, expected {list(piece.shape)}")
+            continue
+        dec._store(ref.role, ref.layer, t.to(device=device, dtype=dtype))
+    if problems:
+        raise CheckpointError(problems, f"rank {rank} of tp={mapping.tp} pp={mapping.pp}")
+    dec.inv_freq = rope.inv_freq(spec).to(device)
+    return dec.eval()
