@@ -163,3 +163,34 @@ def test_row_writes_must_cover_each_tensor_once(tmp_path):
         w.write_rows("t", torch.zeros(3, 2), 2)
     with pytest.raises(ValueError, match="1 planned tensors never written"):
         w.close()
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_whole_fused_model_in_runtime_equals_parallel_form_of_original(tmp_path, keep):
+    """Through the runtime Decoder: the fused checkpoint's logits equal the original model run with
+    each group's blocks applied in parallel to the same input (fold mode)."""
+    from export.mapping import Mapping
+    from export.runtime.model import load_decoder
+    from export.weights import HFRankWeights
+
+    spec = fusion_spec()
+    src = write_random_checkpoint(tmp_path / "src", spec, seed=11, std=0.08)
+    groups = [(1, 4), (7, 8)]
+    res = fuse_checkpoint(src, FusionPlan(groups), tmp_path / "f", keep_layer_count=keep, progress=False)
+    orig = load_decoder(HFRankWeights(CheckpointReader(src), spec, Mapping(), 0))
+    fused = load_decoder(HFRankWeights(CheckpointReader(res.out), res.after, Mapping(), 0))
+    ids = torch.randint(0, spec.vocab, (2, 9), generator=torch.Generator().manual_seed(1))
+    owner = {i: g for g in groups for i in range(g[0], g[1] + 1)}
+    with torch.inference_mode():
+        h = orig.embed(ids)
+        for i in range(spec.num_layers):
+            if i not in owner:
+                h = orig.block(i, h)
+            elif i == owner[i][0]:
+                h = h + sum(orig.block(j, h) - h for j in range(owner[i][0], owner[i][1] + 1))
+        expected = orig.head(h)
+        got = fused(ids)
+        sequential = orig(ids)
+    assert (got - expected).abs().max().item() <= 1e-5
+    assert (got - sequential).abs().max().item() > 1e-3  # fusion is an approximation of the sequential model
+    assert res.after.num_layers == (10 if keep else 6)

@@ -109,3 +109,57 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
           f"{r.after.sync_points_per_token()}")
     print(f"wrote {r.out} ({r.bytes_written / 2**20:.1f} MiB in {r.seconds:.2f} s, norm={args.norm})")
     return 0
+
+
+# ---- analyze -------------------------------------------------------------------------------
+def _text_args(p: argparse.ArgumentParser, tokens: int) -> None:
+    p.add_argument("--tokens", type=int, default=tokens, help=f"tokens to use (default {tokens})")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per forward pass (default 8)")
+    p.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (default: the checkpoint's)")
+
+
+def _analyze_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", help="checkpoint directory")
+    p.add_argument("--calib", required=True, help="calibration text: a file, or a directory of .txt/.md files")
+    p.add_argument("--out", default=None, help="output directory (default out/analysis/<ckpt name>)")
+    _text_args(p, 2048)
+    _plan_option_args(p)
+
+
+@command("analyze", "block-dependency matrix M on calibration text, a proposed fusion plan and a heatmap")
+@with_args(_analyze_args)
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from export.fusion.analyze import analyze_checkpoint
+
+    out = Path(args.out or Path("out", "analysis", Path(args.ckpt).resolve().name))
+    a = analyze_checkpoint(args.ckpt, args.calib, out, tokens=args.tokens, seq_len=args.seq_len,
+                           batch=args.batch, options=_plan_options(args), tokenizer=args.tokenizer)
+    d = a.dependency
+    print(f"M over {d.tokens} tokens: {d.block_calls} block calls in {d.seconds:.1f} s")
+    _print_plan(a.plan)
+    print(f"wrote {out}/dependency.json, plan.json, heatmap.png")
+    return 0
+
+
+# ---- evaluate ------------------------------------------------------------------------------
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("base", help="the reference checkpoint")
+    p.add_argument("candidates", nargs="+", help="checkpoint(s) to compare against BASE")
+    p.add_argument("--text", required=True, help="held-out text: a file, or a directory of .txt/.md files")
+    p.add_argument("--json", default=None, help="also write the scores to this JSON file")
+    _text_args(p, 4096)
+
+
+@command("evaluate", "held-out perplexity, KL and top-1 agreement vs BASE, layer count, sync points per token")
+@with_args(_evaluate_args)
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from export.fusion.evaluate import evaluate, format_scores
+    from export.io.atomic import atomic_write_text
+
+    scores = evaluate(args.base, args.candidates, args.text, tokens=args.tokens, seq_len=args.seq_len,
+                      batch=args.batch, tokenizer=args.tokenizer)
+    print(format_scores(scores))
+    if args.json:
+        atomic_write_text(args.json, json.dumps([s.to_json() for s in scores], indent=2) + "\n")
+    return 0
