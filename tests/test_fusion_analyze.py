@@ -101,7 +101,7 @@ def test_evaluate_against_itself_and_a_fused_candidate(ckpt, tmp_path):
     # perplexity and KL, recomputed here independently from the two models' logits
     from export.fusion.calib import find_tokenizer, token_batch
 
-    ids = token_batch(TEXT[::-1], find_tokenizer(ckpt), 99, 256, 32)
+    ids = token_batch(tmp_path / "held.txt", find_tokenizer(ckpt), 99, 256, 32)
     with torch.inference_mode():
         lb, lc = load_model(ckpt)[1](ids), load_model(fused)[1](ids)
     ppl = F.cross_entropy(lc[:, :-1].transpose(1, 2), ids[:, 1:]).exp().item()

@@ -121,7 +121,7 @@ def _text_args(p: argparse.ArgumentParser, tokens: int) -> None:
 
 def _analyze_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", help="checkpoint directory")
-    p.add_argument("--calib", required=True, help="calibration text: a file, or a directory of .txt/.md files")
+    p.add_argument("--calib", required=True, help="calibration text: a file, or a directory of .txt/.md/.py files")
     p.add_argument("--out", default=None, help="output directory (default out/analysis/<ckpt name>)")
     _text_args(p, 2048)
     _plan_option_args(p)
@@ -146,7 +146,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("base", help="the reference checkpoint")
     p.add_argument("candidates", nargs="+", help="checkpoint(s) to compare against BASE")
-    p.add_argument("--text", required=True, help="held-out text: a file, or a directory of .txt/.md files")
+    p.add_argument("--text", required=True, help="held-out text: a file, or a directory of .txt/.md/.py files")
     p.add_argument("--json", default=None, help="also write the scores to this JSON file")
     _text_args(p, 4096)
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from export.fusion.calib import find_tokenizer, load_model, read_text, token_batch
+from export.fusion.calib import find_tokenizer, load_model, token_batch
 from export.fusion.heatmap import write_heatmap
 from export.fusion.plan import FusionPlan, PlanOptions, propose_plan
 from export.io.atomic import atomic_output_dir
@@ -110,7 +110,7 @@ def analyze_checkpoint(ckpt: str | Path, calib: str | Path, out: str | Path, *, 
     """M on `tokens` calibration tokens, a proposed plan and the heatmap, written atomically to `out`."""
     spec, dec = load_model(ckpt)
     tok = find_tokenizer(*([tokenizer] if tokenizer else []), ckpt)
-    ids = token_batch(read_text(calib), tok, spec.vocab, tokens, seq_len)
+    ids = token_batch(calib, tok, spec.vocab, tokens, seq_len)
     dep = dependency_matrix(dec, ids, batch, progress)
     plan = propose_plan(spec, options or PlanOptions(), dep.matrix)
     with atomic_output_dir(out) as tmp:

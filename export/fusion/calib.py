@@ -15,19 +15,30 @@ from export.errors import ExportError
 from export.mapping import Mapping
 from export.spec import ModelSpec
 
-TEXT_SUFFIXES = (".txt", ".md", ".text")
+TEXT_SUFFIXES = (".txt", ".md", ".text", ".py")
 
 
-def read_text(path: str | Path) -> str:
+def text_files(path: str | Path) -> list[Path]:
+    """A file, or every text/source file under a directory in sorted path order."""
     p = Path(path)
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
         if not files:
             raise ExportError(f"{p}: no {'/'.join(TEXT_SUFFIXES)} files in this directory")
-        return "\n\n".join(f.read_text(errors="replace") for f in files)
+        return files
     if not p.is_file():
         raise ExportError(f"{p}: text file or directory does not exist")
-    return p.read_text(errors="replace")
+    return [p]
+
+
+def token_ids(path: str | Path, tokenizer, limit: int) -> list[int]:
+    """Tokens of the text at `path`, reading files only until `limit` tokens are in hand."""
+    ids: list[int] = []
+    for f in text_files(path):
+        ids += tokenizer.encode(f.read_text(errors="replace")).ids
+        if len(ids) >= limit:
+            break
+    return ids
 
 
 def find_tokenizer(*paths: str | Path):
@@ -43,9 +54,9 @@ def find_tokenizer(*paths: str | Path):
     raise ExportError("no tokenizer.json found (looked at " + ", ".join(tried) + "); pass --tokenizer DIR")
 
 
-def token_batch(text: str, tokenizer, vocab: int, tokens: int, seq_len: int) -> torch.Tensor:
+def token_batch(path: str | Path, tokenizer, vocab: int, tokens: int, seq_len: int) -> torch.Tensor:
     """[N, seq_len] token ids, N = tokens // seq_len sequences cut from the start of the text."""
-    ids = tokenizer.encode(text).ids
+    ids = token_ids(path, tokenizer, tokens)
     n = min(tokens, len(ids)) // seq_len
     if n == 0:
         raise ExportError(f"the text has {len(ids)} tokens; need at least one sequence of {seq_len}")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from export.errors import ExportError
-from export.fusion.calib import find_tokenizer, load_model, non_empty_layers, read_text, token_batch
+from export.fusion.calib import find_tokenizer, load_model, non_empty_layers, token_batch
 from export.progress import item_progress
 from export.tensors import parameter_count
 
@@ -73,7 +73,7 @@ def evaluate(base: str | Path, candidates: list[str | Path], text: str | Path, *
     """Scores for BASE (its own reference) and each candidate, on the same held-out token batches."""
     spec, dec = load_model(base)
     tok = find_tokenizer(*([tokenizer] if tokenizer else []), base)
-    ids = token_batch(read_text(text), tok, spec.vocab, tokens, seq_len)
+    ids = token_batch(text, tok, spec.vocab, tokens, seq_len)
     bar = item_progress(len(candidates) + 1, "evaluate", unit="model", enabled=progress)
     t0 = time.perf_counter()
     base_logits = _logits(dec, ids, batch)
