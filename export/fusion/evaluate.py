@@ -98,7 +98,7 @@ def format_scores(scores: list[Score]) -> str:
     rows = [head, "-" * len(head)]
     for s in scores:
         rows.append(f"{s.name[:28]:<28} {s.non_empty_layers:>7} {s.attention_layers:>5} {s.ffn_layers:>5} "
-                    f"{s.sync_points_per_token:>9} {s.parameters:>11,} {s.perplexity:>9.3f} {s.kl_vs_base:>11.5f} "
+                    f"{s.sync_points_per_token:>9} {s.parameters:>11,} {s.perplexity:>9.3f} {s.kl_vs_base:>11.2e} "
                     f"{s.top1_agreement:>11.2%}")
     rows.append(f"({scores[0].tokens} held-out tokens; layers = non-empty blocks)")
     return "\n".join(rows)
