@@ -40,6 +40,7 @@ def write_heatmap(path: str | Path, spec: ModelSpec, matrix: list[list[float | N
     im = ax.imshow(data, cmap=cmap, norm=LogNorm(vmin=lo, vmax=max(hi, lo * 2)), interpolation="nearest")
     bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     ticks = [2.0 ** k for k in range(int(math.log2(lo)), int(math.log2(max(hi, lo * 2))) + 1)]
+    ticks = ticks[::-1][::2][::-1] if len(ticks) > 10 else ticks  # every other power when crowded
     bar.set_ticks(ticks, labels=[f"$2^{{{int(math.log2(t))}}}$" for t in ticks])
     bar.set_label("M[i][j] = cosine distance (log scale)")
     for run in attention_free_runs(spec):
