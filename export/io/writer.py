@@ -63,6 +63,10 @@ class HFCheckpointWriter:
     def write(self, name: str, tensor: torch.Tensor) -> int:
         return self._files[self._weight_map[name]].write(name, tensor)
 
+    def write_rows(self, name: str, first_row: int, tensor: torch.Tensor) -> int:
+        """Part of a tensor: rows [first_row, first_row + len(tensor)) along dim 0 (see SafetensorsWriter)."""
+        return self._files[self._weight_map[name]].write_rows(name, first_row, tensor)
+
     def close(self) -> None:
         for w in self._files.values():
             w.close()

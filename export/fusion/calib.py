@@ -1,0 +1,79 @@
+"""Calibration / held-out text as token batches, and a model loaded whole for analysis (tp = 1).
+
+Text comes from a file or a directory of `*.txt` / `*.md` files, tokenized with the checkpoint's
+own `tokenizer.json` and cut into equal-length sequences, so every metric averages over the same
+number of tokens for every model compared.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from export.errors import ExportError
+from export.mapping import Mapping
+from export.spec import ModelSpec
+
+TEXT_SUFFIXES = (".txt", ".md", ".text", ".py")
+
+
+def text_files(path: str | Path) -> list[Path]:
+    """A file, or every text/source file under a directory in sorted path order."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise ExportError(f"{p}: no {'/'.join(TEXT_SUFFIXES)} files in this directory")
+        return files
+    if not p.is_file():
+        raise ExportError(f"{p}: text file or directory does not exist")
+    return [p]
+
+
+def token_ids(path: str | Path, tokenizer, limit: int) -> list[int]:
+    """Tokens of the text at `path`, reading files only until `limit` tokens are in hand."""
+    ids: list[int] = []
+    for f in text_files(path):
+        ids += tokenizer.encode(f.read_text(errors="replace")).ids
+        if len(ids) >= limit:
+            break
+    return ids
+
+
+def find_tokenizer(*paths: str | Path):
+    """The first `tokenizer.json` in the given dirs (or their `tokenizer/`), loaded with `tokenizers`."""
+    from tokenizers import Tokenizer
+
+    tried = []
+    for base in paths:
+        for p in (Path(base) / "tokenizer.json", Path(base) / "tokenizer" / "tokenizer.json"):
+            tried.append(str(p))
+            if p.is_file():
+                return Tokenizer.from_file(str(p))
+    raise ExportError("no tokenizer.json found (looked at " + ", ".join(tried) + "); pass --tokenizer DIR")
+
+
+def token_batch(path: str | Path, tokenizer, vocab: int, tokens: int, seq_len: int) -> torch.Tensor:
+    """[N, seq_len] token ids, N = tokens // seq_len sequences cut from the start of the text."""
+    ids = token_ids(path, tokenizer, tokens)
+    n = min(tokens, len(ids)) // seq_len
+    if n == 0:
+        raise ExportError(f"the text has {len(ids)} tokens; need at least one sequence of {seq_len}")
+    bad = [t for t in ids[:n * seq_len] if not 0 <= t < vocab]
+    if bad:
+        raise ExportError(f"tokenizer gives id {bad[0]}, outside the model's vocab of {vocab}")
+    return torch.tensor(ids[:n * seq_len]).view(n, seq_len)
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
+    """(spec, Decoder) for the whole model in this process; HF or exported TRT-LLM checkpoint."""
+    from export.runtime.model import load_decoder
+    from export.runtime.sources import open_source
+
+    spec, _, weights = open_source(Path(path))
+    return spec, load_decoder(weights(Mapping(), 0), dtype=dtype)
+
+
+def non_empty_layers(spec: ModelSpec) -> int:
+    return spec.num_layers - len(spec.empty_layers())

@@ -1,0 +1,213 @@
+"""Write a fused checkpoint: each plan group becomes one attention-free block with one wide FFN.
+
+Theorem 3.1 of the paper: sum_j FFN_j(x) = FFN*(x) with gate/up stacked along the intermediate
+dimension (dim 0 in nn.Linear layout) and down concatenated along its input dimension (dim 1).
+The fused block therefore computes the *parallel* form x + sum_j FFN_j(norm(x)) of its group.
+
+Norms (each member had its own post-attention RMSNorm scale s_j):
+- `fold` (default): s_j is multiplied into member j's gate and up columns and the fused block gets
+  a unit-scale norm. Since RMSNorm is rms(x)^-1 * x * s and the 1/rms factor is shared by all
+  members, this is exactly x + sum_j FFN_j(norm_j(x)).
+- `last`: the paper's eq. 5, the last member's norm for all, weights untouched.
+
+Every tensor streams through in row chunks (read a slice, transform, write it at its offset,
+drop it), so a fused FFN larger than memory is fine. Output is atomic; the new config comes from
+`ModelSpec.with_layers(...).to_hf_config()`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+import torch
+
+from export.errors import ExportError
+from export.fusion.plan import FusionPlan, Group
+from export.io.atomic import atomic_output_dir
+from export.io.reader import CheckpointReader
+from export.io.safetensors_format import torch_dtype
+from export.io.writer import HFCheckpointWriter, copy_sidecars, write_config
+from export.progress import byte_progress
+from export.spec import FFN, Attention, AttentionKind, FFNKind, Layer, ModelSpec, ffn_mult_to_width, width_to_ffn_mult
+from export.tensors import HF_NAMES, Role, TensorRef, model_tensors
+
+CHUNK_BYTES = 64 << 20  # bytes per streamed row chunk
+FUSION_RECORD = "fusion_plan.json"
+EMPTY = Layer(Attention(AttentionKind.NOOP), FFN(FFNKind.NOOP))
+
+Chunks = Iterator[tuple[int, torch.Tensor]]  # (first row, rows)
+
+
+class NormMode(StrEnum):
+    FOLD = "fold"
+    LAST = "last"
+
+
+@dataclass(frozen=True)
+class FuseResult:
+    out: Path
+    before: ModelSpec
+    after: ModelSpec
+    groups: list[Group]
+    layer_map: dict[int, int | None]  # old layer -> new layer (None: fused away or dropped)
+    bytes_written: int
+    seconds: float
+
+
+# ---- the new layer list ------------------------------------------------------------------
+def fused_layer(spec: ModelSpec, group: Group) -> Layer:
+    """Attention no-op plus one FFN of the summed width; its ffn_mult must give exactly that width."""
+    width = group.fused_width
+    mult = width_to_ffn_mult(width, spec.hidden)
+    if ffn_mult_to_width(mult, spec.hidden) != width:
+        raise ExportError(f"group {group.label}: ffn_mult {mult} does not give fused width {width}")
+    return Layer(Attention(AttentionKind.NOOP), FFN(FFNKind.SWIGLU, width, mult))
+
+
+def fused_layout(spec: ModelSpec, groups: list[Group],
+                 keep_layer_count: bool = False) -> tuple[list[Layer], list[int | Group | None]]:
+    """(new layers, where each comes from: an old layer index, a group, or None for an empty block).
+
+    A group's fused block sits at the group's first index; the rest of its range is dropped, or
+    kept as empty blocks (as the released Ultra config does) with `keep_layer_count`.
+    """
+    owner = {i: g for g in groups for i in range(g.first, g.last + 1)}
+    layers: list[Layer] = []
+    sources: list[int | Group | None] = []
+    for i, lay in enumerate(spec.layers):
+        g = owner.get(i)
+        if g is None:
+            layers.append(lay)
+            sources.append(i)
+        elif i == g.first:
+            layers.append(fused_layer(spec, g))
+            sources.append(g)
+        elif keep_layer_count:
+            layers.append(EMPTY)
+            sources.append(None)
+    return layers, sources
+
+
+def layer_map(spec: ModelSpec, sources: list[int | Group | None]) -> dict[int, int | None]:
+    m: dict[int, int | None] = dict.fromkeys(range(spec.num_layers))
+    for new, src in enumerate(sources):
+        if isinstance(src, int):
+            m[src] = new
+        elif isinstance(src, Group):
+            m[src.first] = new
+    return m
+
+
+# ---- streamed producers ------------------------------------------------------------------
+def _rows_per_chunk(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    row = dtype.itemsize
+    for d in shape[1:]:
+        row *= d
+    return max(1, CHUNK_BYTES // row)
+
+
+def _copy(reader: CheckpointReader, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Chunks:
+    sl, step = reader.get_slice(name), _rows_per_chunk(shape, dtype)
+    for r in range(0, shape[0], step):
+        yield r, sl[r:r + step]
+
+
+def _stacked(reader: CheckpointReader, role: Role, group: Group, norm: NormMode, dtype: torch.dtype) -> Chunks:
+    """Gate or up: members' rows one after another, each scaled by its own norm under `fold`."""
+    offset = 0
+    for layer in group.ffn_layers:
+        name = HF_NAMES[role].format(l=layer)
+        shape = reader.info(name).shape
+        scale = reader.get(HF_NAMES[Role.FFN_NORM].format(l=layer)).float() if norm is NormMode.FOLD else None
+        for r, rows in _copy(reader, name, shape, dtype):
+            yield offset + r, rows if scale is None else (rows.float() * scale).to(dtype)
+        offset += shape[0]
+
+
+def _concat(reader: CheckpointReader, group: Group, hidden: int, dtype: torch.dtype) -> Chunks:
+    """Down: each output row is the members' rows side by side (dim 1), read as row slices."""
+    slices = [reader.get_slice(HF_NAMES[Role.DOWN].format(l=layer)) for layer in group.ffn_layers]
+    step = _rows_per_chunk((hidden, group.fused_width), dtype)
+    for r in range(0, hidden, step):
+        yield r, torch.cat([s[r:r + step] for s in slices], dim=1)
+
+
+def _norm(reader: CheckpointReader, group: Group, norm: NormMode, hidden: int, dtype: torch.dtype) -> Chunks:
+    if norm is NormMode.FOLD:
+        yield 0, torch.ones(hidden, dtype=dtype)
+    else:
+        yield from _copy(reader, HF_NAMES[Role.FFN_NORM].format(l=group.ffn_layers[-1]), (hidden,), dtype)
+
+
+def _producer(reader: CheckpointReader, ref: TensorRef, src: int | Group | None, spec: ModelSpec,
+              norm: NormMode, dtype: torch.dtype) -> Chunks:
+    """Where the rows of one output tensor come from."""
+    if isinstance(src, Group):
+        fused: dict[Role, Callable[[], Chunks]] = {
+            Role.FFN_NORM: lambda: _norm(reader, src, norm, spec.hidden, dtype),
+            Role.GATE: lambda: _stacked(reader, Role.GATE, src, norm, dtype),
+            Role.UP: lambda: _stacked(reader, Role.UP, src, norm, dtype),
+            Role.DOWN: lambda: _concat(reader, src, spec.hidden, dtype),
+        }
+        return fused[ref.role]()
+    name = HF_NAMES[ref.role].format(l=src) if ref.layer is not None else reader.hf_name(ref)
+    return _copy(reader, name, ref.shape, dtype)
+
+
+# ---- the command ---------------------------------------------------------------------------
+def fuse_checkpoint(source: str | Path, plan: FusionPlan, out: str | Path, *, norm: NormMode | str = NormMode.FOLD,
+                    keep_layer_count: bool = False, max_shard_bytes: int = 5 << 30,
+                    progress: bool = True) -> FuseResult:
+    """Write the fused HF DeciLM checkpoint of `source` under `plan` to `out` (atomically)."""
+    t0 = time.perf_counter()
+    norm = NormMode(norm)
+    source = Path(source)
+    spec = ModelSpec.load(source)
+    reader = CheckpointReader(source)
+    reader.validate(spec)
+    groups = plan.resolve(spec)
+    layers, sources = fused_layout(spec, groups, keep_layer_count)
+    new_spec = spec.with_layers(layers)
+    dtype = torch_dtype(spec.dtype)
+    refs = model_tensors(new_spec)
+    with atomic_output_dir(out) as tmp:
+        writer = HFCheckpointWriter(tmp, [(r.hf_name, dtype, r.shape) for r in refs], max_shard_bytes)
+        bar = byte_progress(writer.total_bytes, "fuse", enabled=progress)
+        for ref in refs:
+            src = sources[ref.layer] if ref.layer is not None else None
+            for row, chunk in _producer(reader, ref, src, spec, norm, dtype):
+                bar.update(writer.write_rows(ref.hf_name, row, chunk))
+        bar.close()
+        writer.close()
+        copy_sidecars(source, tmp)
+        write_config(tmp, new_spec.to_hf_config())
+        mapping = layer_map(spec, sources)
+        _write_record(tmp, source, plan, groups, norm, keep_layer_count, mapping)
+        _check_written(tmp, new_spec)
+    reader.close()
+    return FuseResult(Path(out), spec, new_spec, groups, mapping, writer.total_bytes, time.perf_counter() - t0)
+
+
+def _check_written(path: Path, expected: ModelSpec) -> None:
+    """Re-read what was written: the config's ffn_mults must give exactly the fused widths."""
+    written = ModelSpec.load(path)
+    for i, (a, b) in enumerate(zip(written.layers, expected.layers)):
+        if a != b:
+            raise ExportError(f"layer {i}: config.json describes {a.short()}, expected {b.short()}")
+    CheckpointReader(path).validate(written)
+
+
+def _write_record(path: Path, source: Path, plan: FusionPlan, groups: list[Group], norm: NormMode,
+                  keep_layer_count: bool, mapping: dict[int, int | None]) -> None:
+    """What was fused and how, so later stages (manifest, evaluate) need not guess."""
+    record = {"source": str(source.resolve()), "norm": norm.value, "keep_layer_count": keep_layer_count,
+              "plan": plan.to_json(),
+              "groups": [{"group": [g.first, g.last], "ffn_layers": list(g.ffn_layers),
+                          "widths": list(g.widths), "fused_width": g.fused_width} for g in groups],
+              "layer_map": {str(k): v for k, v in mapping.items()}}
+    (path / FUSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")

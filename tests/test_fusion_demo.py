@@ -1,0 +1,33 @@
+"""analyze -> plan -> fuse -> evaluate on the shipped Puzzle-style demo model, as a user runs it."""
+
+import json
+
+from export.cli import main
+from export.demo.paths import DEMO_PUZZLE
+from export.fusion.evaluate import evaluate
+from export.fusion.study import write_demo_texts
+from export.spec import ModelSpec
+
+
+def test_demo_analyze_fuse_evaluate(tmp_path, capsys):
+    calib, heldout = write_demo_texts(tmp_path, chars=40_000)
+    assert main(["analyze", str(DEMO_PUZZLE), "--calib", str(calib), "--tokens", "1024",
+                 "--out", str(tmp_path / "an")]) == 0
+    plan = json.loads((tmp_path / "an" / "plan.json").read_text())
+    assert plan["groups"] == [[4, 6]]  # the run 4-7 without its last FFN
+    m = json.loads((tmp_path / "an" / "dependency.json").read_text())["matrix"]
+    assert all(0 < m[i][j] < 2 for i in range(12) for j in range(i + 1, 12))
+    assert (tmp_path / "an" / "heatmap.png").stat().st_size > 10_000
+
+    assert main(["fuse", str(DEMO_PUZZLE), "--plan", str(tmp_path / "an" / "plan.json"),
+                 "--out", str(tmp_path / "fused")]) == 0
+    assert "layers 12 -> 10" in capsys.readouterr().out
+    fused = ModelSpec.load(tmp_path / "fused")
+    assert fused.layers[4].ffn.width == 3 * 256 and not fused.layers[4].has_attention
+    assert (tmp_path / "fused" / "tokenizer.json").is_file()
+
+    base, cand = evaluate(DEMO_PUZZLE, [tmp_path / "fused"], heldout, tokens=2048, progress=False)
+    assert (base.sync_points_per_token, cand.sync_points_per_token) == (20, 18)
+    assert (base.non_empty_layers, cand.non_empty_layers) == (12, 10)
+    assert 0 < cand.kl_vs_base < 1e-3 and cand.top1_agreement > 0.95
+    assert abs(cand.perplexity / base.perplexity - 1) < 0.01
