@@ -26,7 +26,10 @@ GRAPH_DTYPE = "float32"
 def find_onnx(source: Path) -> Path:
     """The ONNX directory for `source`: itself, SOURCE/onnx, or (engines/NAME/checkpoint) ../onnx."""
     source = Path(source)
-    for d in (source, source / "onnx", source.parent / "onnx"):
+    places = [source, source / "onnx"]
+    if (source.parent / "manifest.json").is_file():  # engines/NAME/checkpoint -> engines/NAME/onnx
+        places.append(source.parent / "onnx")
+    for d in places:
         if (d / MODEL_FILE).is_file():
             return d
     raise ExportError(f"{source}: no ONNX graph ({MODEL_FILE}) here, in {source / 'onnx'} or {source.parent / 'onnx'}; "
