@@ -72,7 +72,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("engine_dir", help="engines/NAME written by convert")
     p.add_argument("--onnx", action="store_true",
-                   help="write engines/NAME/onnx (ONNX decoder graph, fp32, tp=1; runs anywhere) instead of trtllm-build")
+                   help="write engines/NAME/onnx (ONNX decoder graph, fp32, tp=1) instead of running trtllm-build")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (--onnx)")
     p.add_argument("--require-trtllm", action="store_true",
                    help="exit non-zero when TensorRT-LLM or a GPU is missing (default: explain and exit 0)")

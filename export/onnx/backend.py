@@ -109,7 +109,8 @@ class OnnxBackend:
         ids, _ = pad(cmd.seqs)
         b, t = ids.shape
         empty = {i: (torch.zeros(b, h, 0, self.spec.head_dim),) * 2 for i, h in self.kv_heads.items()}
-        logits, _ = self._run(ids, torch.arange(t).expand(b, -1).contiguous(), torch.ones(b, t, dtype=torch.long), empty)
+        positions = torch.arange(t).expand(b, -1).contiguous()
+        logits, _ = self._run(ids, positions, torch.ones(b, t, dtype=torch.long), empty)
         return logits
 
     def _stats(self, cmd: Stats) -> dict[str, int]:
@@ -121,7 +122,8 @@ HANDLERS = {Reserve: OnnxBackend._reserve, Prefill: OnnxBackend._prefill, Decode
             Free: OnnxBackend._free, Logits: OnnxBackend._logits, Stats: OnnxBackend._stats}
 
 
-def start_onnx(source: Path, *, tp: int | None, pp: int | None, dtype: str, threads: int) -> tuple[ModelSpec, OnnxBackend]:
+def start_onnx(source: Path, *, tp: int | None, pp: int | None, dtype: str,
+               threads: int) -> tuple[ModelSpec, OnnxBackend]:
     """What `Engine.start(source, runtime="onnx")` runs: the spec and the backend, or a clear refusal."""
     if (tp or 1) != 1 or (pp or 1) != 1:
         raise ExportError(f"runtime 'onnx' runs the whole model in one process (tp=1, pp=1); got tp={tp}, pp={pp}. "

@@ -86,10 +86,12 @@ def bench_decode(ckpt: Path, tps: list[int], *, pp: int = 1, prompt_len: int = 1
 def format_table(report: dict[str, Any]) -> str:
     rows = report["results"]
     batches = [k.split("_")[1][1:] for k in rows[0] if k.startswith("decode_b") and k.endswith("tokens_per_s")]
-    head = ["runtime", "tp", "pp", "prefill tok/s"] + [f"decode b{b} tok/s" for b in batches] + ["syncs/token", "KV B/token"]
+    head = (["runtime", "tp", "pp", "prefill tok/s"] + [f"decode b{b} tok/s" for b in batches]
+            + ["syncs/token", "KV B/token"])
     lines = [head]
     for r in rows:
-        lines.append([r.get("runtime", "torch"), str(r["tp"]), str(r["pp"]), f"{r['prefill_tokens_per_s']:.0f} ({r['prefill_vs_base']:.2f}x)"]
+        lines.append([r.get("runtime", "torch"), str(r["tp"]), str(r["pp"]),
+                      f"{r['prefill_tokens_per_s']:.0f} ({r['prefill_vs_base']:.2f}x)"]
                      + [f"{r[f'decode_b{b}_tokens_per_s']:.1f} ({r[f'decode_b{b}_vs_base']:.2f}x)" for b in batches]
                      + [f"{r['sync_points_per_token']:.0f}", str(r["kv_cache_bytes_per_token"])])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]

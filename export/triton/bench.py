@@ -89,7 +89,8 @@ def bench_serve(engine_dir: str | Path, *, prompt: str = "The quick brown fox", 
 
 
 def format_report(rep: dict[str, Any]) -> str:
-    lines = [f"backend {rep.get('backend', 'cpu')}; server start (5 models, engine load): {rep['server_start_s']:.1f} s; "
+    lines = [f"backend {rep.get('backend', 'cpu')}; "
+             f"server start (5 models, engine load): {rep['server_start_s']:.1f} s; "
              f"median of {rep['repeats']} runs, max_tokens {rep['max_tokens']}",
              f"{'path':36} {'tokens':>6} {'TTFT ms':>8} {'x base':>7} {'tok/s':>8} {'x base':>7}"]
     for name, r in rep["rows"].items():
