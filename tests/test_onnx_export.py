@@ -119,7 +119,7 @@ def test_build_onnx_cli_records_the_engine_in_the_manifest(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "export", "build", str(engine_dir), "--onnx", "--no-progress"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "onnx.checker passed" in proc.stdout
+    assert "onnx.checker passed" in proc.stdout and "trtexec --onnx=" in proc.stdout
     entry = json.loads((engine_dir / "manifest.json").read_text())["engines"]["onnx"]
     assert entry["path"] == "onnx" and entry["opset"] == OPSET and entry["kv_layers"] == [0, 3]
     assert (engine_dir / "onnx" / MODEL_FILE).is_file()
@@ -151,3 +151,23 @@ def test_refusals_name_the_problem(hetero, tmp_path):
         Engine.start(root / "hf", runtime="tensorrt")
     with pytest.raises(ExportError, match="graph is float32"):
         Engine.start(root / "onnx", runtime="onnx", dtype="bf16")
+
+
+def test_tensorrt_profile_covers_prefill_and_decode_and_runs_in_ort(hetero):
+    """The printed trtexec profile names exactly the graph's inputs, and ORT runs its opt shapes."""
+    from export.onnx.backend import make_session
+    from export.onnx.tensorrt import profile_shapes, trtexec_command
+
+    root, res = hetero
+    shapes = profile_shapes(res.spec, max_batch=8, max_input_len=64, max_seq_len=128)
+    model = _graph(root / "onnx")
+    assert set(shapes) == {i.name for i in model.graph.input}
+    assert shapes["past_key_values.5.key"] == ((1, 1, 0, 8), (4, 1, 64, 8), (8, 1, 127, 8))
+    cmd = trtexec_command(root / "onnx" / MODEL_FILE, shapes, root / "model.plan")
+    assert cmd[0] == "trtexec" and "past_key_values.0.value:1x2x0x8" in cmd[2]
+    session = make_session(root / "onnx" / MODEL_FILE)
+    feed = {name: np.zeros(s[1], dtype=np.float32 if name.startswith("past") else np.int64)
+            for name, s in shapes.items()}
+    feed["attention_mask"][:] = 1
+    logits, *presents = session.run(None, feed)
+    assert logits.shape == (4, 1, res.spec.vocab) and presents[0].shape == (4, 2, 65, 8)

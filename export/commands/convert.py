@@ -85,9 +85,10 @@ def _build_args(p: argparse.ArgumentParser) -> None:
 @with_args(_build_args)
 def _cmd_build(args: argparse.Namespace) -> int:
     if args.onnx:
-        from export.onnx.export import build_onnx
+        from export.onnx.export import build_onnx, gpu_hint
 
         print(build_onnx(args.engine_dir, progress=not args.no_progress).summary())
+        print(gpu_hint(args.engine_dir))
         return 0
     from export.trtllm.build import BUILD_KEYS, build
 

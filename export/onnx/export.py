@@ -104,3 +104,18 @@ def build_onnx(engine_dir: str | Path, *, progress: bool = True) -> OnnxResult:
         "kv_layers": res.spec.attention_layers(), "nodes": res.nodes, "weight_bytes": res.weight_bytes}
     m.save(engine_dir)
     return res
+
+
+def gpu_hint(engine_dir: str | Path) -> str:
+    """The trtexec command for this engine's graph and build limits (to run on a GPU host)."""
+    import shlex
+
+    from export.manifest import Manifest
+    from export.onnx.tensorrt import profile_shapes, trtexec_command
+
+    engine_dir = Path(engine_dir)
+    m, onnx_dir = Manifest.load(engine_dir), engine_dir / ONNX_DIR
+    shapes = profile_shapes(ModelSpec.load(onnx_dir), int(m.build["max_batch_size"]), int(m.build["max_input_len"]),
+                            int(m.build["max_seq_len"]))
+    cmd = trtexec_command(onnx_dir / MODEL_FILE, shapes, onnx_dir / "model.plan")
+    return "on a GPU host with TensorRT (not run here):\n  " + shlex.join(cmd)
