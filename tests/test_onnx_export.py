@@ -124,6 +124,14 @@ def test_build_onnx_cli_records_the_engine_in_the_manifest(tmp_path):
     assert entry["path"] == "onnx" and entry["opset"] == OPSET and entry["kv_layers"] == [0, 3]
     assert (engine_dir / "onnx" / MODEL_FILE).is_file()
     assert not [p for p in engine_dir.iterdir() if p.name.startswith(".")]  # no temp dir left
+    gen = subprocess.run([sys.executable, "-m", "export", "generate", str(engine_dir), "the quick", "--max-tokens", "6",
+                          "--ignore-eos", "--runtime", "onnx", "--json"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert gen.returncode == 0, gen.stderr
+    from export.runtime.text import generate_text
+
+    ref = generate_text(engine_dir, "the quick", SamplingParams(max_tokens=6), stop_at_eos=False)
+    assert json.loads(gen.stdout)["new_tokens"] == ref.new_tokens
 
 
 def test_a_split_engine_builds_from_its_source_or_says_why_not(tmp_path):
