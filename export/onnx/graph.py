@@ -105,6 +105,7 @@ class DecoderGraph:
         self.spec, self.weights = spec, weights
         self.g = Graph(data, on_bytes)
         self.cos = self.sin = self.bias = ""
+        self._group_bias: dict[int, str] = {}
 
     # ---- weights -------------------------------------------------------------------------
     def linear(self, name: str, *refs: tuple[Role, int | None]) -> str:
@@ -130,7 +131,7 @@ class DecoderGraph:
         return g.op("Add", g.op("Mul", x, self.cos), g.op("Mul", rot, self.sin))
 
     def shared(self) -> None:
-        """cos/sin [B, T, 1, hd] from position_ids, and the additive mask [B, 1, 1, T, S]."""
+        """cos/sin [B, T, 1, hd] from position_ids, and the additive mask [B, 1, T, S]."""
         g = self.g
         g.scope = "shared"
         pos = g.op("Unsqueeze", g.op("Cast", "position_ids", to=TensorProto.FLOAT), g.const([2]))
@@ -146,7 +147,15 @@ class DecoderGraph:
         causal = g.op("LessOrEqual", keys, g.op("Unsqueeze", queries, g.const([1])))  # [T, S]
         valid = g.op("Unsqueeze", g.op("Cast", "attention_mask", to=TensorProto.BOOL), g.const([1]))  # [B, 1, S]
         bias = g.op("Where", g.op("And", causal, valid), g.const(0.0, np.float32), g.const(NEG, np.float32))
-        self.bias = g.op("Unsqueeze", bias, g.const([1, 2]))
+        self.bias = g.op("Unsqueeze", bias, g.const([1]))  # [B, 1, T, S]
+
+    def group_bias(self, grp: int) -> str:
+        """The mask for grp query heads stacked per kv head: [B, 1, grp*T, S] (built once per grp)."""
+        if grp not in self._group_bias:
+            scope, self.g.scope = self.g.scope, "shared"
+            self._group_bias[grp] = self.g.op("Tile", self.bias, self.g.const([1, 1, grp, 1]))
+            self.g.scope = scope
+        return self._group_bias[grp]
 
     # ---- sublayers -------------------------------------------------------------------------
     def attention(self, i: int, h: str) -> str:
@@ -157,16 +166,18 @@ class DecoderGraph:
         qkv = g.op("MatMul", x, self.linear(f"layers.{i}.attn.qkv", (Role.Q, i), (Role.K, i), (Role.V, i)))
         q, k, v = g.op("Split", qkv, g.const([heads * hd, kv * hd, kv * hd]), axis=-1, n_out=3)
         q = self.rotate(g.op("Reshape", q, g.const([0, 0, heads, hd])))
-        q = g.op("Transpose", g.op("Reshape", q, g.const([0, 0, kv, heads // kv, hd])), perm=[0, 2, 3, 1, 4])
+        grp = heads // kv
+        q = g.op("Transpose", g.op("Reshape", q, g.const([0, 0, kv, grp, hd])), perm=[0, 2, 3, 1, 4])
+        q = g.op("Reshape", q, g.const([0, 0, -1, hd]))  # [B, kv, grp*T, hd]: a query group per kv head
         k = g.op("Transpose", self.rotate(g.op("Reshape", k, g.const([0, 0, kv, hd]))), perm=[0, 2, 1, 3])
         v = g.op("Transpose", g.op("Reshape", v, g.const([0, 0, kv, hd])), perm=[0, 2, 1, 3])
         past_k, past_v, present_k, present_v = kv_names(i)
         keys = g.op("Concat", past_k, k, axis=2, out=present_k)  # [B, kv, S, hd]
         values = g.op("Concat", past_v, v, axis=2, out=present_v)
-        kt = g.op("Unsqueeze", g.op("Transpose", keys, perm=[0, 1, 3, 2]), g.const([2]))  # [B, kv, 1, hd, S]
-        scores = g.op("Mul", g.op("MatMul", q, kt), g.const(1.0 / math.sqrt(hd), np.float32))  # [B, kv, grp, T, S]
-        probs = g.op("Softmax", g.op("Add", scores, self.bias), axis=-1)
-        out = g.op("MatMul", probs, g.op("Unsqueeze", values, g.const([2])))  # [B, kv, grp, T, hd]
+        kt = g.op("Transpose", keys, perm=[0, 1, 3, 2])  # [B, kv, hd, S]
+        scores = g.op("Mul", g.op("MatMul", q, kt), g.const(1.0 / math.sqrt(hd), np.float32))  # [B, kv, grp*T, S]
+        probs = g.op("Softmax", g.op("Add", scores, self.group_bias(grp)), axis=-1)
+        out = g.op("Reshape", g.op("MatMul", probs, values), g.const([0, 0, grp, -1, hd]))  # [B, kv, grp, T, hd]
         out = g.op("Reshape", g.op("Transpose", out, perm=[0, 3, 1, 2, 4]), g.const([0, 0, heads * hd]))
         return g.op("MatMul", out, self.linear(f"layers.{i}.attn.o", (Role.O, i)))
 
