@@ -179,3 +179,19 @@ def test_tensorrt_profile_covers_prefill_and_decode_and_runs_in_ort(hetero):
     feed["attention_mask"][:] = 1
     logits, *presents = session.run(None, feed)
     assert logits.shape == (4, 1, res.spec.vocab) and presents[0].shape == (4, 2, 65, 8)
+
+
+def test_bench_decode_reports_both_runtimes(tmp_path):
+    from triton_support import make_engine_dir
+
+    from export.runtime.bench import bench_decode, format_table
+
+    engine_dir = make_engine_dir(tmp_path, tp=1)
+    build_onnx(engine_dir, progress=False)
+    rep = bench_decode(engine_dir, [1], prompt_len=8, batches=(1, 2), steps=2, runtimes=("torch", "onnx"))
+    rows = rep["results"]
+    assert [(r["runtime"], r["tp"]) for r in rows] == [("torch", 1), ("onnx", 1)]
+    assert rows[1]["decode_b2_tokens_per_s"] > 0 and rows[1]["sync_points_per_token"] == 0
+    assert rows[1]["kv_cache_bytes_per_token"] == rows[0]["kv_cache_bytes_per_token"]
+    assert rows[1]["decode_b1_vs_base"] == rows[1]["decode_b1_tokens_per_s"] / rows[0]["decode_b1_tokens_per_s"]
+    assert "onnx" in format_table(rep)
