@@ -59,16 +59,28 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", type=_tps, default=[1, 8], help="decode batch sizes")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--runtime", type=_runtimes, default=("torch",),
+                   help="comma-separated: torch (reference Decoder), onnx (engines/NAME/onnx on ONNX Runtime, tp=1)")
     p.add_argument("--json-out", type=Path, default=None, help="also write the JSON report here")
 
 
-@bench("decode", "reference-runtime prefill/decode tokens/s and sync points per token, per tp", _decode_args)
+def _runtimes(text: str) -> tuple[str, ...]:
+    from export.runtime.engine import RUNTIMES
+
+    names = tuple(x for x in text.split(",") if x)
+    bad = [n for n in names if n not in RUNTIMES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"--runtime wants a comma-separated list of {RUNTIMES}, got {text!r}")
+    return names
+
+
+@bench("decode", "prefill/decode tokens/s and sync points per token, per runtime (torch, onnx) and tp", _decode_args)
 def _bench_decode(args: argparse.Namespace) -> int:
     from export.io.atomic import atomic_write_text
     from export.runtime.bench import bench_decode, format_table
 
     report = bench_decode(args.ckpt, args.tp, pp=args.pp, prompt_len=args.prompt_len, batches=tuple(args.batches),
-                          steps=args.steps, dtype=args.dtype, threads=args.threads)
+                          steps=args.steps, dtype=args.dtype, threads=args.threads, runtimes=args.runtime)
     text = json.dumps(report, indent=2)
     print(format_table(report))
     print(text)

@@ -71,15 +71,25 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def _build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("engine_dir", help="engines/NAME written by convert")
+    p.add_argument("--onnx", action="store_true",
+                   help="write engines/NAME/onnx (ONNX decoder graph, fp32, tp=1) instead of running trtllm-build")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (--onnx)")
     p.add_argument("--require-trtllm", action="store_true",
                    help="exit non-zero when TensorRT-LLM or a GPU is missing (default: explain and exit 0)")
     for key in ("max-batch-size", "max-input-len", "max-seq-len", "max-num-tokens"):
         p.add_argument(f"--{key}", type=int, default=None, help="default: the manifest's build settings")
 
 
-@command("build", "trtllm-build the checkpoint into engines/NAME/trtllm (GPU hosts with tensorrt-llm 1.2.1)")
+@command("build", "trtllm-build the checkpoint into engines/NAME/trtllm (GPU hosts with tensorrt-llm 1.2.1), "
+                  "or --onnx: an ONNX graph into engines/NAME/onnx")
 @with_args(_build_args)
 def _cmd_build(args: argparse.Namespace) -> int:
+    if args.onnx:
+        from export.onnx.export import build_onnx, gpu_hint
+
+        print(build_onnx(args.engine_dir, progress=not args.no_progress).summary())
+        print(gpu_hint(args.engine_dir))
+        return 0
     from export.trtllm.build import BUILD_KEYS, build
 
     outcome = build(args.engine_dir, options={k: getattr(args, k) for k in BUILD_KEYS}, require=args.require_trtllm)

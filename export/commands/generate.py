@@ -25,6 +25,8 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="fp32 | bf16 | fp16 (compute dtype)")
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer dir (default: beside the weights)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker process")
+    p.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
+                   help="torch: the reference Decoder; onnx: engines/NAME/onnx on ONNX Runtime (tp=1, fp32)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -37,7 +39,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed)
     res = generate_text(args.ckpt, args.prompt, params, tp=args.tp, pp=args.pp, dtype=args.dtype,
-                        tokenizer=args.tokenizer, stop_at_eos=not args.ignore_eos, threads=args.threads)
+                        tokenizer=args.tokenizer, stop_at_eos=not args.ignore_eos, threads=args.threads,
+                        runtime=args.runtime)
     if args.json:
         print(json.dumps(res.to_json(), indent=2))
         return 0

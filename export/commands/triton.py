@@ -13,8 +13,9 @@ from export.cli import command, with_args
 def _package_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("engine_dir", help="engines/NAME (manifest.json, checkpoint/, tokenizer/)")
     p.add_argument("--out", required=True, help="model repository to write (replaced atomically)")
-    p.add_argument("--backend", choices=("cpu", "trtllm"), default="cpu",
-                   help="engine model: cpu = reference runtime on the python backend; trtllm = tensorrtllm backend")
+    p.add_argument("--backend", choices=("cpu", "onnx", "trtllm"), default="cpu",
+                   help="engine model: cpu = reference runtime on the python backend; onnx = the same python model "
+                        "running engines/NAME/onnx with ONNX Runtime; trtllm = tensorrtllm backend")
     p.add_argument("--max-batch-size", type=int, default=None, help="override the manifest's build.max_batch_size")
     p.add_argument("--kv-cache-fraction", type=float, default=None, dest="kv_cache_free_gpu_mem_fraction",
                    help="trtllm: kv_cache_free_gpu_mem_fraction (default: manifest, else 0.9)")
@@ -105,6 +106,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default="The quick brown fox")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--backend", choices=("cpu", "onnx"), default="cpu",
+                   help="cpu: the PyTorch reference runtime; onnx: engines/NAME/onnx on ONNX Runtime")
 
 
 def _register_bench() -> None:
@@ -117,7 +120,8 @@ def _register_bench() -> None:
 
         from export.triton.bench import bench_serve, format_report
 
-        rep = bench_serve(args.engine_dir, prompt=args.prompt, max_tokens=args.max_tokens, repeats=args.repeats)
+        rep = bench_serve(args.engine_dir, prompt=args.prompt, max_tokens=args.max_tokens, repeats=args.repeats,
+                          backend=args.backend)
         print(format_report(rep))
         print(json.dumps(rep, indent=2))
         return 0

@@ -1,4 +1,4 @@
-"""`bench decode`: prefill and decode throughput of the reference runtime per tp, plus sync points.
+"""`bench decode`: prefill and decode throughput per runtime (torch, onnx) and tp, plus sync points.
 
 Figures are measured in one run against the tp=1 baseline of that same run, so machine noise
 hits all rows alike. Timings are driver wall-clock (they include the pipe round trip to the
@@ -49,11 +49,11 @@ def _prefill_rate(eng: Engine, prompts: list[list[int]], repeats: int) -> float:
 
 
 def bench_one(ckpt: Path, tp: int, pp: int, *, prompt_len: int, batches: tuple[int, ...], steps: int,
-              dtype: str, threads: int, seed: int) -> dict[str, Any]:
-    with Engine.start(ckpt, tp=tp, pp=pp, dtype=dtype, threads=threads) as eng:
+              dtype: str, threads: int, seed: int, runtime: str = "torch") -> dict[str, Any]:
+    with Engine.start(ckpt, tp=tp, pp=pp, dtype=dtype, threads=threads, runtime=runtime) as eng:
         prompts = _prompts(eng.spec.vocab, max(batches), prompt_len, seed)
         eng.generate(prompts[:1], SamplingParams(max_tokens=2))  # warm-up
-        row: dict[str, Any] = {"tp": tp, "pp": pp,
+        row: dict[str, Any] = {"runtime": runtime, "tp": tp, "pp": pp,
                                "prefill_tokens_per_s": _prefill_rate(eng, prompts, repeats=2)}
         for b in batches:
             rate, syncs = _decode_rate(eng, prompts[:b], steps)
@@ -64,11 +64,14 @@ def bench_one(ckpt: Path, tp: int, pp: int, *, prompt_len: int, batches: tuple[i
 
 
 def bench_decode(ckpt: Path, tps: list[int], *, pp: int = 1, prompt_len: int = 128, batches: tuple[int, ...] = (1, 8),
-                 steps: int = 32, dtype: str = "float32", threads: int = 1, seed: int = 0) -> dict[str, Any]:
-    """One row per tp; ratios are against the first tp of the list, measured in the same run."""
+                 steps: int = 32, dtype: str = "float32", threads: int = 1, seed: int = 0,
+                 runtimes: tuple[str, ...] = ("torch",)) -> dict[str, Any]:
+    """One row per runtime and tp (onnx: tp = pp = 1 only); ratios are against the first row, measured
+    in the same run."""
     torch.set_num_threads(threads)  # the in-process tp=1 engine gets the same threads as each worker
-    rows = [bench_one(ckpt, tp, pp, prompt_len=prompt_len, batches=batches, steps=steps, dtype=dtype,
-                      threads=threads, seed=seed) for tp in tps]
+    runs = [(rt, tp, pp) for rt in runtimes for tp in tps if rt == "torch" or (tp, pp) == (1, 1)]
+    rows = [bench_one(ckpt, tp, p, prompt_len=prompt_len, batches=batches, steps=steps, dtype=dtype,
+                      threads=threads, seed=seed, runtime=rt) for rt, tp, p in runs]
     base = rows[0]
     for row in rows:
         for key in [k for k in row if k.endswith("_per_s")]:
@@ -83,10 +86,12 @@ def bench_decode(ckpt: Path, tps: list[int], *, pp: int = 1, prompt_len: int = 1
 def format_table(report: dict[str, Any]) -> str:
     rows = report["results"]
     batches = [k.split("_")[1][1:] for k in rows[0] if k.startswith("decode_b") and k.endswith("tokens_per_s")]
-    head = ["tp", "pp", "prefill tok/s"] + [f"decode b{b} tok/s" for b in batches] + ["syncs/token", "KV B/token"]
+    head = (["runtime", "tp", "pp", "prefill tok/s"] + [f"decode b{b} tok/s" for b in batches]
+            + ["syncs/token", "KV B/token"])
     lines = [head]
     for r in rows:
-        lines.append([str(r["tp"]), str(r["pp"]), f"{r['prefill_tokens_per_s']:.0f} ({r['prefill_vs_base']:.2f}x)"]
+        lines.append([r.get("runtime", "torch"), str(r["tp"]), str(r["pp"]),
+                      f"{r['prefill_tokens_per_s']:.0f} ({r['prefill_vs_base']:.2f}x)"]
                      + [f"{r[f'decode_b{b}_tokens_per_s']:.1f} ({r[f'decode_b{b}_vs_base']:.2f}x)" for b in batches]
                      + [f"{r['sync_points_per_token']:.0f}", str(r["kv_cache_bytes_per_token"])])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]

@@ -25,6 +25,8 @@ from export.runtime.sources import open_source
 from export.runtime.steps import Decode, Free, Logits, Prefill, Reserve, Stats, Stepper
 from export.spec import ModelSpec, normalize_dtype
 
+RUNTIMES = ("torch", "onnx")
+
 
 class Engine:
     spec: ModelSpec
@@ -38,12 +40,20 @@ class Engine:
 
     @classmethod
     def start(cls, source: Path, *, tp: int | None = None, pp: int | None = None, dtype: str = "float32",
-              threads: int = 1, python: str | None = None) -> Engine:
+              threads: int = 1, python: str | None = None, runtime: str = "torch") -> Engine:
         """tp/pp default to the source's own layout (a TRT-LLM checkpoint) or 1.
 
-        `threads`: torch threads per worker process; `python`: the worker interpreter
-        (default sys.executable).
+        `threads`: torch threads per worker process (ORT intra-op threads for onnx); `python`: the
+        worker interpreter (default sys.executable); `runtime`: "torch" (this package's Decoder) or
+        "onnx" (the graph `build --onnx` wrote beside the checkpoint, run by ONNX Runtime; tp = pp = 1).
         """
+        if runtime not in RUNTIMES:
+            raise ExportError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+        if runtime == "onnx":
+            from export.onnx.backend import start_onnx
+
+            spec, onnx_backend = start_onnx(Path(source), tp=tp, pp=pp, dtype=dtype, threads=threads)
+            return cls(spec, Mapping(1, 1), onnx_backend)  # type: ignore[arg-type]
         dtype = normalize_dtype(dtype)
         spec, own, make = open_source(Path(source))
         mapping = Mapping(tp or (own.tp if own else 1), pp or (own.pp if own else 1))

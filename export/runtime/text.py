@@ -60,7 +60,7 @@ class GenerationResult:
 
 def generate_text(ckpt: Path, prompt: str, params: SamplingParams, *, tp: int | None = None, pp: int | None = None,
                   dtype: str = "float32", tokenizer: Path | None = None, stop_at_eos: bool = True,
-                  threads: int = 1) -> GenerationResult:
+                  threads: int = 1, runtime: str = "torch") -> GenerationResult:
     """Tokenize, stream new tokens from an `Engine`, detokenize; timings split prefill / decode."""
     from dataclasses import replace
 
@@ -68,7 +68,7 @@ def generate_text(ckpt: Path, prompt: str, params: SamplingParams, *, tp: int | 
 
     tok = load_tokenizer(ckpt, tokenizer)
     ids = tok.encode(prompt)
-    with Engine.start(Path(ckpt), tp=tp, pp=pp, dtype=dtype, threads=threads) as eng:
+    with Engine.start(Path(ckpt), tp=tp, pp=pp, dtype=dtype, threads=threads, runtime=runtime) as eng:
         eos = eng.spec.passthrough.get("eos_token_id", tok.eos_token_id)
         if stop_at_eos and eos is not None and not params.stop_token_ids:
             params = replace(params, stop_token_ids=tuple(eos) if isinstance(eos, list) else (eos,))

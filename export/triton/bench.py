@@ -18,7 +18,8 @@ from export.triton.package import package_repo
 from export.triton.server import start_server
 
 
-def _engine_baseline(engine_dir: Path, prompt: str, max_tokens: int, repeats: int) -> dict[str, float]:
+def _engine_baseline(engine_dir: Path, prompt: str, max_tokens: int, repeats: int,
+                     runtime: str = "torch") -> dict[str, float]:
     from export.manifest import Manifest
     from export.runtime.engine import Engine
     from export.triton.pipeline import load_tokenizer
@@ -32,7 +33,8 @@ def _engine_baseline(engine_dir: Path, prompt: str, max_tokens: int, repeats: in
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the Triton engine model runs its driver
     try:
-        return _time_stream(Engine.start(engine_dir / m.checkpoint), ids, max_tokens, stop, repeats)
+        engine = Engine.start(engine_dir / m.checkpoint, runtime=runtime)
+        return _time_stream(engine, ids, max_tokens, stop, repeats)
     finally:
         torch.set_num_threads(threads)
 
@@ -57,12 +59,16 @@ def _time_stream(engine: Any, ids: list[int], max_tokens: int, stop: tuple[int, 
 
 
 def bench_serve(engine_dir: str | Path, *, prompt: str = "The quick brown fox", max_tokens: int = 64,
-                repeats: int = 3, models: tuple[str, ...] = ("ensemble", "tensorrt_llm_bls")) -> dict[str, Any]:
-    """Median TTFT and decode tokens/s per path; ratios are against the direct engine."""
+                repeats: int = 3, models: tuple[str, ...] = ("ensemble", "tensorrt_llm_bls"),
+                backend: str = "cpu") -> dict[str, Any]:
+    """Median TTFT and decode tokens/s per path; ratios are against the direct engine.
+
+    backend "onnx" serves engines/NAME/onnx (ONNX Runtime) and times `Engine.stream(runtime="onnx")`.
+    """
     engine_dir = Path(engine_dir)
     rows: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        repo = package_repo(engine_dir, Path(tmp) / "repo", backend="cpu")
+        repo = package_repo(engine_dir, Path(tmp) / "repo", backend=backend)
         t = time.perf_counter()
         with start_server(repo) as server:
             startup = time.perf_counter() - t
@@ -73,17 +79,18 @@ def bench_serve(engine_dir: str | Path, *, prompt: str = "The quick brown fox", 
                     "ttft_s": statistics.median(r.ttft_s or 0.0 for r in results),
                     "tokens_per_s": statistics.median(r.tokens_per_s or 0.0 for r in results),
                     "tokens": results[-1].tokens}
-    base = _engine_baseline(engine_dir, prompt, max_tokens, repeats)
+    base = _engine_baseline(engine_dir, prompt, max_tokens, repeats, "onnx" if backend == "onnx" else "torch")
     rows = {"engine.stream (baseline)": base, **rows}
     for r in rows.values():
         r["ttft_ratio"] = r["ttft_s"] / base["ttft_s"] if base["ttft_s"] else float("nan")
         r["rate_ratio"] = r["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else float("nan")
-    return {"engine_dir": str(engine_dir), "server_start_s": startup, "max_tokens": max_tokens,
+    return {"engine_dir": str(engine_dir), "backend": backend, "server_start_s": startup, "max_tokens": max_tokens,
             "repeats": repeats, "rows": rows}
 
 
 def format_report(rep: dict[str, Any]) -> str:
-    lines = [f"server start (5 models, engine load): {rep['server_start_s']:.1f} s; "
+    lines = [f"backend {rep.get('backend', 'cpu')}; "
+             f"server start (5 models, engine load): {rep['server_start_s']:.1f} s; "
              f"median of {rep['repeats']} runs, max_tokens {rep['max_tokens']}",
              f"{'path':36} {'tokens':>6} {'TTFT ms':>8} {'x base':>7} {'tok/s':>8} {'x base':>7}"]
     for name, r in rep["rows"].items():

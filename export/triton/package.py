@@ -23,6 +23,7 @@ from export.triton.server import DEPLOY_FILE
 TEMPLATES = EXPORT_ROOT / "triton_repo"
 MODELS = ("ensemble", "preprocessing", "tensorrt_llm", "postprocessing", "tensorrt_llm_bls")
 BACKENDS = ("cpu", "trtllm")
+RUNTIMES = ("torch", "onnx")  # what the cpu flavour's engine model runs; `package --backend onnx` picks "onnx"
 BATCHING = ("inflight_fused_batching", "inflight_batching", "V1")
 
 # What the ensemble wires in addition for the cpu engine, which sends every id generated so far
@@ -51,6 +52,7 @@ class RepoSettings:
     pp: int = 1
     runtime_dtype: str = "float32"
     checkpoint_dir: Path | None = None           # cpu flavour
+    runtime: str = "torch"                       # cpu flavour: Engine.start(runtime=) -- "torch" or "onnx"
     engine_dir: Path | None = None               # trtllm flavour
     decoupled: bool = True
     batching_strategy: str = "inflight_fused_batching"
@@ -69,6 +71,7 @@ class RepoSettings:
 
     def check(self) -> None:
         rules = [(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}"),
+                 (self.runtime in RUNTIMES, f"runtime must be one of {RUNTIMES}, got {self.runtime!r}"),
                  (self.batching_strategy in BATCHING,
                   f"batching_strategy must be one of {BATCHING}, got {self.batching_strategy!r}"),
                  (0.0 < self.kv_cache_free_gpu_mem_fraction <= 1.0,
@@ -155,8 +158,23 @@ def render_repo(settings: RepoSettings, out: Path, templates: Path = TEMPLATES) 
 
 
 def package_repo(engine_dir: str | Path, out: str | Path, *, backend: str = "cpu", **overrides: Any) -> Path:
-    """engines/NAME -> a Triton model repository at `out` (replaced atomically)."""
+    """engines/NAME -> a Triton model repository at `out` (replaced atomically).
+
+    backend "onnx" is the cpu flavour whose engine model runs engines/NAME/onnx with ONNX Runtime.
+    """
+    if backend == "onnx":
+        _require_onnx(Path(engine_dir))
+        backend, overrides = "cpu", {**overrides, "runtime": "onnx"}
     settings = settings_from_manifest(Path(engine_dir), backend, **overrides)
     if backend == "cpu" and not (settings.checkpoint_dir and settings.checkpoint_dir.is_dir()):
         raise ExportError(f"{engine_dir}: checkpoint directory {settings.checkpoint_dir} is missing (run `convert`)")
     return render_repo(settings, Path(out))
+
+
+def _require_onnx(engine_dir: Path) -> None:
+    from export.manifest import Manifest
+
+    m = Manifest.load(engine_dir)
+    if "onnx" not in m.engines or not (m.path_of(engine_dir, "onnx") / m.engines["onnx"]["model"]).is_file():
+        raise ExportError(f"{engine_dir}: no ONNX engine (manifest engines: {', '.join(m.engines) or 'none'}); "
+                          f"create it with `python -m export build {engine_dir} --onnx`")

@@ -43,7 +43,13 @@ class TritonPythonModel:
 
         self.pipeline = pipeline
         self.max_seq_len = int(p["max_seq_len"])
-        self.engine = Engine.start(Path(p["checkpoint_dir"]), tp=int(p["tp"]), pp=int(p["pp"]), dtype=p["dtype"])
+        # ---- runtime switch (issue 9, ONNX flavour): `package --backend onnx` renders runtime "onnx" ----
+        if p.get("runtime", "torch") == "onnx":  # engines/NAME/onnx by ONNX Runtime (tp=1, fp32, 1 thread)
+            start = {"runtime": "onnx"}
+        else:
+            start = {"tp": int(p["tp"]), "pp": int(p["pp"]), "dtype": p["dtype"]}
+        self.engine = Engine.start(Path(p["checkpoint_dir"]), **start)
+        # ---- end runtime switch ----
         self.runner = pipeline.EngineRunner(self.engine)
         self.threads = set()
 

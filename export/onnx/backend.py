@@ -1,0 +1,140 @@
+"""The step protocol (Reserve/Prefill/Decode/Free/Logits/Stats) run by ONNX Runtime, tp = 1.
+
+The graph is stateless (past in, present out); this backend owns the KV cache as the PyTorch
+runtime does (`KVCache`, full-attention layers only, addressed by slot), so the engine's driver,
+and any scheduler it grows, cannot tell the two runtimes apart. A step over slots of different
+lengths pads the slots' past to the longest and masks the padding with attention_mask.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from export.errors import ExportError
+from export.onnx.graph import MODEL_FILE, kv_names
+from export.runtime.cache import KVCache
+from export.runtime.steps import Decode, Free, Logits, Prefill, Reserve, Stats, pad
+from export.spec import ModelSpec, normalize_dtype
+
+GRAPH_DTYPE = "float32"
+
+
+def find_onnx(source: Path) -> Path:
+    """The ONNX directory for `source`: itself, SOURCE/onnx, or (engines/NAME/checkpoint) ../onnx."""
+    source = Path(source)
+    places = [source, source / "onnx"]
+    if (source.parent / "manifest.json").is_file():  # engines/NAME/checkpoint -> engines/NAME/onnx
+        places.append(source.parent / "onnx")
+    for d in places:
+        if (d / MODEL_FILE).is_file():
+            return d
+    raise ExportError(f"{source}: no ONNX graph ({MODEL_FILE}) here, in {source / 'onnx'} or {source.parent / 'onnx'}; "
+                      f"create it with `python -m export build engines/NAME --onnx`")
+
+
+def make_session(model: Path, threads: int = 1, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(model), opts, providers=list(providers))
+
+
+class OnnxBackend:
+    """`LocalBackend`'s interface (`call(cmd) -> [reply]`, `close()`) over an ORT session."""
+
+    def __init__(self, onnx_dir: Path, spec: ModelSpec, threads: int = 1) -> None:
+        self.spec = spec
+        self.session = make_session(Path(onnx_dir) / MODEL_FILE, threads)
+        self.kv_heads = {i: int(spec.layers[i].attention.kv_heads or 0) for i in spec.attention_layers()}
+        self.cache = KVCache(self.kv_heads, spec.head_dim, torch.float32, "cpu")
+        self.outputs = ["logits"] + [n for i in self.kv_heads for n in kv_names(i)[2:]]
+
+    def call(self, cmd: Any) -> list[Any]:
+        return [HANDLERS[type(cmd)](self, cmd)]
+
+    def close(self) -> None:
+        self.session = None
+
+    # ---- one graph run -----------------------------------------------------------------------
+    def _run(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+             past: dict[int, tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, list[np.ndarray]]:
+        if self.session is None:
+            raise ExportError("the ONNX engine is closed")
+        feed = {"input_ids": ids.numpy(), "position_ids": positions.numpy(), "attention_mask": mask.numpy()}
+        for i, (k, v) in past.items():
+            pk, pv, _, _ = kv_names(i)
+            feed[pk], feed[pv] = k, v
+        logits, *presents = self.session.run(self.outputs, feed)
+        return torch.from_numpy(logits), presents
+
+    def _append(self, slots: tuple[int, ...], seqs: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+        """Prefill and decode alike: append `seqs` to the slots' cached sequences; last-token logits."""
+        ids, lens = pad(seqs)
+        rows = torch.tensor(slots, dtype=torch.long)
+        self.cache.reserve(int(rows.max()) + 1, 0)
+        start = self.cache.lengths[rows].clone()
+        t, past_len = ids.shape[1], int(start.max())
+        self.cache.reserve(0, int((start + t).max()))
+        mask = torch.cat([torch.arange(past_len) < start[:, None], torch.arange(t) < lens[:, None]], dim=1)
+        positions = start[:, None] + torch.arange(t)
+        # numpy views of the cache tensors: plain slicing here costs microseconds, torch indexing ~100x more
+        stores = {i: (self.cache.k[i].numpy(), self.cache.v[i].numpy()) for i in self.kv_heads}
+        idx = np.asarray(slots)
+        past = {i: (k[idx, :, :past_len], v[idx, :, :past_len]) for i, (k, v) in stores.items()}
+        logits, presents = self._run(ids, positions, mask.long(), past)
+        spans = list(zip(slots, start.tolist(), lens.tolist()))
+        for n, i in enumerate(self.kv_heads):
+            for store, present in zip(stores[i], presents[2 * n:2 * n + 2]):
+                for row, (slot, first, count) in enumerate(spans):  # the new entries only, at the slot's positions
+                    store[slot, :, first:first + count] = present[row, :, past_len:past_len + count]
+        self.cache.lengths[rows] = start + lens
+        return logits[torch.arange(len(slots)), lens - 1]
+
+    # ---- commands ------------------------------------------------------------------------------
+    def _reserve(self, cmd: Reserve) -> None:
+        self.cache.reserve(cmd.slots, cmd.max_len)
+
+    def _prefill(self, cmd: Prefill) -> torch.Tensor:
+        return self._append(cmd.slots, cmd.seqs)
+
+    def _decode(self, cmd: Decode) -> torch.Tensor:
+        return self._append(cmd.slots, tuple((t,) for t in cmd.tokens))
+
+    def _free(self, cmd: Free) -> None:
+        self.cache.free(list(cmd.slots))
+
+    def _logits(self, cmd: Logits) -> torch.Tensor:
+        ids, _ = pad(cmd.seqs)
+        b, t = ids.shape
+        empty = {i: (np.zeros((b, h, 0, self.spec.head_dim), np.float32),) * 2 for i, h in self.kv_heads.items()}
+        positions = torch.arange(t).expand(b, -1).contiguous()
+        logits, _ = self._run(ids, positions, torch.ones(b, t, dtype=torch.long), empty)
+        return logits
+
+    def _stats(self, cmd: Stats) -> dict[str, int]:
+        return {"rank": 0, "kv_cache_bytes": self.cache.nbytes, "kv_bytes_per_token": self.cache.bytes_per_token(),
+                "tp_collectives": 0, "pp_transfers": 0}
+
+
+HANDLERS = {Reserve: OnnxBackend._reserve, Prefill: OnnxBackend._prefill, Decode: OnnxBackend._decode,
+            Free: OnnxBackend._free, Logits: OnnxBackend._logits, Stats: OnnxBackend._stats}
+
+
+def start_onnx(source: Path, *, tp: int | None, pp: int | None, dtype: str,
+               threads: int) -> tuple[ModelSpec, OnnxBackend]:
+    """What `Engine.start(source, runtime="onnx")` runs: the spec and the backend, or a clear refusal."""
+    if (tp or 1) != 1 or (pp or 1) != 1:
+        raise ExportError(f"runtime 'onnx' runs the whole model in one process (tp=1, pp=1); got tp={tp}, pp={pp}. "
+                          f"Use runtime='torch' for tensor/pipeline parallelism")
+    if normalize_dtype(dtype) != GRAPH_DTYPE:
+        raise ExportError(f"runtime 'onnx': the exported graph is {GRAPH_DTYPE}; dtype={dtype} is not available")
+    onnx_dir = find_onnx(Path(source))
+    spec = ModelSpec.load(onnx_dir)
+    return spec, OnnxBackend(onnx_dir, spec, threads)
