@@ -24,5 +24,7 @@ def test_demo_runs_every_step(tmp_path):
     assert re.search(r"result\s+[1-9][0-9]* tokens, time to first token", out)
     manifest = json.loads((engines / "manifest.json").read_text())
     assert manifest["tp"] == 2 and manifest["engines"]["cpu"]["verified"] is True
-    assert "trtllm" not in manifest["engines"]
+    assert "trtllm" not in manifest["engines"] and "onnx" in manifest["engines"]
+    assert re.search(r"ONNX graph\s+.*checked", out)
+    assert re.search(r"== package: Triton model repository, ONNX Runtime at tp=1", out)
     assert (work / "analysis" / "heatmap.png").stat().st_size > 10_000

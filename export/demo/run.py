@@ -1,6 +1,7 @@
 """`python -m export demo`: the whole pipeline on the shipped Puzzle-style model, step by step.
 
-analyze -> fuse -> evaluate -> convert (tp 2) -> verify -> build -> package (cpu) -> serve -> query (streaming) -> stop.
+analyze -> fuse -> evaluate -> convert (tp 2) -> verify -> build (TensorRT-LLM where present; ONNX) -> package
+-> serve -> query (streaming) -> stop.
 Each step calls the same library function its subcommand calls and prints what it produced and how
 long it took, so a person can rerun any step by hand from the printed paths.
 """
@@ -30,6 +31,9 @@ class DemoConfig:
     max_tokens: int = 48
     calib_tokens: int = 2048
     eval_tokens: int = 2048
+    # What Triton serves: "onnx" (ONNX Runtime, tp=1; fastest on this small model, see README) or
+    # "cpu" (the PyTorch reference runtime over the checkpoint's tp worker processes).
+    backend: str = "onnx"
     progress: bool = False
 
 
@@ -90,6 +94,7 @@ def run_demo(cfg: DemoConfig, out: Callable[[str], None] | None = None) -> DemoR
 
 
 def _deploy(cfg: DemoConfig, fused: Path, rep: DemoReport) -> None:
+    from export.onnx.export import build_onnx
     from export.triton.package import package_repo
     from export.trtllm.build import build
     from export.trtllm.convert import convert
@@ -107,13 +112,17 @@ def _deploy(cfg: DemoConfig, fused: Path, rep: DemoReport) -> None:
         if not ver.passed:
             from export.errors import ExportError
             raise ExportError(f"verify failed: max abs diff {ver.max_abs_diff:.3e} > {ver.tolerance:.0e}")
-    with step(rep, "build", "trtllm-build (GPU hosts with tensorrt-llm)") as r:
+    with step(rep, "build", "trtllm-build (GPU hosts with tensorrt-llm), and the ONNX decoder graph") as r:
         outcome = build(cfg.engine_dir)
         r["TensorRT-LLM engine"] = "built" if outcome.built else "NOT built here (unverified; see message)"
         if not outcome.built:
             print("   " + outcome.message.replace("\n", "\n   "))
-    with step(rep, "package", "Triton model repository, cpu flavour") as r:
-        repo = package_repo(cfg.engine_dir, cfg.work / "triton_repo", backend="cpu")
+        if cfg.backend == "onnx":
+            graph = build_onnx(cfg.engine_dir, progress=cfg.progress)
+            r["ONNX graph"] = f"{graph.out} ({graph.nodes} nodes, checked)"
+    flavour = {"onnx": "ONNX Runtime at tp=1", "cpu": f"PyTorch runtime at tp={cfg.tp}"}[cfg.backend]
+    with step(rep, "package", f"Triton model repository, {flavour}") as r:
+        repo = package_repo(cfg.engine_dir, cfg.work / "triton_repo", backend=cfg.backend)
         r["repository"] = repo
         r["models"] = sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file())
     _serve_and_query(cfg, repo, rep)
