@@ -13,8 +13,10 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-# Test suites and bundled third-party packages are left out: we want library code.
-EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
+# Test suites, bundled third-party packages and generated data tables (codec maps, pydoc topics) are
+# left out: we want library code, and the codec tables alone would teach the model to emit tables.
+EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__",
+                           "encodings", "pydoc_data"})
 HELDOUT_PER_MILLE = 50  # 5% of files
 
 

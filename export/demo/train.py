@@ -208,7 +208,7 @@ def run(out: Path, r: Recipe) -> None:
 
     sel = ho.windows(ho.heldout_tokens(tok, SELECTION_TOKENS), r.ctx)
     base_loss, scores = attention_importance(model, sel)
-    chosen = choose_run(scores, r.run_length)
+    chosen = choose_run(scores, r.run_length, edge=len(scores) // 4)  # a middle run, as in Puzzle's models
     log(f"importance (loss increase): {[round(s, 4) for s in scores]} -> run {chosen}")
     child_spec = without_attention(spec, chosen)
     student = build_model(child_spec)
