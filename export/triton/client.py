@@ -57,6 +57,7 @@ class QueryResult:
     ttft_s: float | None = None
     total_s: float = 0.0
     streamed: bool = True
+    arrivals: list[tuple[float, int]] = field(default_factory=list)  # (seconds since send, tokens) per response
 
 
     @property
@@ -108,8 +109,11 @@ def query(request: Request, *, url: str | None = None, protocol: str = "grpc", m
 
 
 def _collect(result: QueryResult, start: float, text: str, tokens: int, on_text: Callable[[str], None]) -> None:
+    now = time.perf_counter() - start
     if tokens and result.ttft_s is None:
-        result.ttft_s = time.perf_counter() - start
+        result.ttft_s = now
+    if tokens:
+        result.arrivals.append((now, tokens))
     result.tokens += tokens
     if text:
         result.pieces.append(text)

@@ -1,8 +1,11 @@
 """tensorrt_llm (cpu flavour): the reference runtime's Engine behind TensorRT-LLM's tensor API.
 
-Decoupled: `execute` hands each request to its own thread, which streams engine steps as
-responses. `Engine.start` launches the TP worker processes with subprocess (multiprocessing does
-not work inside the python-backend stub); `finalize` closes them.
+Decoupled: `execute` hands each request to its own thread, which submits it to the engine's
+in-flight batching scheduler and streams its steps as responses; concurrent requests share decode
+steps. A client cancel (or disconnect) is seen within one poll and cancels the request, whose slot
+the engine frees at its next step. A full wait queue answers "engine busy" (UNAVAILABLE).
+`Engine.start` launches the TP worker processes with subprocess (multiprocessing does not work
+inside the python-backend stub); `finalize` closes them.
 """
 
 import contextlib
@@ -24,8 +27,8 @@ def _params(args):
     return params
 
 
-def _error(msg, invalid=True):
-    code = getattr(pb_utils.TritonError, "INVALID_ARG", None) if invalid else None
+def _error(msg, code_name="INVALID_ARG"):
+    code = getattr(pb_utils.TritonError, code_name, None) if code_name else None
     err = pb_utils.TritonError(msg) if code is None else pb_utils.TritonError(msg, code)
     return pb_utils.InferenceResponse(output_tensors=[], error=err)
 
@@ -39,11 +42,16 @@ class TritonPythonModel:
 
         torch.set_num_threads(1)
         from export.runtime.engine import Engine
+        from export.runtime.scheduler import BusyError
         from export.triton import pipeline
 
+        self.BusyError = BusyError
         self.pipeline = pipeline
         self.max_seq_len = int(p["max_seq_len"])
-        self.engine = Engine.start(Path(p["checkpoint_dir"]), tp=int(p["tp"]), pp=int(p["pp"]), dtype=p["dtype"])
+        kv_tokens = int(p.get("kv_cache_tokens", "0")) or None
+        self.engine = Engine.start(Path(p["checkpoint_dir"]), tp=int(p["tp"]), pp=int(p["pp"]), dtype=p["dtype"],
+                                   max_batch=int(p["max_num_sequences"]), max_queue=int(p["max_queue_requests"]),
+                                   kv_cache_tokens=kv_tokens)
         self.runner = pipeline.EngineRunner(self.engine)
         self.threads = set()
 
@@ -63,10 +71,8 @@ class TritonPythonModel:
                 t = pb_utils.get_input_tensor_by_name(request, name)
                 inputs[name] = None if t is None else t.as_numpy()
             req = self.pipeline.engine_request(inputs, self.max_seq_len)
-            with contextlib.closing(self.runner.steps(req)) as steps:  # closing frees the engine for the next
+            with contextlib.closing(self.runner.steps(req, sender.is_cancelled)) as steps:  # closing cancels
                 for step in steps:
-                    if sender.is_cancelled():
-                        break
                     out = self.pipeline.engine_outputs(step)
                     response = pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in out.items()])
                     sender.send(response, flags=final if step.final else 0)
@@ -75,8 +81,10 @@ class TritonPythonModel:
             sender.send(flags=final)
         except self.pipeline.RequestError as e:
             sender.send(_error(str(e)), flags=final)
+        except self.BusyError as e:
+            sender.send(_error(str(e), "UNAVAILABLE"), flags=final)
         except Exception as e:  # an engine failure ends this request, not the server
-            sender.send(_error(f"engine error: {type(e).__name__}: {e}", invalid=False), flags=final)
+            sender.send(_error(f"engine error: {type(e).__name__}: {e}", None), flags=final)
         finally:
             self.threads.discard(threading.current_thread())
 
