@@ -89,7 +89,7 @@ def grpc_inputs(fields: dict[str, Any], dtypes: dict[str, Any] | None = None) ->
     out = []
     for name, value in fields.items():
         vals = value if isinstance(value, list) else [value]
-        dtype = (dtypes or {}).get(name, DTYPES[name])
+        dtype = (dtypes or {}).get(name) or DTYPES[name]
         if dtype is object:
             vals = [v.encode("utf-8") if isinstance(v, str) else v for v in vals]
         arr = np.array([vals], dtype=dtype)
