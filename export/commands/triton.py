@@ -120,6 +120,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=_levels, default=(1, 4, 16), help="concurrent streams per level")
     p.add_argument("--rounds", type=int, default=2, help="requests each client sends back to back")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per request (the end token is ignored)")
+    p.add_argument("--model", choices=("ensemble", "tensorrt_llm_bls"), default="ensemble",
+                   help="the served model the clients stream from")
     p.add_argument("--out", type=Path, default=default_path("out", "bench-serve"),
                    help="where report.json and tokens_per_s.png go (replaced atomically)")
 
@@ -135,7 +137,8 @@ def _register_bench() -> None:
         from export.io.atomic import atomic_output_dir
         from export.triton.bench import bench_serve, format_report, plot, summary
 
-        rep = bench_serve(args.engine_dirs, levels=args.concurrency, rounds=args.rounds, max_tokens=args.max_tokens)
+        rep = bench_serve(args.engine_dirs, levels=args.concurrency, rounds=args.rounds, max_tokens=args.max_tokens,
+                          model=args.model)
         rep["summary"] = summary(rep)
         text = json.dumps(rep, indent=2)
         with atomic_output_dir(args.out) as tmp:

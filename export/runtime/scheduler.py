@@ -239,8 +239,10 @@ class Scheduler:
             self.call(Reserve(slots, max_len))
             self._reserved = (slots, max_len)
 
-    def _emit(self, reqs: list[_Request], logits: torch.Tensor) -> None:
-        """Sample each row with its own request's settings and hand the token over."""
+    def _emit(self, reqs: list[_Request], logits: Any) -> None:
+        """Sample each row with its own request's settings and hand the token over (a backend may
+        answer with any array torch can wrap, e.g. numpy from another runtime)."""
+        logits = torch.as_tensor(logits)
         for row, req in enumerate(reqs):
             if req.cancelled:
                 continue  # it leaves at the next step; nothing more reaches its consumer

@@ -91,7 +91,8 @@ def run_level(one: Callable[[int], Timing], concurrency: int, rounds: int) -> di
             "itl_p50_ms": 1000 * _pct(itl, 0.5), "itl_p99_ms": 1000 * _pct(itl, 0.99)}
 
 
-def _triton_levels(repo: Path, levels: tuple[int, ...], rounds: int, max_tokens: int) -> tuple[list, float, int]:
+def _triton_levels(repo: Path, levels: tuple[int, ...], rounds: int, max_tokens: int,
+                   model: str) -> tuple[list, float, int]:
     """Levels through the ensemble; also the server start time and its peak process-tree RSS."""
     t0 = time.perf_counter()
     with start_server(repo) as server:
@@ -105,7 +106,7 @@ def _triton_levels(repo: Path, levels: tuple[int, ...], rounds: int, max_tokens:
 
         def one(i: int) -> Timing:
             res = query(Request(PROMPTS[i % len(PROMPTS)], max_tokens=max_tokens, end_id=-1, temperature=0.0),
-                        url=server.grpc_url, model="ensemble", timeout=600)
+                        url=server.grpc_url, model=model, timeout=600)
             return Timing(res.ttft_s or 0.0, _gaps(res.arrivals), res.tokens)
 
         sampler = threading.Thread(target=sample_rss, daemon=True)
@@ -152,30 +153,32 @@ def _direct_levels(engine_dir: Path, levels: tuple[int, ...], rounds: int, max_t
     return rows, syncs / max_tokens  # one forward pass per token (the prefill makes the first)
 
 
-def bench_engine(engine_dir: Path, *, levels: tuple[int, ...], rounds: int, max_tokens: int) -> dict[str, Any]:
+def bench_engine(engine_dir: Path, *, levels: tuple[int, ...], rounds: int, max_tokens: int,
+                 model: str = "ensemble") -> dict[str, Any]:
     from export.manifest import Manifest
 
     m = Manifest.load(engine_dir)
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         repo = package_repo(engine_dir, Path(tmp) / "repo", backend="cpu", max_batch_size=max(levels),
                             engine_queue_limit=max(levels))
-        triton, startup, peak_rss = _triton_levels(repo, levels, rounds, max_tokens)
+        triton, startup, peak_rss = _triton_levels(repo, levels, rounds, max_tokens, model)
     direct, syncs = _direct_levels(engine_dir, levels, rounds, max_tokens)
     for rows in (triton, direct):
         for r in rows:
             r["vs_c1"] = r["tokens_per_s"] / rows[0]["tokens_per_s"] if rows[0]["tokens_per_s"] else float("nan")
     for t, d in zip(triton, direct):
         t["triton_cost"] = d["tokens_per_s"] / t["tokens_per_s"] - 1 if t["tokens_per_s"] else float("nan")
-    return {"engine_dir": str(engine_dir), "name": engine_dir.name, "tp": m.tp, "pp": m.pp,
+    return {"engine_dir": str(engine_dir), "name": engine_dir.name, "tp": m.tp, "pp": m.pp, "model": model,
             "sync_points_per_token": syncs, "server_start_s": startup, "server_peak_rss_mb": peak_rss / 2**20,
             "triton": triton, "direct": direct}
 
 
 def bench_serve(engine_dirs: list[str | Path], *, levels: tuple[int, ...] = CONCURRENCY, rounds: int = 2,
-                max_tokens: int = 32) -> dict[str, Any]:
+                max_tokens: int = 32, model: str = "ensemble") -> dict[str, Any]:
     """One `bench_engine` per engine dir, in order (e.g. unfused/fused at tp 1 and 2, side by side)."""
-    runs = [bench_engine(Path(d), levels=levels, rounds=rounds, max_tokens=max_tokens) for d in engine_dirs]
-    return {"levels": list(levels), "rounds_per_client": rounds, "max_tokens": max_tokens,
+    runs = [bench_engine(Path(d), levels=levels, rounds=rounds, max_tokens=max_tokens, model=model)
+            for d in engine_dirs]
+    return {"levels": list(levels), "rounds_per_client": rounds, "max_tokens": max_tokens, "model": model,
             "prompts": len(PROMPTS), "runs": runs}
 
 
@@ -219,7 +222,8 @@ def plot(rep: dict[str, Any], path: Path) -> None:
     ax.set_xticks(rep["levels"], [str(c) for c in rep["levels"]])
     ax.set_xlabel("concurrent streams")
     ax.set_ylabel("output tokens/s")
-    ax.set_title(f"bench serve: greedy, {rep['max_tokens']} tokens per request")
+    ax.set_title(f"bench serve ({rep.get('model', 'ensemble')}, gRPC streaming): greedy, "
+                 f"{rep['max_tokens']} tokens per request")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
