@@ -103,7 +103,7 @@ class Load:
                     if "engine busy" in str(e):
                         with self.lock:
                             self.busy += 1
-                        time.sleep(0.05 + 0.01 * (c % 5))
+                        time.sleep(0.1 + 0.02 * (c % 5))
                         continue
                     with self.lock:
                         self.unexpected.append(f"request {i}: {e}")
