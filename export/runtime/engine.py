@@ -43,13 +43,15 @@ class Engine:
     @classmethod
     def start(cls, source: Path, *, tp: int | None = None, pp: int | None = None, dtype: str = "float32",
               threads: int = 1, python: str | None = None, max_batch: int = 16, max_queue: int = 256,
-              kv_cache_tokens: int | None = None) -> Engine:
+              kv_cache_tokens: int | None = None, processes: bool = False) -> Engine:
         """tp/pp default to the source's own layout (a TRT-LLM checkpoint) or 1.
 
         `threads`: torch threads per worker process; `python`: the worker interpreter
         (default sys.executable). `max_batch` sequences run at once, `max_queue` more may wait,
         and running requests reserve at most `kv_cache_tokens` (prompt + max_tokens each;
         default max_batch x max_position_embeddings) -- see `export.runtime.scheduler`.
+        `processes`: run even a single rank in a worker process, so the model's compute does not
+        share this process's GIL with the threads serving requests (the Triton model uses it).
         """
         dtype = normalize_dtype(dtype)
         spec, own, make = open_source(Path(source))
@@ -58,7 +60,7 @@ class Engine:
             raise ExportError(f"{source}: checkpoint is split for tp={own.tp}, pp={own.pp}; "
                               f"cannot run it at tp={mapping.tp}, pp={mapping.pp}")
         require_layout(spec, mapping)
-        if mapping.world_size == 1:
+        if mapping.world_size == 1 and not processes:
             backend: LocalBackend | ProcessBackend = LocalBackend(
                 Stepper(load_decoder(make(mapping, 0), dtype=torch_dtype(dtype))))
         else:

@@ -5,7 +5,8 @@ with gRPC streaming clients (the cpu flavour: the engine's in-flight batching sc
 python backend), then, after the server has stopped so both see the same CPUs, (b) straight on
 `Engine.submit` streams in this process at the same TP with the same scheduler limits. At each
 concurrency C, C clients each send `rounds` requests back to back (mixed prompt lengths, greedy,
-the end token ignored so every request makes exactly `max_tokens` tokens).
+the end token ignored so every request makes exactly `max_tokens` tokens; at least MIN_REQUESTS
+requests per level).
 
 Reported per level: time to first token and inter-token latency p50/p99, output tokens/s (all
 tokens over the level's wall time), the ratio to concurrency 1, and Triton's cost over (b); per
@@ -29,6 +30,7 @@ from export.triton.procs import tree_rss_bytes
 from export.triton.server import start_server
 
 CONCURRENCY = (1, 4, 16)
+MIN_REQUESTS = 8  # per level, so concurrency 1 is not timed on two requests
 PROMPTS = ("def main():", "import os\nimport sys\n\n", "class Config:\n    \"\"\"Settings read from the environment.",
            "The quick brown fox", "for i in range(10):\n    print(i)\n# now the same loop, but counting down",
            "x = 1", "with open(path) as f:\n    data = f.read()\n    lines = data.splitlines()\n    for line in lines:")
@@ -58,8 +60,10 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
-def run_level(one: Callable[[int], Timing], concurrency: int, rounds: int) -> dict[str, Any]:
-    """`concurrency` client threads, each running `rounds` requests back to back; summary figures."""
+def run_level(one: Callable[[int], Timing], concurrency: int, rounds: int, min_requests: int = 0) -> dict[str, Any]:
+    """`concurrency` client threads, each running `rounds` requests back to back (more when that
+    makes fewer than `min_requests` in all, so low levels get enough samples); summary figures."""
+    rounds = max(rounds, -(-min_requests // concurrency))
     timings: list[Timing] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -91,6 +95,18 @@ def run_level(one: Callable[[int], Timing], concurrency: int, rounds: int) -> di
             "itl_p50_ms": 1000 * _pct(itl, 0.5), "itl_p99_ms": 1000 * _pct(itl, 0.99)}
 
 
+def _warm_up(one: Callable[[int], Timing], tries: int = 3) -> None:
+    """One request before timing; a fresh connection may be refused once right after startup."""
+    for attempt in range(tries):
+        try:
+            one(0)
+            return
+        except Exception:
+            if attempt == tries - 1:
+                raise
+            time.sleep(1.0)
+
+
 def _triton_levels(repo: Path, levels: tuple[int, ...], rounds: int, max_tokens: int,
                    model: str) -> tuple[list, float, int]:
     """Levels through the ensemble; also the server start time and its peak process-tree RSS."""
@@ -112,8 +128,8 @@ def _triton_levels(repo: Path, levels: tuple[int, ...], rounds: int, max_tokens:
         sampler = threading.Thread(target=sample_rss, daemon=True)
         sampler.start()
         try:
-            one(0)  # warm-up
-            rows = [run_level(one, c, rounds) for c in levels]
+            _warm_up(one)
+            rows = [run_level(one, c, rounds, MIN_REQUESTS) for c in levels]
         finally:
             stop.set()
             sampler.join()
@@ -147,7 +163,7 @@ def _direct_levels(engine_dir: Path, levels: tuple[int, ...], rounds: int, max_t
             after = eng.stats()
             column = [r for r in eng.mapping.ranks() if eng.mapping.tp_rank(r) == 0]
             syncs = sum(after[r][k] - before[r][k] for r in column for k in ("tp_collectives", "pp_transfers"))
-            rows = [run_level(one, c, rounds) for c in levels]
+            rows = [run_level(one, c, rounds, MIN_REQUESTS) for c in levels]
     finally:
         torch.set_num_threads(threads)
     return rows, syncs / max_tokens  # one forward pass per token (the prefill makes the first)

@@ -53,7 +53,7 @@ class TritonPythonModel:
         kv_tokens = int(p.get("kv_cache_tokens", "0")) or None
         self.engine = Engine.start(Path(p["checkpoint_dir"]), tp=int(p["tp"]), pp=int(p["pp"]), dtype=p["dtype"],
                                    max_batch=int(p["max_num_sequences"]), max_queue=int(p["max_queue_requests"]),
-                                   kv_cache_tokens=kv_tokens)
+                                   kv_cache_tokens=kv_tokens, processes=True)
         self.runner = pipeline.EngineRunner(self.engine)
         self.threads = set()
         self.lock = threading.Lock()
