@@ -63,6 +63,5 @@ def test_bad_requests_name_the_request(eng):
         SamplingParams(top_p=0.0)
     stream = eng.stream([1, 2], SamplingParams(max_tokens=3))
     next(stream)
-    with pytest.raises(ExportError, match="busy"):
-        eng.logits([[1, 2]])
+    assert eng.logits([[1, 2]]).shape == (1, 2, 99)  # runs between the stream's steps, no deadlock
     assert len(list(stream)) == 2

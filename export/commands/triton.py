@@ -6,8 +6,9 @@ import argparse
 import signal
 import sys
 import time
+from pathlib import Path
 
-from export.cli import command, with_args
+from export.cli import command, default_path, with_args
 
 
 def _package_args(p: argparse.ArgumentParser) -> None:
@@ -21,6 +22,11 @@ def _package_args(p: argparse.ArgumentParser) -> None:
                    help="trtllm: kv_cache_free_gpu_mem_fraction (default: manifest, else 0.9)")
     p.add_argument("--batching-strategy", default=None, help="trtllm: inflight_fused_batching | inflight_batching | V1")
     p.add_argument("--gpu-device-ids", default=None, help="trtllm: e.g. 0,1 (default: 0..world_size-1)")
+    p.add_argument("--queue-limit", type=int, default=None, dest="engine_queue_limit",
+                   help="cpu: requests that may wait for a slot; more get 'engine busy' (default 64)")
+    p.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="cpu: KV-cache tokens (prompt + max_tokens) running requests may reserve "
+                        "(default max_batch_size x max_position_embeddings)")
 
 
 @command("package", "render a Triton model repository (ensemble, BLS, pre/postprocessing, engine) for engines/NAME")
@@ -31,7 +37,8 @@ def _cmd_package(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     out = package_repo(args.engine_dir, args.out, backend=args.backend, max_batch_size=args.max_batch_size,
                        kv_cache_free_gpu_mem_fraction=args.kv_cache_free_gpu_mem_fraction,
-                       batching_strategy=args.batching_strategy, gpu_device_ids=args.gpu_device_ids)
+                       batching_strategy=args.batching_strategy, gpu_device_ids=args.gpu_device_ids,
+                       engine_queue_limit=args.engine_queue_limit, kv_cache_tokens=args.kv_cache_tokens)
     print(f"packaged {args.backend} model repository at {out} ({time.perf_counter() - t:.2f} s)")
     return 0
 
@@ -101,11 +108,23 @@ def _cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _levels(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--concurrency wants comma-separated integers, got {text!r}") from None
+
+
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("engine_dir", help="engines/NAME (served with the cpu flavour)")
-    p.add_argument("--prompt", default="The quick brown fox")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("engine_dirs", nargs="+", type=Path,
+                   help="engines/NAME (served with the cpu flavour); several are reported side by side")
+    p.add_argument("--concurrency", type=_levels, default=(1, 4, 16), help="concurrent streams per level")
+    p.add_argument("--rounds", type=int, default=2, help="requests each client sends back to back")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens per request (the end token is ignored)")
+    p.add_argument("--model", choices=("ensemble", "tensorrt_llm_bls"), default="ensemble",
+                   help="the served model the clients stream from")
+    p.add_argument("--out", type=Path, default=default_path("out", "bench-serve"),
+                   help="where report.json and tokens_per_s.png go (replaced atomically)")
     p.add_argument("--backend", choices=("cpu", "onnx"), default="cpu",
                    help="cpu: the PyTorch reference runtime; onnx: engines/NAME/onnx on ONNX Runtime")
 
@@ -113,17 +132,25 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 def _register_bench() -> None:
     from export.commands.bench import bench
 
-    @bench("serve", "Triton (ensemble, BLS; gRPC streaming) TTFT and tokens/s vs Engine.stream in the same run",
-           _bench_args)
+    @bench("serve", "streaming TTFT / inter-token latency / tokens/s at concurrency 1,4,16: Triton vs the direct "
+                    "runtime in the same run; JSON, table and a PNG plot", _bench_args)
     def _bench_serve(args: argparse.Namespace) -> int:
         import json
 
-        from export.triton.bench import bench_serve, format_report
+        from export.io.atomic import atomic_output_dir
+        from export.triton.bench import bench_serve, format_report, plot, summary
 
-        rep = bench_serve(args.engine_dir, prompt=args.prompt, max_tokens=args.max_tokens, repeats=args.repeats,
+        rep = bench_serve(args.engine_dirs, levels=args.concurrency, rounds=args.rounds, max_tokens=args.max_tokens,
+                          model=args.model,
                           backend=args.backend)
+        rep["summary"] = summary(rep)
+        text = json.dumps(rep, indent=2)
+        with atomic_output_dir(args.out) as tmp:
+            (tmp / "report.json").write_text(text + "\n")
+            plot(rep, tmp / "tokens_per_s.png")
         print(format_report(rep))
-        print(json.dumps(rep, indent=2))
+        print(text)
+        print(f"wrote {args.out / 'report.json'} and {args.out / 'tokens_per_s.png'}")
         return 0
 
 

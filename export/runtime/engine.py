@@ -1,14 +1,14 @@
 """`Engine`: generation over the decoder, the same API in-process (tp = pp = 1) and over workers.
 
-The driver owns scheduling and sampling; ranks only execute step commands (`steps.py`), so
-the generation loop below is the one place to grow in-flight batching.
+The driver owns scheduling and sampling; ranks only execute step commands (`steps.py`). Every
+generation goes through the engine's `Scheduler` (in-flight batching): concurrent `stream`s and
+`submit`s share decode steps, each with its own sampling settings.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,10 @@ from export.layout import require_layout
 from export.mapping import Mapping
 from export.runtime.backends import LocalBackend, ProcessBackend
 from export.runtime.model import load_decoder
-from export.runtime.sampling import SamplingParams, make_generator, sample
+from export.runtime.sampling import SamplingParams
+from export.runtime.scheduler import Handle, Scheduler
 from export.runtime.sources import open_source
-from export.runtime.steps import Decode, Free, Logits, Prefill, Reserve, Stats, Stepper
+from export.runtime.steps import Logits, Stats, Stepper
 from export.spec import ModelSpec, normalize_dtype
 
 RUNTIMES = ("torch", "onnx")
@@ -32,20 +33,29 @@ class Engine:
     spec: ModelSpec
     mapping: Mapping
 
-    def __init__(self, spec: ModelSpec, mapping: Mapping, backend: LocalBackend | ProcessBackend) -> None:
+    def __init__(self, spec: ModelSpec, mapping: Mapping, backend: LocalBackend | ProcessBackend, *,
+                 max_batch: int = 16, max_queue: int = 256, kv_cache_tokens: int | None = None) -> None:
         self.spec, self.mapping, self.backend = spec, mapping, backend
         self.leader = mapping.rank(0, mapping.pp - 1)  # last stage, tp rank 0 returns logits
-        self._lock = threading.Lock()
-        self._owner: int | None = None  # thread holding the lock, to refuse re-entry instead of deadlocking
+        self._lock = threading.Lock()  # one step command at a time: the ranks run in lockstep
+        self.scheduler = Scheduler(self._call, max_batch=max_batch, max_queue=max_queue,
+                                   kv_cache_tokens=kv_cache_tokens, max_seq_len=spec.max_position_embeddings,
+                                   check=lambda prompt, n: self._check([prompt], n))
 
     @classmethod
     def start(cls, source: Path, *, tp: int | None = None, pp: int | None = None, dtype: str = "float32",
-              threads: int = 1, python: str | None = None, runtime: str = "torch") -> Engine:
+              threads: int = 1, python: str | None = None, runtime: str = "torch", max_batch: int = 16,
+              max_queue: int = 256, kv_cache_tokens: int | None = None, processes: bool = False) -> Engine:
         """tp/pp default to the source's own layout (a TRT-LLM checkpoint) or 1.
 
         `threads`: torch threads per worker process (ORT intra-op threads for onnx); `python`: the
         worker interpreter (default sys.executable); `runtime`: "torch" (this package's Decoder) or
         "onnx" (the graph `build --onnx` wrote beside the checkpoint, run by ONNX Runtime; tp = pp = 1).
+        `max_batch` sequences run at once, `max_queue` more may wait, and running requests reserve at
+        most `kv_cache_tokens` (prompt + max_tokens each; default max_batch x max_position_embeddings)
+        -- see `export.runtime.scheduler`. `processes`: run even a single torch rank in a worker
+        process, so the model's compute does not share this process's GIL with the threads serving
+        requests (the Triton model uses it).
         """
         if runtime not in RUNTIMES:
             raise ExportError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
@@ -53,7 +63,8 @@ class Engine:
             from export.onnx.backend import start_onnx
 
             spec, onnx_backend = start_onnx(Path(source), tp=tp, pp=pp, dtype=dtype, threads=threads)
-            return cls(spec, Mapping(1, 1), onnx_backend)  # type: ignore[arg-type]
+            return cls(spec, Mapping(1, 1), onnx_backend, max_batch=max_batch,  # type: ignore[arg-type]
+                       max_queue=max_queue, kv_cache_tokens=kv_cache_tokens)
         dtype = normalize_dtype(dtype)
         spec, own, make = open_source(Path(source))
         mapping = Mapping(tp or (own.tp if own else 1), pp or (own.pp if own else 1))
@@ -61,15 +72,16 @@ class Engine:
             raise ExportError(f"{source}: checkpoint is split for tp={own.tp}, pp={own.pp}; "
                               f"cannot run it at tp={mapping.tp}, pp={mapping.pp}")
         require_layout(spec, mapping)
-        if mapping.world_size == 1:
+        if mapping.world_size == 1 and not processes:
             backend: LocalBackend | ProcessBackend = LocalBackend(
                 Stepper(load_decoder(make(mapping, 0), dtype=torch_dtype(dtype))))
         else:
             backend = ProcessBackend(Path(source).absolute(), mapping, dtype, threads=threads, python=python)
-        return cls(spec, mapping, backend)
+        return cls(spec, mapping, backend, max_batch=max_batch, max_queue=max_queue, kv_cache_tokens=kv_cache_tokens)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
+        self.scheduler.close()
         self.backend.close()
 
     def __enter__(self) -> Engine:
@@ -78,29 +90,21 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @contextmanager
-    def _exclusive(self) -> Iterator[None]:
-        """One request at a time (the ranks run in lockstep); calling back into the engine while
-        consuming its own `stream` is an error, not a deadlock."""
-        if self._owner == threading.get_ident():
-            raise ExportError("engine busy: this thread is still consuming a generation from it")
-        with self._lock:
-            self._owner = threading.get_ident()
-            try:
-                yield
-            finally:
-                self._owner = None
-
     def _call(self, cmd: Any) -> Any:
-        """Run a step on every rank; the leader's reply."""
-        return self.backend.call(cmd)[self.leader]
+        """Run a step on every rank; the leader's reply. The scheduler's driver and `logits`/`stats`
+        callers interleave whole commands."""
+        with self._lock:
+            return self.backend.call(cmd)[self.leader]
 
     # ---- requests ----------------------------------------------------------------------------
+    def submit(self, prompt: list[int], params: SamplingParams) -> Handle:
+        """Queue one request for in-flight batching; raises BusyError when the wait queue is full."""
+        return self.scheduler.submit(prompt, params)
+
     def logits(self, input_ids: list[list[int]]) -> torch.Tensor:
         """[B, T, vocab] fp32 prefill logits, no cache; a right-padded (ragged) batch is fine."""
         self._check(input_ids, 0)
-        with self._exclusive():
-            return self._call(Logits(tuple(tuple(s) for s in input_ids)))
+        return self._call(Logits(tuple(tuple(s) for s in input_ids)))
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """New tokens only, per prompt."""
@@ -111,13 +115,16 @@ class Engine:
         return out
 
     def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[list[int]]:
-        """New token ids as they are produced (one list per step)."""
-        for step in self._steps([prompt], params):
-            yield [tok for _, tok in step]
+        """New token ids as they are produced (one list per step); closing the iterator cancels."""
+        handle = self.submit(prompt, params)
+        try:
+            yield from handle
+        finally:
+            handle.cancel()
 
     def stats(self) -> list[dict[str, int]]:
         """Per rank: KV-cache bytes (held now, and per token) and collectives issued so far."""
-        with self._exclusive():
+        with self._lock:
             return self.backend.call(Stats())
 
     def kv_cache_bytes(self) -> int:
@@ -138,24 +145,21 @@ class Engine:
                                   f"max_position_embeddings={self.spec.max_position_embeddings}")
 
     def _steps(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[list[tuple[int, int]]]:
-        """Per step, the (row, token) pairs produced; finished rows leave the batch."""
+        """Per step, the (row, token) pairs produced (the k-th token of every row still going);
+        the prompts go to the scheduler together, so as a batch that fits they prefill and decode as one."""
         self._check(prompts, params.max_tokens)
-        slots = tuple(range(len(prompts)))
-        stop = set(params.stop_token_ids)
-        gen = make_generator(params)
-        with self._exclusive():
-            self.backend.call(Reserve(len(prompts), max(map(len, prompts)) + params.max_tokens))
-            self.backend.call(Free(slots))
-            try:
-                logits = self._call(Prefill(slots, tuple(tuple(p) for p in prompts)))
-                active = list(slots)
-                for step in range(params.max_tokens):
-                    toks = sample(logits, params, gen)
-                    yield list(zip(active, toks))
-                    keep = [(r, t) for r, t in zip(active, toks) if t not in stop]
-                    if step == params.max_tokens - 1 or not keep:
-                        break
-                    active = [r for r, _ in keep]
-                    logits = self._call(Decode(tuple(active), tuple(t for _, t in keep)))
-            finally:
-                self.backend.call(Free(slots))
+        handles = self.scheduler.submit_many(prompts, params)
+        try:
+            live = list(enumerate(handles))
+            while live:
+                step = []
+                for row, h in live:
+                    out = h.poll()
+                    if out is not None and out.tokens:
+                        step += [(row, t) for t in out.tokens]
+                live = [(row, h) for row, h in live if not h.finished]
+                if step:
+                    yield step
+        finally:
+            for h in handles:
+                h.cancel()

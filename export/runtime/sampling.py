@@ -17,6 +17,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()  # generation stops after emitting one of these (it is included)
+    stop_sequences: tuple[tuple[int, ...], ...] = ()  # ... or when the output ends with one of these (included)
 
     def __post_init__(self) -> None:
         problems = [msg for bad, msg in (
@@ -24,6 +25,7 @@ class SamplingParams:
             (self.temperature < 0, f"temperature must be >= 0 (got {self.temperature})"),
             (self.top_k < 0, f"top_k must be >= 0 (got {self.top_k})"),
             (not 0 < self.top_p <= 1, f"top_p must be in (0, 1] (got {self.top_p})"),
+            (any(not s for s in self.stop_sequences), "stop_sequences must not contain an empty sequence"),
         ) if bad]
         if problems:
             raise ExportError("bad sampling parameters: " + "; ".join(problems))

@@ -57,6 +57,7 @@ class QueryResult:
     ttft_s: float | None = None
     total_s: float = 0.0
     streamed: bool = True
+    arrivals: list[tuple[float, int]] = field(default_factory=list)  # (seconds since send, tokens) per response
 
 
     @property
@@ -88,7 +89,7 @@ def grpc_inputs(fields: dict[str, Any], dtypes: dict[str, Any] | None = None) ->
     out = []
     for name, value in fields.items():
         vals = value if isinstance(value, list) else [value]
-        dtype = (dtypes or {}).get(name, DTYPES[name])
+        dtype = (dtypes or {}).get(name) or DTYPES[name]
         if dtype is object:
             vals = [v.encode("utf-8") if isinstance(v, str) else v for v in vals]
         arr = np.array([vals], dtype=dtype)
@@ -108,8 +109,11 @@ def query(request: Request, *, url: str | None = None, protocol: str = "grpc", m
 
 
 def _collect(result: QueryResult, start: float, text: str, tokens: int, on_text: Callable[[str], None]) -> None:
+    now = time.perf_counter() - start
     if tokens and result.ttft_s is None:
-        result.ttft_s = time.perf_counter() - start
+        result.ttft_s = now
+    if tokens:
+        result.arrivals.append((now, tokens))
     result.tokens += tokens
     if text:
         result.pieces.append(text)

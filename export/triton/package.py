@@ -62,6 +62,8 @@ class RepoSettings:
     gpu_device_ids: str | None = None
     max_queue_delay_microseconds: int = 0
     max_queue_size: int = 0
+    engine_queue_limit: int = 64                 # cpu flavour: requests that may wait for a slot ("busy" beyond)
+    kv_cache_tokens: int = 0                     # cpu flavour: KV tokens running requests may reserve (0: default)
     preprocessing_instance_count: int = 1
     postprocessing_instance_count: int = 1
     bls_instance_count: int = 1
@@ -77,6 +79,8 @@ class RepoSettings:
                  (0.0 < self.kv_cache_free_gpu_mem_fraction <= 1.0,
                   f"kv_cache_free_gpu_mem_fraction must be in (0, 1], got {self.kv_cache_free_gpu_mem_fraction}"),
                  (self.max_batch_size >= 1, f"max_batch_size must be >= 1, got {self.max_batch_size}"),
+                 (self.engine_queue_limit >= 1, f"engine_queue_limit must be >= 1, got {self.engine_queue_limit}"),
+                 (self.kv_cache_tokens >= 0, f"kv_cache_tokens must be >= 0, got {self.kv_cache_tokens}"),
                  (0 < self.max_input_len <= self.max_seq_len,
                   f"need 0 < max_input_len ({self.max_input_len}) <= max_seq_len ({self.max_seq_len})")]
         for ok, msg in rules:

@@ -6,8 +6,7 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,46 +147,48 @@ def engine_request(inputs: Arrays, max_seq_len: int) -> EngineRequest:
 
 
 class EngineRunner:
-    """Runs requests on one `Engine`, one at a time (the lock) until the runtime batches in flight."""
+    """Runs requests on one `Engine`'s scheduler: concurrent requests share its decode steps."""
+
+    poll_s = 0.05  # how often a waiting request looks at its client's cancel flag
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
-        self.lock = threading.Lock()
 
     def params(self, req: EngineRequest) -> Any:
         from export.runtime.sampling import SamplingParams
 
         return SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_k=req.top_k,
                               top_p=req.top_p, seed=req.seed,
-                              stop_token_ids=(req.end_id,) if req.end_id >= 0 else ())
+                              stop_token_ids=(req.end_id,) if req.end_id >= 0 else (),
+                              stop_sequences=tuple(tuple(w) for w in req.stop_words if w))
 
-    def steps(self, req: EngineRequest) -> Iterator[Step]:
-        """Streaming: a Step per engine step; else one Step. The last Step has final=True."""
+    def steps(self, req: EngineRequest, cancelled: Callable[[], bool] = lambda: False) -> Iterator[Step]:
+        """Streaming: a Step per engine step; else one Step. The last Step has final=True.
+
+        `cancelled` is polled between outputs; when it turns true (or this iterator is closed) the
+        request is cancelled and the engine frees its slot at its next step. Raises BusyError when
+        the engine's wait queue is full."""
         generated: list[int] = []
         pending: list[int] = []
-        with self.lock:
-            stream = self.engine.stream(req.prompt, self.params(req))
-            try:
-                for new in stream:
-                    new = [int(t) for t in new]
-                    done = req.end_id >= 0 and req.end_id in new
-                    if done:
-                        new = new[:new.index(req.end_id)]  # the end token is not part of the output
-                    generated += new
-                    pending += new
-                    done = done or len(generated) >= req.max_tokens or _ends_with_stop(generated, req.stop_words)
-                    if req.streaming or done:
-                        yield Step(pending, list(generated), done)
-                        pending = []
-                    if done:
-                        return
-            finally:
-                stream.close()
-        yield Step(pending, list(generated), True)
-
-
-def _ends_with_stop(ids: list[int], stops: list[list[int]]) -> bool:
-    return any(len(s) <= len(ids) and ids[-len(s):] == s for s in stops)
+        handle = self.engine.submit(req.prompt, self.params(req))
+        try:
+            while not handle.finished:
+                out = handle.poll(self.poll_s)
+                if cancelled():
+                    return
+                if out is None:
+                    continue
+                new = [int(t) for t in out.tokens]
+                if req.end_id >= 0 and req.end_id in new:
+                    new = new[:new.index(req.end_id)]  # the end token is not part of the output
+                generated += new
+                pending += new
+                if req.streaming and not out.finished and new:
+                    yield Step(pending, list(generated), False)
+                    pending = []
+            yield Step(pending, list(generated), True)
+        finally:
+            handle.cancel()
 
 
 def engine_outputs(step: Step) -> dict[str, np.ndarray]:

@@ -1,8 +1,13 @@
 """tensorrt_llm (cpu flavour): the reference runtime's Engine behind TensorRT-LLM's tensor API.
 
-Decoupled: `execute` hands each request to its own thread, which streams engine steps as
-responses. `Engine.start` launches the TP worker processes with subprocess (multiprocessing does
-not work inside the python-backend stub); `finalize` closes them.
+Decoupled: `execute` hands each request to its own thread, which submits it to the engine's
+in-flight batching scheduler and streams its steps as responses; concurrent requests share decode
+steps. A client cancel (or disconnect) is seen within one poll and cancels the request, whose slot
+the engine frees at its next step; so does a request with the same request id and `stop` = true
+(TensorRT-LLM's input; the BLS sends it when its own client cancels). A full wait queue answers
+"engine busy" (UNAVAILABLE).
+`Engine.start` launches the TP worker processes with subprocess (multiprocessing does not work
+inside the python-backend stub); `finalize` closes them.
 """
 
 import contextlib
@@ -13,7 +18,7 @@ import threading
 import triton_python_backend_utils as pb_utils
 
 INPUTS = ("input_ids", "input_lengths", "request_output_len", "end_id", "pad_id", "stop_words_list",
-          "bad_words_list", "temperature", "runtime_top_k", "runtime_top_p", "seed", "streaming")
+          "bad_words_list", "temperature", "runtime_top_k", "runtime_top_p", "seed", "streaming", "stop")
 
 
 def _params(args):
@@ -24,8 +29,8 @@ def _params(args):
     return params
 
 
-def _error(msg, invalid=True):
-    code = getattr(pb_utils.TritonError, "INVALID_ARG", None) if invalid else None
+def _error(msg, code_name="INVALID_ARG"):
+    code = getattr(pb_utils.TritonError, code_name, None) if code_name else None
     err = pb_utils.TritonError(msg) if code is None else pb_utils.TritonError(msg, code)
     return pb_utils.InferenceResponse(output_tensors=[], error=err)
 
@@ -39,19 +44,46 @@ class TritonPythonModel:
 
         torch.set_num_threads(1)
         from export.runtime.engine import Engine
+        from export.runtime.scheduler import BusyError
         from export.triton import pipeline
 
+        self.BusyError = BusyError
         self.pipeline = pipeline
         self.max_seq_len = int(p["max_seq_len"])
-        # ---- runtime switch (issue 9, ONNX flavour): `package --backend onnx` renders runtime "onnx" ----
+        kv_tokens = int(p.get("kv_cache_tokens", "0")) or None
+        sched = {"max_batch": int(p["max_num_sequences"]), "max_queue": int(p["max_queue_requests"]),
+                 "kv_cache_tokens": kv_tokens}
+        # ---- runtime switch (ONNX flavour): `package --backend onnx` renders runtime "onnx" ----
         if p.get("runtime", "torch") == "onnx":  # engines/NAME/onnx by ONNX Runtime (tp=1, fp32, 1 thread)
             start = {"runtime": "onnx"}
         else:
-            start = {"tp": int(p["tp"]), "pp": int(p["pp"]), "dtype": p["dtype"]}
-        self.engine = Engine.start(Path(p["checkpoint_dir"]), **start)
+            start = {"tp": int(p["tp"]), "pp": int(p["pp"]), "dtype": p["dtype"], "processes": True}
+        self.engine = Engine.start(Path(p["checkpoint_dir"]), **start, **sched)
         # ---- end runtime switch ----
         self.runner = pipeline.EngineRunner(self.engine)
         self.threads = set()
+        self.lock = threading.Lock()
+        self.stops = {}  # request id -> events of its running requests (the `stop` input sets them)
+        self.stopping = threading.Event()
+        self.metrics = self._start_metrics()
+
+    def _start_metrics(self):
+        """The scheduler's load as gauges on Triton's metrics endpoint (`cpu_engine_scheduler{state=...}`)."""
+        family_cls = getattr(pb_utils, "MetricFamily", None)
+        if family_cls is None:
+            return None
+        family = family_cls(name="cpu_engine_scheduler", description="in-flight batching: requests running, "
+                            "waiting, KV tokens reserved, steps run", kind=family_cls.GAUGE)
+        gauges = {k: family.Metric(labels={"state": k}) for k in ("running", "waiting", "kv_tokens", "steps")}
+
+        def publish():
+            while not self.stopping.wait(0.1):
+                for k, v in self.engine.scheduler.load().items():
+                    gauges[k].set(v)
+
+        thread = threading.Thread(target=publish, name="engine-metrics", daemon=True)
+        thread.start()
+        return family, gauges, thread
 
     def execute(self, requests):
         for request in requests:
@@ -60,19 +92,32 @@ class TritonPythonModel:
             t.start()
         return None
 
+    def _stop(self, request_id):
+        """TensorRT-LLM's `stop` input: end the running request(s) with this request id."""
+        with self.lock:
+            for event in self.stops.get(request_id, ()):
+                event.set()
+
     def _serve(self, request):
         sender = request.get_response_sender()
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        rid, stop = request.request_id(), threading.Event()
         try:
             inputs = {}
             for name in INPUTS:
                 t = pb_utils.get_input_tensor_by_name(request, name)
                 inputs[name] = None if t is None else t.as_numpy()
+            if inputs["stop"] is not None and bool(inputs["stop"].reshape(-1)[0]):
+                self._stop(rid)
+                sender.send(flags=final)
+                return
             req = self.pipeline.engine_request(inputs, self.max_seq_len)
-            with contextlib.closing(self.runner.steps(req)) as steps:  # closing frees the engine for the next
+            if rid:
+                with self.lock:
+                    self.stops.setdefault(rid, []).append(stop)
+            cancelled = lambda: stop.is_set() or sender.is_cancelled()  # noqa: E731
+            with contextlib.closing(self.runner.steps(req, cancelled)) as steps:  # closing cancels
                 for step in steps:
-                    if sender.is_cancelled():
-                        break
                     out = self.pipeline.engine_outputs(step)
                     response = pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in out.items()])
                     sender.send(response, flags=final if step.final else 0)
@@ -81,12 +126,24 @@ class TritonPythonModel:
             sender.send(flags=final)
         except self.pipeline.RequestError as e:
             sender.send(_error(str(e)), flags=final)
+        except self.BusyError as e:
+            sender.send(_error(str(e), "UNAVAILABLE"), flags=final)
         except Exception as e:  # an engine failure ends this request, not the server
-            sender.send(_error(f"engine error: {type(e).__name__}: {e}", invalid=False), flags=final)
+            sender.send(_error(f"engine error: {type(e).__name__}: {e}", None), flags=final)
         finally:
             self.threads.discard(threading.current_thread())
+            with self.lock:
+                if stop in self.stops.get(rid, ()):
+                    self.stops[rid].remove(stop)
+                    if not self.stops[rid]:
+                        del self.stops[rid]
 
     def finalize(self):
+        self.stopping.set()
+        if self.metrics is not None:
+            self.metrics[2].join(timeout=5)
+            self.metrics[1].clear()  # the metrics go before their family, as the stub requires
+        self.engine.scheduler.close()  # requests still running or waiting end with an error now
         for t in list(self.threads):
             t.join(timeout=10)
         self.engine.close()

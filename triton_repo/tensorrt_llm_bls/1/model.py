@@ -7,6 +7,7 @@ characters whichever engine flavour answers (TensorRT-LLM streams only the new t
 import json
 import sys
 import threading
+import uuid
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -75,13 +76,20 @@ class TritonPythonModel:
                          for name, eng in PRE_TO_ENGINE.items()]
         engine_inputs += [pb_utils.Tensor(eng, t.as_numpy()) for name, (_, eng) in ROUTES.items()
                           if eng and (t := client[name]) is not None]
-        responses = pb_utils.InferenceRequest(model_name=self.engine_name, inputs=engine_inputs,
+        rid = f"bls-{uuid.uuid4().hex}"  # so a cancel can name this engine request
+        responses = pb_utils.InferenceRequest(model_name=self.engine_name, inputs=engine_inputs, request_id=rid,
                                               requested_output_names=["output_ids", "sequence_length"]
                                               ).exec(decoupled=True)
         stream = client["stream"] is not None and bool(client["stream"].as_numpy().reshape(-1)[0])
         decoder = self.detok.IncrementalDecoder(self.tokenizer, self.skip)
         pieces, count = [], 0
+        stopped = False
         for r in responses:
+            if not stopped and request.is_cancelled():  # our client left: stop the engine's request, drain
+                stopped = True
+                self._stop_engine(rid)
+            if stopped:
+                continue
             if r.has_error():
                 raise pb_utils.TritonModelException(r.error().message())
             out = pb_utils.get_output_tensor_by_name(r, "output_ids")
@@ -94,11 +102,22 @@ class TritonPythonModel:
                 self._send(sender, text, len(new))
             pieces.append(text)
             count += len(new)
+        if stopped:
+            return
         tail = decoder.finish()
         if stream and tail:
             self._send(sender, tail, 0)
         if not stream:  # exactly one response, as HTTP /generate requires
             self._send(sender, "".join(pieces) + tail, count)
+
+    def _stop_engine(self, rid):
+        """TensorRT-LLM's stop request (same request id, `stop` = true): the engine frees the slot."""
+        dummy = {"input_ids": [[0]], "input_lengths": [[1]], "request_output_len": [[1]]}
+        inputs = [pb_utils.Tensor(k, np.array(v, dtype=np.int32)) for k, v in dummy.items()]
+        inputs.append(pb_utils.Tensor("stop", np.array([[True]], dtype=bool)))
+        for _ in pb_utils.InferenceRequest(model_name=self.engine_name, inputs=inputs, request_id=rid,
+                                           requested_output_names=["output_ids"]).exec(decoupled=True):
+            pass
 
     def _send(self, sender, text, n_tokens):
         sender.send(pb_utils.InferenceResponse([
