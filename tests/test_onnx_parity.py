@@ -21,6 +21,13 @@ TOL = 1e-4
 PROMPTS = ["def main(argv):\n    return", "import os\nclass Path:\n    def __init__(self"]
 
 
+def attention_free_run(spec: ModelSpec) -> list[int]:
+    """The demo Puzzle model's blocks without attention (one contiguous run, chosen by training)."""
+    run = [i for i, lay in enumerate(spec.layers) if not lay.has_attention]
+    assert len(run) >= 4 and run == list(range(run[0], run[-1] + 1))
+    return run
+
+
 @pytest.fixture(scope="module", params=["unfused", "fused"])
 def engines(request, tmp_path_factory):
     torch.set_num_threads(1)
@@ -30,7 +37,8 @@ def engines(request, tmp_path_factory):
         from export.fusion.fuse import fuse_checkpoint
         from export.fusion.plan import FusionPlan
 
-        src = fuse_checkpoint(DEMO_PUZZLE, FusionPlan([(4, 7)]), root / "fused", progress=False).out
+        run = attention_free_run(ModelSpec.load(DEMO_PUZZLE))
+        src = fuse_checkpoint(DEMO_PUZZLE, FusionPlan([(run[0], run[-1])]), root / "fused", progress=False).out
     res = export_onnx(src, root / "onnx", progress=False)
     with Engine.start(src) as ref, Engine.start(root / "onnx", runtime="onnx") as ort:
         yield request.param, res, ref, ort
@@ -47,12 +55,15 @@ def test_the_fused_ffn_is_one_wide_gate_up_and_down(engines):
     shapes = {t.name: list(t.dims) for t in model.graph.initializer}
     if kind == "fused":
         unfused = ModelSpec.load(DEMO_PUZZLE)
-        assert spec.num_layers == 9  # the 4 FFN-only layers 4..7 became one
-        assert spec.layers[4].ffn.width == sum(lay.ffn.width for lay in unfused.layers[4:8])
-        width = spec.layers[4].ffn.width
-        assert shapes["layers.4.ffn.gate_up"] == [spec.hidden, 2 * width]
-        assert [n.input[1] for n in model.graph.node if n.input[1:2] and n.input[1].startswith("layers.4.ffn.")] == [
-            "layers.4.ffn.gate_up", "layers.4.ffn.down"]
+        run = attention_free_run(unfused)
+        first = run[0]
+        assert spec.num_layers == unfused.num_layers - len(run) + 1  # the run's FFN-only layers became one
+        assert spec.layers[first].ffn.width == sum(unfused.layers[i].ffn.width for i in run)
+        width = spec.layers[first].ffn.width
+        pre = f"layers.{first}.ffn."
+        assert shapes[pre + "gate_up"] == [spec.hidden, 2 * width]
+        assert [n.input[1] for n in model.graph.node if n.input[1:2] and n.input[1].startswith(pre)] == [
+            pre + "gate_up", pre + "down"]
     past = {i.name for i in model.graph.input if i.name.startswith("past_key_values")}
     assert len(past) == 2 * len(spec.attention_layers()) == 16  # 8 attention layers either way
 

@@ -133,6 +133,25 @@ def test_engine_runner_streams_what_generate_returns(engine, tok):
     assert out["output_ids"].shape[:2] == (1, 1) and out["is_final"].tolist() == [[True]]
 
 
+
+def test_a_slow_consumer_gets_queued_steps_coalesced(engine, tok):
+    """A stream that falls behind the engine gets what queued meanwhile in one response: the same
+    tokens in the same order, in fewer responses than steps."""
+    import time
+
+    from export.runtime.sampling import SamplingParams
+
+    prompt = tok.encode(TEXT)
+    ref = engine.generate([prompt], SamplingParams(max_tokens=12))[0]
+    runner = EngineRunner(engine)
+    slow = []
+    for step in runner.steps(EngineRequest(prompt, 12, -1, [], streaming=True)):
+        slow.append(step)
+        time.sleep(0.2)  # several engine steps finish while this response is "being sent"
+    assert [t for s in slow for t in s.new] == ref == slow[-1].generated
+    assert max(len(s.new) for s in slow) > 1 and len(slow) <= len(ref) // 2
+    assert all(s.generated == ref[:len(s.generated)] for s in slow)
+
 def test_engine_request_validation():
     ok = {"input_ids": np.array([[5, 6, 7]], dtype=np.int32), "input_lengths": np.array([[3]], dtype=np.int32),
           "request_output_len": np.array([[4]], dtype=np.int32)}

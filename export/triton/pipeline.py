@@ -178,17 +178,33 @@ class EngineRunner:
                     return
                 if out is None:
                     continue
-                new = [int(t) for t in out.tokens]
+                new = [int(t) for t in out.tokens] + _queued_tokens(handle)
                 if req.end_id >= 0 and req.end_id in new:
                     new = new[:new.index(req.end_id)]  # the end token is not part of the output
                 generated += new
                 pending += new
-                if req.streaming and not out.finished and new:
+                if req.streaming and not handle.finished and new:
                     yield Step(pending, list(generated), False)
                     pending = []
             yield Step(pending, list(generated), True)
         finally:
             handle.cancel()
+
+
+def _queued_tokens(handle: Any) -> list[int]:
+    """Tokens of the steps that finished while the last response was being sent.
+
+    A stream whose consumer falls behind the engine (many streams, one python stub) gets them in
+    one response instead of one response per step: the same tokens and text, fewer messages
+    through the server (vLLM's and TGI's streams coalesce the same way). An idle stream is never
+    held back: this only takes what is already queued."""
+    tokens: list[int] = []
+    while not handle.finished:
+        out = handle.poll(0)
+        if out is None:
+            break
+        tokens += [int(t) for t in out.tokens]
+    return tokens
 
 
 def engine_outputs(step: Step) -> dict[str, np.ndarray]:

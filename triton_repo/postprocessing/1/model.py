@@ -22,23 +22,20 @@ def _params(args):
 class TritonPythonModel:
     def initialize(self, args):
         p = _params(args)
-        from export.triton import pipeline
+        from export.triton import pipeline, stub
 
-        self.pipeline = pipeline
+        self.pipeline, self.stub = pipeline, stub
         self.tokenizer = pipeline.load_tokenizer(p["tokenizer_dir"])
         self.skip = p.get("skip_special_tokens", "true").lower() == "true"
 
     def execute(self, requests):
         responses = []
         for request in requests:
-            inputs = {}
-            for name in INPUTS:
-                t = pb_utils.get_input_tensor_by_name(request, name)
-                inputs[name] = None if t is None else t.as_numpy()
+            inputs = self.stub.gather(pb_utils, request, INPUTS)
             try:
                 out = self.pipeline.postprocess(self.tokenizer, inputs, self.skip)
             except Exception as e:  # a decoding failure belongs to this request only
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(e))))
+                responses.append(self.stub.error(pb_utils, str(e), None))
                 continue
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in out.items()]))
+            responses.append(self.stub.response(pb_utils, out))
         return responses

@@ -21,18 +21,12 @@ def _params(args):
     return params
 
 
-def _error(msg):
-    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
-    err = pb_utils.TritonError(msg) if code is None else pb_utils.TritonError(msg, code)
-    return pb_utils.InferenceResponse(output_tensors=[], error=err)
-
-
 class TritonPythonModel:
     def initialize(self, args):
         p = _params(args)
-        from export.triton import pipeline
+        from export.triton import pipeline, stub
 
-        self.pipeline = pipeline
+        self.pipeline, self.stub = pipeline, stub
         self.tokenizer = pipeline.load_tokenizer(p["tokenizer_dir"])
         self.limits = pipeline.Limits(int(p["max_input_len"]), int(p["max_seq_len"]))
         self.add_special = p.get("add_special_tokens", "true").lower() == "true"
@@ -40,14 +34,11 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
-            inputs = {}
-            for name in INPUTS:
-                t = pb_utils.get_input_tensor_by_name(request, name)
-                inputs[name] = None if t is None else t.as_numpy()
+            inputs = self.stub.gather(pb_utils, request, INPUTS)
             try:
                 out = self.pipeline.preprocess(self.tokenizer, inputs, self.limits, self.add_special)
             except self.pipeline.RequestError as e:
-                responses.append(_error(str(e)))
+                responses.append(self.stub.error(pb_utils, str(e)))
                 continue
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in out.items()]))
+            responses.append(self.stub.response(pb_utils, out))
         return responses

@@ -29,12 +29,6 @@ def _params(args):
     return params
 
 
-def _error(msg, code_name="INVALID_ARG"):
-    code = getattr(pb_utils.TritonError, code_name, None) if code_name else None
-    err = pb_utils.TritonError(msg) if code is None else pb_utils.TritonError(msg, code)
-    return pb_utils.InferenceResponse(output_tensors=[], error=err)
-
-
 class TritonPythonModel:
     def initialize(self, args):
         p = _params(args)
@@ -45,10 +39,10 @@ class TritonPythonModel:
         torch.set_num_threads(1)
         from export.runtime.engine import Engine
         from export.runtime.scheduler import BusyError
-        from export.triton import pipeline
+        from export.triton import pipeline, stub
 
         self.BusyError = BusyError
-        self.pipeline = pipeline
+        self.pipeline, self.stub = pipeline, stub
         self.max_seq_len = int(p["max_seq_len"])
         kv_tokens = int(p.get("kv_cache_tokens", "0")) or None
         sched = {"max_batch": int(p["max_num_sequences"]), "max_queue": int(p["max_queue_requests"]),
@@ -103,10 +97,7 @@ class TritonPythonModel:
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         rid, stop = request.request_id(), threading.Event()
         try:
-            inputs = {}
-            for name in INPUTS:
-                t = pb_utils.get_input_tensor_by_name(request, name)
-                inputs[name] = None if t is None else t.as_numpy()
+            inputs = self.stub.gather(pb_utils, request, INPUTS)
             if inputs["stop"] is not None and bool(inputs["stop"].reshape(-1)[0]):
                 self._stop(rid)
                 sender.send(flags=final)
@@ -119,17 +110,16 @@ class TritonPythonModel:
             with contextlib.closing(self.runner.steps(req, cancelled)) as steps:  # closing cancels
                 for step in steps:
                     out = self.pipeline.engine_outputs(step)
-                    response = pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in out.items()])
-                    sender.send(response, flags=final if step.final else 0)
+                    sender.send(self.stub.response(pb_utils, out), flags=final if step.final else 0)
                     if step.final:
                         return
             sender.send(flags=final)
         except self.pipeline.RequestError as e:
-            sender.send(_error(str(e)), flags=final)
+            sender.send(self.stub.error(pb_utils, str(e)), flags=final)
         except self.BusyError as e:
-            sender.send(_error(str(e), "UNAVAILABLE"), flags=final)
+            sender.send(self.stub.error(pb_utils, str(e), "UNAVAILABLE"), flags=final)
         except Exception as e:  # an engine failure ends this request, not the server
-            sender.send(_error(f"engine error: {type(e).__name__}: {e}", None), flags=final)
+            sender.send(self.stub.error(pb_utils, f"engine error: {type(e).__name__}: {e}", None), flags=final)
         finally:
             self.threads.discard(threading.current_thread())
             with self.lock:

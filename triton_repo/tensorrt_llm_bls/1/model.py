@@ -32,18 +32,12 @@ def _params(args):
     return params
 
 
-def _error(msg):
-    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
-    err = pb_utils.TritonError(msg) if code is None else pb_utils.TritonError(msg, code)
-    return pb_utils.InferenceResponse(output_tensors=[], error=err)
-
-
 class TritonPythonModel:
     def initialize(self, args):
         p = _params(args)
-        from export.triton import detok, pipeline
+        from export.triton import detok, pipeline, stub
 
-        self.detok = detok
+        self.detok, self.stub = detok, stub
         self.tokenizer = pipeline.load_tokenizer(p["tokenizer_dir"])
         self.skip = p.get("skip_special_tokens", "true").lower() == "true"
         self.engine_name = p.get("tensorrt_llm_model_name", "tensorrt_llm")
@@ -60,9 +54,9 @@ class TritonPythonModel:
             self._run(request, sender)
             sender.send(flags=final)
         except pb_utils.TritonModelException as e:
-            sender.send(_error(str(e)), flags=final)
+            sender.send(self.stub.error(pb_utils, str(e)), flags=final)
         except Exception as e:
-            sender.send(_error(f"{type(e).__name__}: {e}"), flags=final)
+            sender.send(self.stub.error(pb_utils, f"{type(e).__name__}: {e}"), flags=final)
 
     def _run(self, request, sender):
         client = {name: pb_utils.get_input_tensor_by_name(request, name) for name in ROUTES}
