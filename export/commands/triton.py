@@ -27,6 +27,9 @@ def _package_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="cpu: KV-cache tokens (prompt + max_tokens) running requests may reserve "
                         "(default max_batch_size x max_position_embeddings)")
+    p.add_argument("--runtime-dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="cpu: compute dtype of the PyTorch engine (default float32: the checkpoint's bf16/fp16 "
+                        "weights are upcast once at load; CPUs without native bf16 run fp32 GEMMs faster)")
 
 
 @command("package", "render a Triton model repository (ensemble, BLS, pre/postprocessing, engine) for engines/NAME")
@@ -38,7 +41,8 @@ def _cmd_package(args: argparse.Namespace) -> int:
     out = package_repo(args.engine_dir, args.out, backend=args.backend, max_batch_size=args.max_batch_size,
                        kv_cache_free_gpu_mem_fraction=args.kv_cache_free_gpu_mem_fraction,
                        batching_strategy=args.batching_strategy, gpu_device_ids=args.gpu_device_ids,
-                       engine_queue_limit=args.engine_queue_limit, kv_cache_tokens=args.kv_cache_tokens)
+                       engine_queue_limit=args.engine_queue_limit, kv_cache_tokens=args.kv_cache_tokens,
+                       runtime_dtype=args.runtime_dtype)
     print(f"packaged {args.backend} model repository at {out} ({time.perf_counter() - t:.2f} s)")
     return 0
 

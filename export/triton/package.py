@@ -39,6 +39,9 @@ ENSEMBLE_EXTRAS = {
 SKIPPED = {("trtllm", "tensorrt_llm"): ("model.py",)}
 
 
+RUNTIME_DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclass(frozen=True)
 class RepoSettings:
     """Every value a template needs, typed; `values()` turns them into template strings."""
@@ -50,7 +53,7 @@ class RepoSettings:
     max_seq_len: int
     tp: int = 1
     pp: int = 1
-    runtime_dtype: str = "float32"
+    runtime_dtype: str = "float32"               # cpu flavour: compute dtype (weights are upcast at load)
     checkpoint_dir: Path | None = None           # cpu flavour
     runtime: str = "torch"                       # cpu flavour: Engine.start(runtime=) -- "torch" or "onnx"
     engine_dir: Path | None = None               # trtllm flavour
@@ -74,6 +77,8 @@ class RepoSettings:
     def check(self) -> None:
         rules = [(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}"),
                  (self.runtime in RUNTIMES, f"runtime must be one of {RUNTIMES}, got {self.runtime!r}"),
+                 (self.runtime_dtype in RUNTIME_DTYPES,
+                  f"runtime_dtype must be one of {RUNTIME_DTYPES}, got {self.runtime_dtype!r}"),
                  (self.batching_strategy in BATCHING,
                   f"batching_strategy must be one of {BATCHING}, got {self.batching_strategy!r}"),
                  (0.0 < self.kv_cache_free_gpu_mem_fraction <= 1.0,
@@ -121,7 +126,7 @@ def settings_from_manifest(engine_dir: Path, backend: str, **overrides: Any) -> 
     s = RepoSettings(
         backend=backend, tokenizer_dir=engine_dir / m.tokenizer if m.tokenizer else None,
         max_batch_size=int(build["max_batch_size"]), max_input_len=int(build["max_input_len"]),
-        max_seq_len=int(build["max_seq_len"]), tp=m.tp, pp=m.pp, runtime_dtype=m.dtype,
+        max_seq_len=int(build["max_seq_len"]), tp=m.tp, pp=m.pp,
         checkpoint_dir=engine_dir / entry.get("path", m.checkpoint) if backend == "cpu" else None,
         engine_dir=engine_dir / entry.get("path", "trtllm") if backend == "trtllm" else None,
         **tuning)

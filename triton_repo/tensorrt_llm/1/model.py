@@ -6,7 +6,7 @@ steps. A client cancel (or disconnect) is seen within one poll and cancels the r
 the engine frees at its next step; so does a request with the same request id and `stop` = true
 (TensorRT-LLM's input; the BLS sends it when its own client cancels). A full wait queue answers
 "engine busy" (UNAVAILABLE).
-`Engine.start` launches the TP worker processes with subprocess (multiprocessing does not work
+At tp x pp > 1 `Engine.start` launches the worker processes with subprocess (multiprocessing does not work
 inside the python-backend stub); `finalize` closes them.
 """
 
@@ -51,7 +51,9 @@ class TritonPythonModel:
         if p.get("runtime", "torch") == "onnx":  # engines/NAME/onnx by ONNX Runtime (tp=1, fp32, 1 thread)
             start = {"runtime": "onnx"}
         else:
-            start = {"tp": int(p["tp"]), "pp": int(p["pp"]), "dtype": p["dtype"], "processes": True}
+            # tp = pp = 1 runs in this process: measured faster than a worker process (no IPC per step;
+            # the model's ops release the GIL), 85 vs 62 tokens/s at 1 stream, 409 vs 328 at 16
+            start = {"tp": int(p["tp"]), "pp": int(p["pp"]), "dtype": p["dtype"]}
         self.engine = Engine.start(Path(p["checkpoint_dir"]), **start, **sched)
         # ---- end runtime switch ----
         self.runner = pipeline.EngineRunner(self.engine)
