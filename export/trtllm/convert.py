@@ -115,6 +115,7 @@ def write_rank_files(reader: CheckpointReader, plans: list[RankPlan], ckpt: Path
                for p in plans}
     order = list(_by_source(reader, plans))
     written = 0
+    scratch = Scratch()
     try:
         with byte_progress(sum(reader.info(n).nbytes for n, _ in order), "convert", progress) as bar:
             for name, placements in order:
@@ -125,7 +126,7 @@ def write_rank_files(reader: CheckpointReader, plans: list[RankPlan], ckpt: Path
                     stop = min(rows, first + step)
                     chunk = source.read(name, first, stop)  # also hashed, in a thread, while it is written
                     for p in placements:
-                        written += _write_window(writers[p.rank], p, chunk, first, stop, tdtype)
+                        written += _write_window(writers[p.rank], p, chunk, first, stop, tdtype, scratch)
                     bar.update(chunk.numel() * chunk.element_size())
                     del chunk
                 for p in placements:
@@ -142,12 +143,31 @@ def write_rank_files(reader: CheckpointReader, plans: list[RankPlan], ckpt: Path
 
 
 def _write_window(w: SafetensorsWriter, p: Placement, chunk: torch.Tensor, first: int, stop: int,
-                  dtype: torch.dtype) -> int:
+                  dtype: torch.dtype, scratch: Scratch) -> int:
     fed = window(p, first, stop)
     if fed is None:
         return 0
     shard, row = fed
-    return w.write_rows(p.name, row, take(chunk, shard, tuple(chunk.shape)).to(dtype))
+    piece = take(chunk, shard, tuple(chunk.shape))
+    if piece.dtype != dtype or not piece.is_contiguous():  # a column slice, or a cast: packed in reused memory
+        piece = scratch.like(piece, dtype).copy_(piece)
+    return w.write_rows(p.name, row, piece)
+
+
+class Scratch:
+    """One growing buffer for pieces that must be packed (column slices) or cast before writing.
+
+    Allocating a fresh tensor per piece made peak RSS creep up with the number of pieces (heap
+    fragmentation between 16-32 MiB blocks: +43 MiB from 16 to 32 layers of Llama-3.1-8B)."""
+
+    def __init__(self) -> None:
+        self._buf = torch.empty(0, dtype=torch.uint8)
+
+    def like(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        nbytes = t.numel() * torch.empty((), dtype=dtype).element_size()
+        if self._buf.numel() < nbytes:
+            self._buf = torch.empty(nbytes, dtype=torch.uint8)
+        return self._buf[:nbytes].view(dtype).view(t.shape)
 
 
 def _write_padding(w: SafetensorsWriter, p: Placement, dtype: torch.dtype) -> int:
@@ -160,10 +180,13 @@ def _write_padding(w: SafetensorsWriter, p: Placement, dtype: torch.dtype) -> in
 
 
 class RawTensors:
-    """Whole tensors by `pread` into a fresh buffer (not a memory map), hashed on the way.
+    """Row windows by `pread` into one of two reused buffers (not a memory map), hashed on the way.
 
     A map keeps every page it touched resident in this process until it is closed, so the RSS of
-    a long pass would grow to the model size; a buffer is freed once its pieces are written. Each
+    a long pass would grow to the model size. A fresh buffer per window is no better for speed: a
+    64 MiB allocation is a new mapping each time, and faulting in and zeroing its pages cost more
+    than the read itself. So two buffers alternate: one being hashed while the next is read into
+    the other; a window returned by `read` stays valid until the second `read` after it. Each
     file's sha256 (header, then tensors in offset order) is fed from these same buffers by a helper
     thread (hashlib releases the GIL), so the manifest's content hash costs no second read. A file
     read with gaps (tensors the model does not use) is left for `tree_sha256` to hash itself.
@@ -175,6 +198,16 @@ class RawTensors:
         self._hash: dict[str, tuple[Any, int]] = {}  # file -> (sha256, next data offset expected)
         self._hasher = ThreadPoolExecutor(1)
         self._pending: Future | None = None
+        self._buffers: list[torch.Tensor] = [torch.empty(0, dtype=torch.uint8)] * 2
+        self._turn = 0
+
+    def _buffer(self, nbytes: int) -> torch.Tensor:
+        """The next of the two buffers, grown to `nbytes`. Its last window (the one before last) is
+        hashed already: `_feed` of the last window waited for it."""
+        self._turn ^= 1
+        if self._buffers[self._turn].numel() < nbytes:
+            self._buffers[self._turn] = torch.empty(nbytes, dtype=torch.uint8)
+        return self._buffers[self._turn][:nbytes]
 
     def _file(self, fname: str) -> tuple[int, int]:
         if fname not in self._files:
@@ -193,7 +226,7 @@ class RawTensors:
         stop = rows if stop is None else stop
         row_bytes = info.nbytes // rows if rows else 0
         begin = info.begin + first * row_bytes
-        buf = torch.empty((stop - first) * row_bytes, dtype=torch.uint8)
+        buf = self._buffer((stop - first) * row_bytes)
         view, pos = memoryview(buf.numpy()), data_start + begin
         while view:
             n = os.preadv(fd, [view], pos)
