@@ -95,16 +95,22 @@ def run_level(one: Callable[[int], Timing], concurrency: int, rounds: int, min_r
             "itl_p50_ms": 1000 * _pct(itl, 0.5), "itl_p99_ms": 1000 * _pct(itl, 0.99)}
 
 
-def _warm_up(one: Callable[[int], Timing], tries: int = 3) -> None:
-    """One request before timing; a fresh connection may be refused once right after startup."""
+WARM_UP_REQUESTS = 4  # a freshly started server ran its first few requests up to 25% slower
+
+
+def _warm_up(one: Callable[[int], Timing], tries: int = 3, requests: int = WARM_UP_REQUESTS) -> None:
+    """Untimed requests before the first level (each prompt once); a fresh connection may be
+    refused once right after startup."""
     for attempt in range(tries):
         try:
             one(0)
-            return
+            break
         except Exception:
             if attempt == tries - 1:
                 raise
             time.sleep(1.0)
+    for i in range(1, requests):
+        one(i)
 
 
 def _triton_levels(repo: Path, levels: tuple[int, ...], rounds: int, max_tokens: int,
@@ -163,6 +169,8 @@ def _direct_levels(engine_dir: Path, levels: tuple[int, ...], rounds: int, max_t
             before = eng.stats()
             one(0)  # warm-up, and the sync count of one request
             after = eng.stats()
+            for i in range(1, WARM_UP_REQUESTS):  # as much warm-up as the Triton side gets
+                one(i)
             column = [r for r in eng.mapping.ranks() if eng.mapping.tp_rank(r) == 0]
             syncs = sum(after[r][k] - before[r][k] for r in column for k in ("tp_collectives", "pp_transfers"))
             rows = [run_level(one, c, rounds, MIN_REQUESTS) for c in levels]
