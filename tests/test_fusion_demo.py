@@ -6,6 +6,7 @@ from export.cli import main
 from export.demo.paths import DEMO_PUZZLE
 from export.fusion.evaluate import evaluate
 from export.fusion.study import write_demo_texts
+from export.planning import attention_free_runs
 from export.spec import ModelSpec
 
 
@@ -15,7 +16,7 @@ def test_demo_analyze_fuse_evaluate(tmp_path, capsys):
                  "--out", str(tmp_path / "an")]) == 0
     plan = json.loads((tmp_path / "an" / "plan.json").read_text())
     spec = ModelSpec.load(DEMO_PUZZLE)
-    run = [i for i, lay in enumerate(spec.layers) if not lay.has_attention]  # chosen by the training recipe
+    (run,) = attention_free_runs(spec)  # where it lies is chosen by the training recipe
     assert plan["groups"] == [[run[0], run[-2]]]  # the attention-free run without its last FFN
     m = json.loads((tmp_path / "an" / "dependency.json").read_text())["matrix"]
     assert all(0 < m[i][j] < 2 for i in range(12) for j in range(i + 1, 12))

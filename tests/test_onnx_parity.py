@@ -11,6 +11,7 @@ import torch
 from export.demo.paths import DEMO_PUZZLE
 from export.onnx.export import export_onnx
 from export.onnx.graph import MODEL_FILE
+from export.planning import attention_free_runs
 from export.runtime.engine import Engine
 from export.runtime.sampling import SamplingParams
 from export.runtime.steps import Decode, Free, Prefill, Reserve
@@ -22,9 +23,9 @@ PROMPTS = ["def main(argv):\n    return", "import os\nclass Path:\n    def __ini
 
 
 def attention_free_run(spec: ModelSpec) -> list[int]:
-    """The demo Puzzle model's blocks without attention (one contiguous run, chosen by training)."""
-    run = [i for i, lay in enumerate(spec.layers) if not lay.has_attention]
-    assert len(run) >= 4 and run == list(range(run[0], run[-1] + 1))
+    """The demo Puzzle model's one run of FFN-only blocks (where it lies is chosen by training)."""
+    (run,) = attention_free_runs(spec)
+    assert len(run) >= 4
     return run
 
 

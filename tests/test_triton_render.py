@@ -78,6 +78,8 @@ def test_bad_settings_are_refused_before_writing(tmp_path):
         render_repo(settings("trtllm", tmp_path, kv_cache_free_gpu_mem_fraction=1.5), out)
     with pytest.raises(ExportError, match="batching_strategy"):
         render_repo(settings("trtllm", tmp_path, batching_strategy="static"), out)
+    with pytest.raises(ExportError, match="runtime_dtype must be one of"):
+        render_repo(settings("cpu", tmp_path, runtime_dtype="int8"), out)
     assert not out.exists()
 
 
@@ -95,6 +97,17 @@ def test_package_cpu_from_manifest(engine_dir, tmp_path):
     assert params(engine)["checkpoint_dir"] == str(engine_dir / "checkpoint") and params(engine)["tp"] == "2"
     assert (repo / "tensorrt_llm/1/model.py").is_file() and not list(repo.rglob("config.cpu.pbtxt"))
     assert json.loads((repo / DEPLOY_FILE).read_text())["world_size"] == 1
+
+
+def test_cpu_engine_computes_in_fp32_unless_asked(engine_dir, tmp_path):
+    """A bf16 checkpoint still runs fp32 GEMMs on the CPU (bf16 ran at half speed on AVX2)."""
+    from export.trtllm.convert import convert
+
+    bf16 = convert(engine_dir.parent.parent / "hf", tmp_path / "bf16", tp=1, dtype="bf16", progress=False).out
+    assert Manifest.load(bf16).dtype == "bfloat16"
+    dtype = lambda repo: params(parse_model_config((repo / "tensorrt_llm/config.pbtxt").read_text(), "e"))["dtype"]  # noqa: E731
+    assert dtype(package_repo(bf16, tmp_path / "r1", backend="cpu")) == "float32"
+    assert dtype(package_repo(bf16, tmp_path / "r2", backend="cpu", runtime_dtype="bfloat16")) == "bfloat16"
 
 
 def test_package_trtllm_needs_a_built_engine_then_uses_manifest_settings(engine_dir, tmp_path):

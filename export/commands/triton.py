@@ -12,6 +12,8 @@ from export.cli import command, default_path, with_args
 
 
 def _package_args(p: argparse.ArgumentParser) -> None:
+    from export.triton.package import RUNTIME_DTYPES
+
     p.add_argument("engine_dir", help="engines/NAME (manifest.json, checkpoint/, tokenizer/)")
     p.add_argument("--out", required=True, help="model repository to write (replaced atomically)")
     p.add_argument("--backend", choices=("cpu", "onnx", "trtllm"), default="cpu",
@@ -27,7 +29,7 @@ def _package_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="cpu: KV-cache tokens (prompt + max_tokens) running requests may reserve "
                         "(default max_batch_size x max_position_embeddings)")
-    p.add_argument("--runtime-dtype", choices=("float32", "bfloat16", "float16"), default=None,
+    p.add_argument("--runtime-dtype", choices=RUNTIME_DTYPES, default=None,
                    help="cpu: compute dtype of the PyTorch engine (default float32: the checkpoint's bf16/fp16 "
                         "weights are upcast once at load; CPUs without native bf16 run fp32 GEMMs faster)")
 

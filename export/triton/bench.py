@@ -99,8 +99,8 @@ WARM_UP_REQUESTS = 4  # a freshly started server ran its first few requests up t
 
 
 def _warm_up(one: Callable[[int], Timing], tries: int = 3, requests: int = WARM_UP_REQUESTS) -> None:
-    """Untimed requests before the first level (each prompt once); a fresh connection may be
-    refused once right after startup."""
+    """`requests` untimed requests before the first level; a fresh connection may be refused once
+    right after startup."""
     for attempt in range(tries):
         try:
             one(0)

@@ -164,7 +164,7 @@ class Scratch:
         self._buf = torch.empty(0, dtype=torch.uint8)
 
     def like(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        nbytes = t.numel() * torch.empty((), dtype=dtype).element_size()
+        nbytes = t.numel() * dtype.itemsize
         if self._buf.numel() < nbytes:
             self._buf = torch.empty(nbytes, dtype=torch.uint8)
         return self._buf[:nbytes].view(dtype).view(t.shape)
