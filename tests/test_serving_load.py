@@ -164,9 +164,10 @@ def long_stream(model: str, k: int) -> list:
     return grpc_inputs({"text_input": f"the quick {k}", "max_tokens": 200, "end_id": -1, "stream": True})
 
 
-@pytest.mark.parametrize("model", ["tensorrt_llm", "tensorrt_llm_bls"])
+@pytest.mark.parametrize("model", ["tensorrt_llm", "tensorrt_llm_bls", "ensemble"])
 def test_cancelled_streams_free_their_slots(deployment, model):
-    """SLOTS long streams fill the engine; cancelling them frees every slot within a few steps."""
+    """SLOTS long streams fill the engine; cancelling them frees every slot within a few steps
+    (through the ensemble too, where postprocessing stops the engine's request)."""
     import queue
 
     import tritonclient.grpc as grpcclient
@@ -192,6 +193,6 @@ def test_cancelled_streams_free_their_slots(deployment, model):
     while (g := scheduler_gauges(server))["running"] > 0:
         assert time.monotonic() < deadline, f"slots still held after cancelling: {g}"
         time.sleep(0.05)
-    assert g["steps"] - steps < 100, "the streams ran on instead of being cancelled"
+    assert g["steps"] - steps < 30, "the streams ran on instead of being cancelled"  # measured: 4-6 steps
     res = query(Request("the lazy dog", max_tokens=8), url=server.grpc_url, timeout=60)
     assert res.tokens > 0

@@ -18,6 +18,7 @@ from export.triton.pipeline import (
     load_tokenizer,
     postprocess,
     preprocess,
+    stop_id,
 )
 from export.triton.requests import split_word_list, word_list
 
@@ -129,8 +130,9 @@ def test_engine_runner_streams_what_generate_returns(engine, tok):
     assert stop.generated == ref[:first] and stop.final
     ended = list(runner.steps(EngineRequest(prompt, 10, ref[3], [], streaming=True)))
     assert ended[-1].final and ended[-1].generated == ref[:ref.index(ref[3])]
-    out = engine_outputs(ended[-1])
+    out = engine_outputs(ended[-1], 7)
     assert out["output_ids"].shape[:2] == (1, 1) and out["is_final"].tolist() == [[True]]
+    assert out["request_key"].tolist() == [[7]] and stop_id(7) != stop_id(8)
 
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from triton_support import make_engine_dir
 
-from export.triton.client import QueryError, Request, grpc_inputs, query, stream_infer
+from export.triton.client import QueryError, Request, StreamSession, grpc_inputs, query, stream_infer
 
 PROMPTS = ["héllo wörld 中文", "the quick brown fox"]
 MAX_TOKENS = 12
@@ -109,6 +109,21 @@ def test_bad_http_requests_and_unknown_model(deployment, reference):
         with pytest.raises(QueryError, match=r"unknown model|not found"):
             query(Request(PROMPTS[0], max_tokens=4), url=url(server, protocol), protocol=protocol, model="nope")
     good(server, reference)
+
+
+@pytest.mark.parametrize("model", ["ensemble", "tensorrt_llm_bls"])
+def test_one_kept_open_stream_serves_requests_one_after_another(deployment, reference, model):
+    """A client keeps its gRPC stream between requests (as `bench serve` does); an error in between
+    belongs to that request alone and the stream goes on."""
+    _, server = deployment
+    with StreamSession(server.grpc_url, model, timeout=120) as session:
+        first = session.infer(grpc_inputs(Request(PROMPTS[0], max_tokens=MAX_TOKENS).fields()))
+        with pytest.raises(QueryError, match=r"max_tokens must be >= 1"):
+            session.infer(grpc_inputs(Request(PROMPTS[1], max_tokens=0).fields()))
+        second = session.infer(grpc_inputs(Request(PROMPTS[1], max_tokens=MAX_TOKENS).fields()))
+    assert (first.text, first.tokens) == reference[PROMPTS[0]]
+    assert (second.text, second.tokens) == reference[PROMPTS[1]]
+    assert 0 < first.ttft_s <= first.total_s
 
 
 def test_concurrent_streams_each_get_their_own_text(deployment, reference):

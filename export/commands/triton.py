@@ -125,7 +125,10 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("engine_dirs", nargs="+", type=Path,
                    help="engines/NAME (served with the cpu flavour); several are reported side by side")
     p.add_argument("--concurrency", type=_levels, default=(1, 4, 16), help="concurrent streams per level")
-    p.add_argument("--rounds", type=int, default=2, help="requests each client sends back to back")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="requests per client and level (at least 24 requests per level and path in all)")
+    p.add_argument("--pairs", type=int, default=6,
+                   help="interleaved Triton/direct block pairs per level (both paths see the same machine drift)")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per request (the end token is ignored)")
     p.add_argument("--model", choices=("ensemble", "tensorrt_llm_bls"), default="ensemble",
                    help="the served model the clients stream from")
@@ -147,8 +150,7 @@ def _register_bench() -> None:
         from export.triton.bench import bench_serve, format_report, plot, summary
 
         rep = bench_serve(args.engine_dirs, levels=args.concurrency, rounds=args.rounds, max_tokens=args.max_tokens,
-                          model=args.model,
-                          backend=args.backend)
+                          model=args.model, backend=args.backend, pairs=args.pairs)
         rep["summary"] = summary(rep)
         text = json.dumps(rep, indent=2)
         with atomic_output_dir(args.out) as tmp:

@@ -1,36 +1,42 @@
 """`bench serve`: streaming latency and throughput at several concurrencies, Triton vs the direct runtime.
 
-For each engine dir the same work runs twice in one run: (a) through tritonserver's `ensemble`
-with gRPC streaming clients (the cpu flavour: the engine's in-flight batching scheduler inside the
-python backend), then, after the server has stopped so both see the same CPUs, (b) straight on
-`Engine.submit` streams in this process at the same TP with the same scheduler limits. At each
-concurrency C, C clients each send `rounds` requests back to back (mixed prompt lengths, greedy,
-the end token ignored so every request makes exactly `max_tokens` tokens; at least MIN_REQUESTS
-requests per level).
+For each engine dir the same work runs two ways in one run: (a) through tritonserver's `ensemble`
+with gRPC streaming clients that keep their connection open (the cpu flavour: the engine's
+in-flight batching scheduler inside the python backend), and (b) straight on `Engine.submit`
+streams in this process at the same TP with the same scheduler limits. Both are up at once and
+each level runs as PAIRS interleaved blocks of (a) and (b) (one idles while the other runs), so
+both see the same CPUs and the same drift of a shared machine. At each concurrency C, C clients
+each send `rounds` requests back to back (mixed prompt lengths, greedy, the end token ignored so
+every request makes exactly `max_tokens` tokens; at least MIN_REQUESTS requests per level and path).
 
 Reported per level: time to first token and inter-token latency p50/p99, output tokens/s (all
-tokens over the level's wall time), the ratio to concurrency 1, and Triton's cost over (b); per
-engine, the server's peak RSS (process tree) and the collectives per token the ranks issued.
+tokens over the level's wall time), the ratio to concurrency 1, and Triton's cost over (b) (the
+median over the block pairs); per engine, the server's peak RSS (process tree) and the
+collectives per token the ranks issued.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import queue
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from export.triton.client import Request, query
+from export.errors import ExportError
+from export.triton.client import QueryResult, Request, StreamSession, grpc_inputs
 from export.triton.package import package_repo
 from export.triton.procs import tree_rss_bytes
 from export.triton.server import start_server
 
 CONCURRENCY = (1, 4, 16)
-MIN_REQUESTS = 24  # per level: at 8 the 1-stream figures moved by +-15% between runs on the 2-core VM
+MIN_REQUESTS = 24  # per level and path: at 8 the 1-stream figures moved by +-15% between runs on the 2-core VM
+PAIRS = 6  # Triton/direct block pairs per level, interleaved
 PROMPTS = ("def main():", "import os\nimport sys\n\n", "class Config:\n    \"\"\"Settings read from the environment.",
            "The quick brown fox", "for i in range(10):\n    print(i)\n# now the same loop, but counting down",
            "x = 1", "with open(path) as f:\n    data = f.read()\n    lines = data.splitlines()\n    for line in lines:")
@@ -38,11 +44,14 @@ PROMPTS = ("def main():", "import os\nimport sys\n\n", "class Config:\n    \"\"\
 
 @dataclass(frozen=True)
 class Timing:
-    """One request: seconds to its first token, the gaps between later tokens, tokens received."""
+    """One request: seconds to its first token, the gaps between later tokens, tokens received, and
+    the text with the index of the prompt it answered (to check both paths said the same)."""
 
     ttft_s: float
     itl_s: list[float]
     tokens: int
+    text: str = ""
+    prompt: int = -1
 
 
 def _gaps(arrivals: list[tuple[float, int]]) -> list[float]:
@@ -60,9 +69,23 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
-def run_level(one: Callable[[int], Timing], concurrency: int, rounds: int, min_requests: int = 0) -> dict[str, Any]:
+@dataclass
+class Block:
+    """One level's clients run once: their timings, errors and wall time."""
+
+    concurrency: int
+    timings: list[Timing]
+    errors: list[str]
+    wall_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(t.tokens for t in self.timings) / self.wall_s if self.wall_s > 0 else 0.0
+
+
+def run_block(one: Callable[[int], Timing], concurrency: int, rounds: int, min_requests: int = 0) -> Block:
     """`concurrency` client threads, each running `rounds` requests back to back (more when that
-    makes fewer than `min_requests` in all, so low levels get enough samples); summary figures."""
+    makes fewer than `min_requests` in all, so low levels get enough samples)."""
     rounds = max(rounds, -(-min_requests // concurrency))
     timings: list[Timing] = []
     errors: list[str] = []
@@ -85,14 +108,72 @@ def run_level(one: Callable[[int], Timing], concurrency: int, rounds: int, min_r
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - start
+    return Block(concurrency, timings, errors, time.perf_counter() - start)
+
+
+def summarize(blocks: list[Block]) -> dict[str, Any]:
+    """Summary figures of one level over its blocks: tokens/s = all tokens over the blocks' wall time."""
+    timings = [t for b in blocks for t in b.timings]
+    wall = sum(b.wall_s for b in blocks)
     ttft = [t.ttft_s for t in timings]
     itl = [g for t in timings for g in t.itl_s]
     tokens = sum(t.tokens for t in timings)
-    return {"concurrency": concurrency, "requests": len(timings), "errors": errors, "tokens": tokens,
+    return {"concurrency": blocks[0].concurrency, "requests": len(timings),
+            "errors": [e for b in blocks for e in b.errors], "tokens": tokens,
             "wall_s": wall, "tokens_per_s": tokens / wall if wall > 0 else 0.0,
             "ttft_p50_ms": 1000 * _pct(ttft, 0.5), "ttft_p99_ms": 1000 * _pct(ttft, 0.99),
             "itl_p50_ms": 1000 * _pct(itl, 0.5), "itl_p99_ms": 1000 * _pct(itl, 0.99)}
+
+
+def run_level(one: Callable[[int], Timing], concurrency: int, rounds: int, min_requests: int = 0) -> dict[str, Any]:
+    """One block's summary figures."""
+    return summarize([run_block(one, concurrency, rounds, min_requests)])
+
+
+def interleaved_levels(triton: Callable[[int], Timing], direct: Callable[[int], Timing], levels: tuple[int, ...],
+                       rounds: int, pairs: int = PAIRS,
+                       min_requests: int = MIN_REQUESTS) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Each level as `pairs` Triton/direct block pairs in ABBA order (T D, D T, T D, ...).
+
+    The speed of a shared VM drifts over seconds (the direct runtime alone measured 67-106 tokens/s
+    between runs here); blocks side by side see the same drift, so their ratio is what is compared.
+    Each path sends at least max(`min_requests`, `rounds` x C) requests per level, spread over its
+    blocks (every client at least one per block). Triton's cost at a level is the direct tokens/s
+    over Triton's, each over all of its blocks, minus 1; the per-pair costs show the spread."""
+    if pairs < 1:
+        raise ExportError(f"pairs must be at least 1, got {pairs}")
+    t_rows, d_rows = [], []
+    for c in levels:
+        per_client = max(1, -(-max(min_requests, rounds * c) // (pairs * c)))
+        t_blocks: list[Block] = []
+        d_blocks: list[Block] = []
+        for p in range(pairs):
+            order = ((triton, t_blocks), (direct, d_blocks))
+            for one, out in order if p % 2 == 0 else order[::-1]:
+                out.append(run_block(one, c, per_client))
+        t_row, d_row = summarize(t_blocks), summarize(d_blocks)
+        t_row["triton_cost"] = _cost(d_row["tokens_per_s"], t_row["tokens_per_s"])
+        t_row["triton_cost_pairs"] = [_cost(d.tokens_per_s, t.tokens_per_s) for t, d in zip(t_blocks, d_blocks)]
+        t_row["prompts_differing"] = _differing(t_blocks, d_blocks)
+        t_rows.append(t_row)
+        d_rows.append(d_row)
+    return t_rows, d_rows
+
+
+def _differing(a: list[Block], b: list[Block]) -> list[int]:
+    """Prompt indices whose texts differ between the two paths (greedy, same weights: expect none)."""
+    def texts(blocks: list[Block]) -> dict[int, set[str]]:
+        out: dict[int, set[str]] = {}
+        for t in (t for blk in blocks for t in blk.timings):
+            out.setdefault(t.prompt, set()).add(t.text)
+        return out
+
+    ta, tb = texts(a), texts(b)
+    return sorted(k for k in ta.keys() | tb.keys() if ta.get(k) != tb.get(k))
+
+
+def _cost(direct_tps: float, triton_tps: float) -> float:
+    return direct_tps / triton_tps - 1 if triton_tps else float("nan")
 
 
 WARM_UP_REQUESTS = 4  # a freshly started server ran its first few requests up to 25% slower
@@ -113,12 +194,41 @@ def _warm_up(one: Callable[[int], Timing], tries: int = 3, requests: int = WARM_
         one(i)
 
 
-def _triton_levels(repo: Path, levels: tuple[int, ...], rounds: int, max_tokens: int,
-                   model: str) -> tuple[list, float, int]:
-    """Levels through the ensemble; also the server start time and its peak process-tree RSS."""
+class _Sessions:
+    """Open gRPC streams shared by the client threads: each request borrows one and gives it back, so
+    a level of C clients holds C connections and no request pays for connecting."""
+
+    def __init__(self, url: str, model: str) -> None:
+        self.url, self.model = url, model
+        self.idle: queue.SimpleQueue[StreamSession] = queue.SimpleQueue()
+        self.all: list[StreamSession] = []
+        self.lock = threading.Lock()
+
+    def infer(self, inputs: list) -> QueryResult:
+        try:
+            session = self.idle.get_nowait()
+        except queue.Empty:
+            session = StreamSession(self.url, self.model, timeout=600)
+            with self.lock:
+                self.all.append(session)
+        try:
+            return session.infer(inputs)
+        finally:
+            self.idle.put(session)
+
+    def close(self) -> None:
+        for s in self.all:
+            s.close()
+
+
+@contextlib.contextmanager
+def _triton_side(repo: Path, max_tokens: int, model: str) -> Iterator[tuple[Callable[[int], Timing], dict]]:
+    """A request through the served `model` over a kept-open stream; `info` gets the server's start
+    time now and its peak process-tree RSS (sampled every 0.5 s) when the block ends."""
+    info: dict[str, float] = {}
     t0 = time.perf_counter()
     with start_server(repo) as server:
-        startup = time.perf_counter() - t0
+        info["startup_s"] = time.perf_counter() - t0
         peak = [tree_rss_bytes(server.process.pid)]
         stop = threading.Event()
 
@@ -126,45 +236,55 @@ def _triton_levels(repo: Path, levels: tuple[int, ...], rounds: int, max_tokens:
             while not stop.wait(0.5):
                 peak.append(tree_rss_bytes(server.process.pid))
 
+        sessions = _Sessions(server.grpc_url, model)
+
         def one(i: int) -> Timing:
-            res = query(Request(PROMPTS[i % len(PROMPTS)], max_tokens=max_tokens, end_id=-1, temperature=0.0),
-                        url=server.grpc_url, model=model, timeout=600)
-            return Timing(res.ttft_s or 0.0, _gaps(res.arrivals), res.tokens)
+            req = Request(PROMPTS[i % len(PROMPTS)], max_tokens=max_tokens, end_id=-1, temperature=0.0)
+            res = sessions.infer(grpc_inputs(req.fields()))
+            return Timing(res.ttft_s or 0.0, _gaps(res.arrivals), res.tokens, res.text, i % len(PROMPTS))
 
         sampler = threading.Thread(target=sample_rss, daemon=True)
         sampler.start()
         try:
             _warm_up(one)
-            rows = [run_level(one, c, rounds, MIN_REQUESTS) for c in levels]
+            yield one, info
         finally:
             stop.set()
             sampler.join()
-    return rows, startup, max(peak)
+            sessions.close()
+            info["peak_rss_bytes"] = max(peak)
 
 
-def _direct_levels(engine_dir: Path, levels: tuple[int, ...], rounds: int, max_tokens: int,
-                   runtime: str = "torch") -> tuple[list, float]:
-    """The same work on `Engine` streams in this process; also the ranks' collectives per token."""
+@contextlib.contextmanager
+def _direct_side(engine_dir: Path, levels: tuple[int, ...], max_tokens: int,
+                 runtime: str = "torch") -> Iterator[tuple[Callable[[int], Timing], float]]:
+    """A request on `Engine` streams in this process (driver at 1 torch thread, as in the server,
+    same slots); also the collectives per token the ranks issued for one request."""
     import torch
 
     from export.manifest import Manifest
     from export.runtime.engine import Engine
     from export.runtime.sampling import SamplingParams
+    from export.triton.detok import IncrementalDecoder
     from export.triton.pipeline import load_tokenizer
 
     m = Manifest.load(engine_dir)
     tok = load_tokenizer(str(engine_dir / m.tokenizer))
     params = SamplingParams(max_tokens=max_tokens)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the Triton engine model runs its driver
+    torch.set_num_threads(1)
     try:
         with Engine.start(engine_dir / m.checkpoint, max_batch=max(levels), max_queue=max(levels),
                           runtime=runtime) as eng:
-            def one(i: int) -> Timing:
-                start, arrivals = time.perf_counter(), []
+            def one(i: int) -> Timing:  # text in, streamed text out: the same work as the ensemble
+                start, arrivals, pieces = time.perf_counter(), [], []
+                decoder = IncrementalDecoder(tok)
                 for new in eng.stream(tok.encode(PROMPTS[i % len(PROMPTS)]), params):
+                    pieces.append(decoder.push(new))
                     arrivals.append((time.perf_counter() - start, len(new)))
-                return Timing(arrivals[0][0], _gaps(arrivals), sum(n for _, n in arrivals))
+                pieces.append(decoder.finish())
+                return Timing(arrivals[0][0], _gaps(arrivals), sum(n for _, n in arrivals), "".join(pieces),
+                              i % len(PROMPTS))
 
             before = eng.stats()
             one(0)  # warm-up, and the sync count of one request
@@ -173,51 +293,52 @@ def _direct_levels(engine_dir: Path, levels: tuple[int, ...], rounds: int, max_t
                 one(i)
             column = [r for r in eng.mapping.ranks() if eng.mapping.tp_rank(r) == 0]
             syncs = sum(after[r][k] - before[r][k] for r in column for k in ("tp_collectives", "pp_transfers"))
-            rows = [run_level(one, c, rounds, MIN_REQUESTS) for c in levels]
+            yield one, syncs / max_tokens  # one forward pass per token (the prefill makes the first)
     finally:
         torch.set_num_threads(threads)
-    return rows, syncs / max_tokens  # one forward pass per token (the prefill makes the first)
 
 
 def bench_engine(engine_dir: Path, *, levels: tuple[int, ...], rounds: int, max_tokens: int,
-                 model: str = "ensemble", backend: str = "cpu") -> dict[str, Any]:
+                 model: str = "ensemble", backend: str = "cpu", pairs: int = PAIRS) -> dict[str, Any]:
     """`backend` cpu serves the PyTorch runtime, onnx serves engines/NAME/onnx on ONNX Runtime."""
     from export.manifest import Manifest
 
     m = Manifest.load(engine_dir)
+    runtime = "onnx" if backend == "onnx" else "torch"
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         repo = package_repo(engine_dir, Path(tmp) / "repo", backend=backend, max_batch_size=max(levels),
                             engine_queue_limit=max(levels))
-        triton, startup, peak_rss = _triton_levels(repo, levels, rounds, max_tokens, model)
-    direct, syncs = _direct_levels(engine_dir, levels, rounds, max_tokens, "onnx" if backend == "onnx" else "torch")
+        with _triton_side(repo, max_tokens, model) as (t_one, info), \
+                _direct_side(engine_dir, levels, max_tokens, runtime) as (d_one, syncs):
+            triton, direct = interleaved_levels(t_one, d_one, levels, rounds, pairs)
     for rows in (triton, direct):
         for r in rows:
             r["vs_c1"] = r["tokens_per_s"] / rows[0]["tokens_per_s"] if rows[0]["tokens_per_s"] else float("nan")
-    for t, d in zip(triton, direct):
-        t["triton_cost"] = d["tokens_per_s"] / t["tokens_per_s"] - 1 if t["tokens_per_s"] else float("nan")
     return {"engine_dir": str(engine_dir), "name": engine_dir.name, "tp": m.tp, "pp": m.pp, "model": model,
-            "backend": backend,
-            "sync_points_per_token": syncs, "server_start_s": startup, "server_peak_rss_mb": peak_rss / 2**20,
-            "triton": triton, "direct": direct}
+            "backend": backend, "pairs": pairs,
+            "sync_points_per_token": syncs, "server_start_s": info["startup_s"],
+            "server_peak_rss_mb": info["peak_rss_bytes"] / 2**20, "triton": triton, "direct": direct}
 
 
 def bench_serve(engine_dirs: list[str | Path], *, levels: tuple[int, ...] = CONCURRENCY, rounds: int = 2,
-                max_tokens: int = 32, model: str = "ensemble", backend: str = "cpu") -> dict[str, Any]:
+                max_tokens: int = 32, model: str = "ensemble", backend: str = "cpu",
+                pairs: int = PAIRS) -> dict[str, Any]:
     """One `bench_engine` per engine dir, in order (e.g. unfused/fused at tp 1 and 2, side by side)."""
-    runs = [bench_engine(Path(d), levels=levels, rounds=rounds, max_tokens=max_tokens, model=model, backend=backend)
+    runs = [bench_engine(Path(d), levels=levels, rounds=rounds, max_tokens=max_tokens, model=model, backend=backend,
+                         pairs=pairs)
             for d in engine_dirs]
     return {"levels": list(levels), "rounds_per_client": rounds, "max_tokens": max_tokens, "model": model,
-            "prompts": len(PROMPTS), "runs": runs}
+            "pairs": pairs, "prompts": len(PROMPTS), "runs": runs}
 
 
 def format_report(rep: dict[str, Any]) -> str:
     head = ["engine", "tp", "syncs/tok", "path", "conc", "req", "TTFT p50/p99 ms", "ITL p50/p99 ms", "tok/s",
-            "x c=1", "Triton cost"]
+            "x c=1", "Triton cost [pairs min..max]"]
     lines = [head]
     for run in rep["runs"]:
         for path in ("triton", "direct"):
             for r in run[path]:
-                cost = f"{100 * r['triton_cost']:+.0f}%" if path == "triton" else ""
+                cost = _cost_text(r) if path == "triton" else ""
                 lines.append([run["name"], str(run["tp"]), f"{run['sync_points_per_token']:.0f}", path,
                               str(r["concurrency"]), str(r["requests"]) + (f" ({len(r['errors'])} err)" if r["errors"]
                                                                             else ""),
@@ -228,8 +349,21 @@ def format_report(rep: dict[str, Any]) -> str:
     out = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
     notes = [f"{run['name']}: server start {run['server_start_s']:.1f} s, peak server RSS "
-             f"{run['server_peak_rss_mb']:.0f} MiB (process tree)" for run in rep["runs"]]
+             f"{run['server_peak_rss_mb']:.0f} MiB (process tree); {_texts_note(run)}" for run in rep["runs"]]
     return "\n".join(out + notes)
+
+
+def _cost_text(row: dict[str, Any]) -> str:
+    pairs = row.get("triton_cost_pairs") or []
+    spread = f" [{100 * min(pairs):+.0f}..{100 * max(pairs):+.0f}]" if pairs else ""
+    return f"{100 * row['triton_cost']:+.0f}%{spread}"
+
+
+def _texts_note(run: dict[str, Any]) -> str:
+    bad = {r["concurrency"]: r["prompts_differing"] for r in run["triton"] if r.get("prompts_differing")}
+    if not bad:
+        return "Triton's texts equal the direct runtime's"
+    return "texts differ from the direct runtime's for " + ", ".join(f"prompts {v} at c={c}" for c, v in bad.items())
 
 
 def plot(rep: dict[str, Any], path: Path) -> None:

@@ -129,36 +129,66 @@ def _query_grpc(request: Request, url: str, model: str, on_text: Callable[[str],
 
 def stream_infer(inputs: list, *, url: str, model: str, on_text: Callable[[str], None] | None = None,
                  timeout: float = 300.0) -> QueryResult:
-    """One request over the gRPC stream RPC with prepared inputs; collects pieces until the final flag."""
-    import tritonclient.grpc as grpcclient
+    """One request over its own gRPC connection and stream RPC; collects pieces until the final flag."""
+    with StreamSession(url, model, timeout=timeout) as session:
+        return session.infer(inputs, on_text)
 
-    on_text = on_text or (lambda s: None)
-    events: queue.Queue = queue.Queue()
-    result, start = QueryResult(), time.perf_counter()
-    with grpcclient.InferenceServerClient(url) as client:
-        client.start_stream(callback=lambda result, error: events.put((result, error)))
+
+class StreamSession:
+    """One gRPC connection with one open stream RPC, for requests sent one after another.
+
+    A serving client keeps its channel open between requests (as perf_analyzer and
+    genai-perf do); `infer`'s clock starts when the request is sent, so a request's timings hold
+    no connection setup."""
+
+    def __init__(self, url: str, model: str, *, timeout: float = 300.0) -> None:
+        import tritonclient.grpc as grpcclient
+
+        self.model, self.timeout, self.url, self._sent = model, timeout, url, 0
+        self._events: queue.Queue = queue.Queue()
+        self._client = grpcclient.InferenceServerClient(url)
+        self._client.start_stream(callback=lambda result, error: self._events.put((result, error)))
+
+    def infer(self, inputs: list, on_text: Callable[[str], None] | None = None) -> QueryResult:
+        """Send one request and collect its responses until the final flag. Raises QueryError."""
+        on_text = on_text or (lambda s: None)
+        self._sent += 1
+        rid = str(self._sent)
+        result, start = QueryResult(), time.perf_counter()
+        self._client.async_stream_infer(self.model, inputs, request_id=rid, enable_empty_final_response=True)
+        while True:
+            try:
+                res, err = self._events.get(timeout=self.timeout)
+            except queue.Empty:
+                raise QueryError(f"no response from {self.model} at {self.url} within {self.timeout:.0f}s") from None
+            if err is not None:  # requests go one at a time, so an error is this request's
+                raise QueryError(f"{self.model}: {err.message() if hasattr(err, 'message') else err}")
+            response = res.get_response()
+            if response.id != rid:
+                raise QueryError(f"{self.model}: a response for request {response.id!r} arrived "
+                                 f"while waiting for {rid!r}")
+            text = res.as_numpy("text_output")
+            if text is not None:
+                n = res.as_numpy("num_output_tokens")
+                _collect(result, start, b"".join(text.reshape(-1)).decode("utf-8"),
+                         int(n.reshape(-1)[0]) if n is not None else 0, on_text)
+            if response.parameters["triton_final_response"].bool_param:
+                break
+        result.total_s = time.perf_counter() - start
+        result.text = "".join(result.pieces)
+        return result
+
+    def close(self) -> None:
         try:
-            client.async_stream_infer(model, inputs, request_id="1",
-                                      enable_empty_final_response=True)
-            while True:
-                try:
-                    res, err = events.get(timeout=timeout)
-                except queue.Empty:
-                    raise QueryError(f"no response from {model} at {url} within {timeout:.0f}s") from None
-                if err is not None:
-                    raise QueryError(f"{model}: {err.message() if hasattr(err, 'message') else err}")
-                text = res.as_numpy("text_output")
-                if text is not None:
-                    n = res.as_numpy("num_output_tokens")
-                    _collect(result, start, b"".join(text.reshape(-1)).decode("utf-8"),
-                             int(n.reshape(-1)[0]) if n is not None else 0, on_text)
-                if res.get_response().parameters["triton_final_response"].bool_param:
-                    break
+            self._client.stop_stream(cancel_requests=True)
         finally:
-            client.stop_stream(cancel_requests=True)
-    result.total_s = time.perf_counter() - start
-    result.text = "".join(result.pieces)
-    return result
+            self._client.close()
+
+    def __enter__(self) -> StreamSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _query_http(request: Request, url: str, model: str, on_text: Callable[[str], None],

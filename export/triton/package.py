@@ -27,12 +27,15 @@ RUNTIMES = ("torch", "onnx")  # what the cpu flavour's engine model runs; `packa
 BATCHING = ("inflight_fused_batching", "inflight_batching", "V1")
 
 # What the ensemble wires in addition for the cpu engine, which sends every id generated so far
-# so postprocessing can detokenize incrementally (TensorRT-LLM's backend has no such outputs).
+# so postprocessing can detokenize incrementally, and the request's key so postprocessing can stop
+# it when the client cancels (TensorRT-LLM's backend has no such outputs).
 ENSEMBLE_EXTRAS = {
     "cpu": ('output_map { key: "generated_ids" value: "_GENERATED_IDS" }\n'
-            '      output_map { key: "is_final" value: "_IS_FINAL" }',
+            '      output_map { key: "is_final" value: "_IS_FINAL" }\n'
+            '      output_map { key: "request_key" value: "_REQUEST_KEY" }',
             'input_map { key: "GENERATED_IDS" value: "_GENERATED_IDS" }\n'
-            '      input_map { key: "IS_FINAL" value: "_IS_FINAL" }'),
+            '      input_map { key: "IS_FINAL" value: "_IS_FINAL" }\n'
+            '      input_map { key: "REQUEST_KEY" value: "_REQUEST_KEY" }'),
     "trtllm": ("", ""),
 }
 # Source files a flavour leaves out: the C++ tensorrtllm backend has no model.py.

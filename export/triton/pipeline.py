@@ -207,11 +207,24 @@ def _queued_tokens(handle: Any) -> list[int]:
     return tokens
 
 
-def engine_outputs(step: Step) -> dict[str, np.ndarray]:
+def engine_outputs(step: Step, key: int) -> dict[str, np.ndarray]:
+    """TensorRT-LLM's outputs plus the cpu engine's extras: every id so far and the final flag (for
+    incremental detokenization) and the request's key (so postprocessing can stop it, see `stop_id`)."""
     return {"output_ids": np.array([[step.new]], dtype=np.int32).reshape(1, 1, -1),
             "sequence_length": np.array([[len(step.new)]], dtype=np.int32),
             "generated_ids": np.array([step.generated], dtype=np.int32).reshape(1, -1),
-            "is_final": np.array([[step.final]], dtype=bool)}
+            "is_final": np.array([[step.final]], dtype=bool),
+            "request_key": np.array([[key]], dtype=np.int64)}
+
+
+def stop_id(key: int) -> str:
+    """The request id under which the cpu engine also registers the request with this key.
+
+    Triton (2.51) does not cancel a running composing request when its ensemble request is
+    cancelled; it only cancels the steps it schedules afterwards. So postprocessing, whose next
+    step arrives cancelled, sends TensorRT-LLM's stop request (`stop` = true) for this id: the
+    engine frees the slot. Clients' own request ids need not be unique; this one is."""
+    return f"cpu-engine-{key}"
 
 
 __all__ = [

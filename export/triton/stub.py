@@ -31,3 +31,14 @@ def error(pb: Any, msg: str, code_name: str | None = "INVALID_ARG") -> Any:
 
 def response(pb: Any, outputs: dict[str, np.ndarray]) -> Any:
     return pb.InferenceResponse([pb.Tensor(k, v) for k, v in outputs.items()])
+
+
+def stop_engine(pb: Any, engine_model: str, request_id: str) -> None:
+    """TensorRT-LLM's stop request: the engine ends its running request with this id (`stop` = true;
+    the required inputs are dummies). The engine frees the slot at its next step."""
+    dummy = {"input_ids": [[0]], "input_lengths": [[1]], "request_output_len": [[1]]}
+    inputs = [pb.Tensor(k, np.array(v, dtype=np.int32)) for k, v in dummy.items()]
+    inputs.append(pb.Tensor("stop", np.array([[True]], dtype=bool)))
+    for _ in pb.InferenceRequest(model_name=engine_model, inputs=inputs, request_id=request_id,
+                                 requested_output_names=["output_ids"]).exec(decoupled=True):
+        pass

@@ -8,7 +8,7 @@ import sys
 
 import triton_python_backend_utils as pb_utils
 
-INPUTS = ("TOKENS_BATCH", "SEQUENCE_LENGTH", "GENERATED_IDS", "IS_FINAL")
+INPUTS = ("TOKENS_BATCH", "SEQUENCE_LENGTH", "GENERATED_IDS", "IS_FINAL", "REQUEST_KEY")
 
 
 def _params(args):
@@ -27,11 +27,16 @@ class TritonPythonModel:
         self.pipeline, self.stub = pipeline, stub
         self.tokenizer = pipeline.load_tokenizer(p["tokenizer_dir"])
         self.skip = p.get("skip_special_tokens", "true").lower() == "true"
+        self.engine_name = p.get("tensorrt_llm_model_name", "tensorrt_llm")
 
     def execute(self, requests):
         responses = []
         for request in requests:
             inputs = self.stub.gather(pb_utils, request, INPUTS)
+            if request.is_cancelled():  # the ensemble's client left: stop the engine's request too
+                self._stop_engine(inputs["REQUEST_KEY"])
+                responses.append(self.stub.error(pb_utils, "cancelled", "CANCELLED"))
+                continue
             try:
                 out = self.pipeline.postprocess(self.tokenizer, inputs, self.skip)
             except Exception as e:  # a decoding failure belongs to this request only
@@ -39,3 +44,11 @@ class TritonPythonModel:
                 continue
             responses.append(self.stub.response(pb_utils, out))
         return responses
+
+    def _stop_engine(self, key):
+        if key is None:  # TensorRT-LLM's own engine sends no key
+            return
+        try:
+            self.stub.stop_engine(pb_utils, self.engine_name, self.pipeline.stop_id(int(key.reshape(-1)[0])))
+        except Exception as e:  # the request is gone either way; say why the slot may stay busy
+            pb_utils.Logger.log_warn(f"postprocessing: could not stop the engine's request: {e}")

@@ -4,13 +4,15 @@ Decoupled: `execute` hands each request to its own thread, which submits it to t
 in-flight batching scheduler and streams its steps as responses; concurrent requests share decode
 steps. A client cancel (or disconnect) is seen within one poll and cancels the request, whose slot
 the engine frees at its next step; so does a request with the same request id and `stop` = true
-(TensorRT-LLM's input; the BLS sends it when its own client cancels). A full wait queue answers
-"engine busy" (UNAVAILABLE).
+(TensorRT-LLM's input; the BLS sends it when its own client cancels, postprocessing when the
+ensemble's client does: every response carries `request_key`, and pipeline.stop_id(key) is a
+request id this request answers to). A full wait queue answers "engine busy" (UNAVAILABLE).
 At tp x pp > 1 `Engine.start` launches the worker processes with subprocess (multiprocessing does not work
 inside the python-backend stub); `finalize` closes them.
 """
 
 import contextlib
+import itertools
 import json
 import sys
 import threading
@@ -64,6 +66,7 @@ class TritonPythonModel:
         self.threads = set()
         self.lock = threading.Lock()
         self.stops = {}  # request id -> events of its running requests (the `stop` input sets them)
+        self.keys = itertools.count(1)  # each request's key: postprocessing stops it by pipeline.stop_id(key)
         self.stopping = threading.Event()
         self.metrics = self._start_metrics()
 
@@ -101,7 +104,8 @@ class TritonPythonModel:
     def _serve(self, request):
         sender = request.get_response_sender()
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        rid, stop = request.request_id(), threading.Event()
+        rid, stop, key = request.request_id(), threading.Event(), next(self.keys)
+        names = [n for n in (rid, self.pipeline.stop_id(key)) if n]
         try:
             inputs = self.stub.gather(pb_utils, request, INPUTS)
             if inputs["stop"] is not None and bool(inputs["stop"].reshape(-1)[0]):
@@ -109,13 +113,13 @@ class TritonPythonModel:
                 sender.send(flags=final)
                 return
             req = self.pipeline.engine_request(inputs, self.max_seq_len)
-            if rid:
-                with self.lock:
-                    self.stops.setdefault(rid, []).append(stop)
+            with self.lock:
+                for n in names:
+                    self.stops.setdefault(n, []).append(stop)
             cancelled = lambda: stop.is_set() or sender.is_cancelled()  # noqa: E731
             with contextlib.closing(self.runner.steps(req, cancelled)) as steps:  # closing cancels
                 for step in steps:
-                    out = self.pipeline.engine_outputs(step)
+                    out = self.pipeline.engine_outputs(step, key)
                     sender.send(self.stub.response(pb_utils, out), flags=final if step.final else 0)
                     if step.final:
                         return
@@ -129,10 +133,11 @@ class TritonPythonModel:
         finally:
             self.threads.discard(threading.current_thread())
             with self.lock:
-                if stop in self.stops.get(rid, ()):
-                    self.stops[rid].remove(stop)
-                    if not self.stops[rid]:
-                        del self.stops[rid]
+                for n in names:
+                    if stop in self.stops.get(n, ()):
+                        self.stops[n].remove(stop)
+                        if not self.stops[n]:
+                            del self.stops[n]
 
     def finalize(self):
         self.stopping.set()

@@ -105,13 +105,7 @@ class TritonPythonModel:
             self._send(sender, "".join(pieces) + tail, count)
 
     def _stop_engine(self, rid):
-        """TensorRT-LLM's stop request (same request id, `stop` = true): the engine frees the slot."""
-        dummy = {"input_ids": [[0]], "input_lengths": [[1]], "request_output_len": [[1]]}
-        inputs = [pb_utils.Tensor(k, np.array(v, dtype=np.int32)) for k, v in dummy.items()]
-        inputs.append(pb_utils.Tensor("stop", np.array([[True]], dtype=bool)))
-        for _ in pb_utils.InferenceRequest(model_name=self.engine_name, inputs=inputs, request_id=rid,
-                                           requested_output_names=["output_ids"]).exec(decoupled=True):
-            pass
+        self.stub.stop_engine(pb_utils, self.engine_name, rid)
 
     def _send(self, sender, text, n_tokens):
         sender.send(pb_utils.InferenceResponse([
