@@ -38,6 +38,7 @@ def served(tmp_path_factory):
     with start_server(repo, timeout=240) as server:
         yield server, reference
     assert not server.alive()
+    assert server.process.returncode == 0, "tritonserver did not stop cleanly (a model outlived its exit timeout)"
 
 
 @pytest.mark.parametrize(("model", "protocol", "stream"),

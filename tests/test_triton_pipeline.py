@@ -16,6 +16,7 @@ from export.triton.pipeline import (
     engine_outputs,
     engine_request,
     load_tokenizer,
+    no_text,
     postprocess,
     preprocess,
     stop_id,
@@ -133,6 +134,8 @@ def test_engine_runner_streams_what_generate_returns(engine, tok):
     out = engine_outputs(ended[-1], 7)
     assert out["output_ids"].shape[:2] == (1, 1) and out["is_final"].tolist() == [[True]]
     assert out["request_key"].tolist() == [[7]] and stop_id(7) != stop_id(8)
+    blank = no_text({"TOKENS_BATCH": np.zeros((2, 1, 3), dtype=np.int32)})  # a cancelled postprocessing step
+    assert blank["OUTPUT"].tolist() == [[b""], [b""]] and blank["NUM_OUTPUT_TOKENS"].tolist() == [[0], [0]]
 
 
 

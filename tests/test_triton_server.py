@@ -28,6 +28,7 @@ def deployment(tmp_path_factory):
     with start_server(repo, timeout=240) as server:
         yield engine_dir, server
     assert not server.alive()
+    assert server.process.returncode == 0, "tritonserver did not stop cleanly (a model outlived its exit timeout)"
 
 
 @pytest.fixture(scope="module")

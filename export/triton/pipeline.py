@@ -98,6 +98,13 @@ def postprocess(tokenizer: Any, inputs: Arrays, skip_special_tokens: bool = True
             "NUM_OUTPUT_TOKENS": np.array(counts, dtype=np.int32).reshape(-1, 1)}
 
 
+def no_text(inputs: Arrays) -> dict[str, np.ndarray]:
+    """postprocessing's outputs with no text, for each row of TOKENS_BATCH (a cancelled step)."""
+    rows = np.asarray(inputs["TOKENS_BATCH"]).shape[0]
+    return {"OUTPUT": np.array([[b""]] * rows, dtype=object),
+            "NUM_OUTPUT_TOKENS": np.zeros((rows, 1), dtype=np.int32)}
+
+
 # ---- the cpu engine model ------------------------------------------------------------------
 @dataclass(frozen=True)
 class EngineRequest:
