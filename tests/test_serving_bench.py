@@ -7,7 +7,16 @@ import time
 
 import pytest
 
-from export.triton.bench import Timing, _gaps, _pct, format_report, interleaved_levels, plot, run_level
+from export.triton.bench import (
+    Timing,
+    _gaps,
+    _pct,
+    format_report,
+    interleaved_levels,
+    plot,
+    run_block,
+    summarize,
+)
 
 
 def test_gaps_spread_a_response_over_its_tokens_and_percentiles_pick_ranks():
@@ -30,7 +39,7 @@ def test_a_level_runs_its_clients_at_once_and_counts_errors():
             raise RuntimeError("engine busy")
         return Timing(0.01, [0.002, 0.004], 3)
 
-    row = run_level(one, concurrency=4, rounds=2)
+    row = summarize([run_block(one, concurrency=4, rounds=2)])
     assert peak[0] == 4 and row["requests"] == 7 and row["errors"] == ["RuntimeError: engine busy"]
     assert row["tokens"] == 21 and 0.09 < row["wall_s"] < 1.0
     assert row["itl_p50_ms"] == 2.0 and row["itl_p99_ms"] == 4.0 and row["ttft_p50_ms"] == 10.0

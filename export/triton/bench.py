@@ -83,10 +83,8 @@ class Block:
         return sum(t.tokens for t in self.timings) / self.wall_s if self.wall_s > 0 else 0.0
 
 
-def run_block(one: Callable[[int], Timing], concurrency: int, rounds: int, min_requests: int = 0) -> Block:
-    """`concurrency` client threads, each running `rounds` requests back to back (more when that
-    makes fewer than `min_requests` in all, so low levels get enough samples)."""
-    rounds = max(rounds, -(-min_requests // concurrency))
+def run_block(one: Callable[[int], Timing], concurrency: int, rounds: int) -> Block:
+    """`concurrency` client threads, each running `rounds` requests back to back."""
     timings: list[Timing] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -123,11 +121,6 @@ def summarize(blocks: list[Block]) -> dict[str, Any]:
             "wall_s": wall, "tokens_per_s": tokens / wall if wall > 0 else 0.0,
             "ttft_p50_ms": 1000 * _pct(ttft, 0.5), "ttft_p99_ms": 1000 * _pct(ttft, 0.99),
             "itl_p50_ms": 1000 * _pct(itl, 0.5), "itl_p99_ms": 1000 * _pct(itl, 0.99)}
-
-
-def run_level(one: Callable[[int], Timing], concurrency: int, rounds: int, min_requests: int = 0) -> dict[str, Any]:
-    """One block's summary figures."""
-    return summarize([run_block(one, concurrency, rounds, min_requests)])
 
 
 def interleaved_levels(triton: Callable[[int], Timing], direct: Callable[[int], Timing], levels: tuple[int, ...],
