@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from export.errors import ConfigError
+from export.fields import MISSING, Fields, is_int, is_number
 
 DECILM = "DeciLMForCausalLM"
 LLAMA = "LlamaForCausalLM"
@@ -96,6 +97,14 @@ class RopeScaling:
                 "rope_type": "llama3"}
 
 
+class RopeSchema(StrEnum):
+    """Where a config keeps its RoPE settings, so an HF config we write keeps the source's keys."""
+
+    LEGACY = "rope_theta+rope_scaling"  # transformers < 5
+    PARAMETERS = "rope_parameters"  # transformers >= 5
+    BOTH = "both"
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     hidden: int
@@ -110,6 +119,7 @@ class ModelSpec:
     dtype: str = "bfloat16"
     max_position_embeddings: int = 4096
     architecture: str = DECILM
+    rope_schema: RopeSchema = field(default=RopeSchema.LEGACY, compare=False)
     # Source config keys no stage interprets (token ids, auto_map, ...), kept for round trips.
     passthrough: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
@@ -152,14 +162,24 @@ class ModelSpec:
             "hidden_size": self.hidden, "num_attention_heads": self.heads, "head_dim": self.head_dim,
             "num_hidden_layers": self.num_layers, "vocab_size": self.vocab,
             "intermediate_size": None, "num_key_value_heads": None,
-            "hidden_act": "silu", "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
-            "rope_scaling": self.rope_scaling.to_hf() if self.rope_scaling else None,
+            "hidden_act": "silu", "rms_norm_eps": self.norm_eps, **self.hf_rope(),
             "tie_word_embeddings": self.tie_embeddings, "torch_dtype": self.dtype,
             "max_position_embeddings": self.max_position_embeddings,
             "attention_bias": False, "mlp_bias": False,
             "block_configs": [_block_config(lay, self) for lay in self.layers],
         })
         return cfg
+
+    def hf_rope(self) -> dict[str, Any]:
+        """The RoPE keys of an HF config, in the schema the source used."""
+        out: dict[str, Any] = {}
+        if self.rope_schema is not RopeSchema.PARAMETERS:
+            out["rope_theta"] = self.rope_theta
+            out["rope_scaling"] = self.rope_scaling.to_hf() if self.rope_scaling else None
+        if self.rope_schema is not RopeSchema.LEGACY:
+            scaling = self.rope_scaling.to_hf() if self.rope_scaling else {"rope_type": "default"}
+            out["rope_parameters"] = {**scaling, "rope_theta": self.rope_theta}
+        return out
 
     def to_trtllm_layer_configs(self) -> list[dict[str, Any]]:
         """`layer_configs` entries with only the keys TRT-LLM's dataclasses accept."""
@@ -174,8 +194,10 @@ class ModelSpec:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelSpec:
-        """From a config.json file or a directory holding one."""
-        return parse_hf_config(read_config_json(path))
+        """From a config.json file or a directory holding one; errors name the file."""
+        p = Path(path)
+        p = p / "config.json" if p.is_dir() else p
+        return parse_hf_config(read_config_json(p), where=str(p))
 
 
 # ---- the width rule ----------------------------------------------------------------------
@@ -203,7 +225,12 @@ def width_to_ffn_mult(width: int, hidden: int) -> float:
     raise ConfigError(f"no ffn_mult gives width {width} at hidden {hidden}")
 
 
+def is_known_dtype(dtype: object) -> bool:
+    return isinstance(dtype, str) and DTYPE_ALIASES.get(dtype, dtype) in DTYPE_BYTES
+
+
 def normalize_dtype(dtype: str) -> str:
+    """The canonical name of a dtype alias (bf16 -> bfloat16)."""
     d = DTYPE_ALIASES.get(dtype, dtype)
     if d not in DTYPE_BYTES:
         raise ConfigError(f"unsupported dtype {dtype!r}; use one of bf16, fp16, fp32")
@@ -212,15 +239,21 @@ def normalize_dtype(dtype: str) -> str:
 
 # ---- parsing -----------------------------------------------------------------------------
 def read_config_json(path: str | Path) -> dict[str, Any]:
+    """The JSON object in config.json (UTF-8), or one ConfigError naming the file."""
     p = Path(path)
     if p.is_dir():
         p = p / "config.json"
     if not p.is_file():
         raise ConfigError(f"{p}: no config.json found")
     try:
-        return json.loads(p.read_text())
+        cfg = json.loads(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{p}: not valid JSON ({e})") from e
+        raise ConfigError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{p}: must hold a JSON object, got {type(cfg).__name__}")
+    return cfg
 
 
 _PASSTHROUGH = ("bos_token_id", "eos_token_id", "pad_token_id", "auto_map", "transformers_version",
@@ -228,66 +261,60 @@ _PASSTHROUGH = ("bos_token_id", "eos_token_id", "pad_token_id", "auto_map", "tra
                 "attention_dropout")
 
 
-def _require(cfg: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str = "config") -> Any:
-    if key not in cfg or cfg[key] is None:
-        raise ConfigError(f"{where}: required field {key!r} is missing")
-    val = cfg[key]
-    if not isinstance(val, typ) or (isinstance(val, bool) and typ is int):
-        raise ConfigError(f"{where}: field {key!r} must be {getattr(typ, '__name__', typ)}, got {val!r}")
-    return val
-
-
-def parse_hf_config(cfg: dict[str, Any]) -> ModelSpec:
-    arch = (cfg.get("architectures") or [None])[0]
+def parse_hf_config(cfg: dict[str, Any], where: str = "config") -> ModelSpec:
+    """Validate and parse an HF config; every problem of the top-level fields is reported at once."""
+    f = Fields(cfg, where)
+    f.raise_if_any()
+    arch = cfg.get("architectures")
+    arch = arch[0] if isinstance(arch, list) and arch else None
     mtype = cfg.get("model_type")
     is_deci = arch == DECILM or mtype in ("nemotron-nas", "deci")
     if not is_deci and arch != LLAMA and mtype != "llama":
-        raise ConfigError(f"config: architecture {arch!r} (model_type {mtype!r}) is not supported; "
+        raise ConfigError(f"{where}: architecture {arch!r} (model_type {mtype!r}) is not supported; "
                           f"expected {DECILM} or {LLAMA}")
-    hidden = _require(cfg, "hidden_size", int)
-    heads = _require(cfg, "num_attention_heads", int)
+    hidden, heads, vocab = f.pos_int("hidden_size"), f.pos_int("num_attention_heads"), f.pos_int("vocab_size")
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
-        raise ConfigError(f"config: field 'hidden_act' is {act!r}; only 'silu' (SwiGLU) is supported")
-    head_dim = cfg.get("head_dim") or hidden // heads
-    if is_deci and "block_configs" in cfg:
-        layers = _parse_block_configs(cfg, hidden, heads)
-    else:
-        layers = _uniform_layers(cfg, heads)
-    n = cfg.get("num_hidden_layers")
+        f.bad("hidden_act", act, "only 'silu' (SwiGLU) is supported")
+    head_dim = f.pos_int("head_dim", None)
+    n = f.pos_int("num_hidden_layers", None if is_deci and "block_configs" in cfg else MISSING)
+    rope = parse_rope(f)
+    scalars = {"norm_eps": f.pos_float("rms_norm_eps", 1e-5),
+               "max_position_embeddings": f.pos_int("max_position_embeddings", 4096),
+               "tie_embeddings": f.flag("tie_word_embeddings", False)}
+    dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+    if not is_known_dtype(dtype):
+        f.bad("torch_dtype", dtype, "unsupported dtype; expected bfloat16, float16 or float32")
+        dtype = "float32"
+    f.raise_if_any()
+    layers = (_parse_block_configs(cfg, hidden, heads, where) if is_deci and "block_configs" in cfg
+              else _uniform_layers(Fields(cfg, where), heads, n))
     if n is not None and n != len(layers):
-        raise ConfigError(f"config: num_hidden_layers is {n} but {len(layers)} layers are described")
+        raise ConfigError(f"{where}: num_hidden_layers is {n} but {len(layers)} layers are described")
     return ModelSpec(
-        hidden=hidden, heads=heads, head_dim=head_dim, vocab=_require(cfg, "vocab_size", int),
-        layers=tuple(layers), rope_theta=float(cfg.get("rope_theta", 10000.0)),
-        rope_scaling=_parse_rope_scaling(cfg.get("rope_scaling")),
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        dtype=normalize_dtype(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-        architecture=DECILM if is_deci else LLAMA,
+        hidden=hidden, heads=heads, head_dim=head_dim or hidden // heads, vocab=vocab, layers=tuple(layers),
+        **rope, **scalars, dtype=normalize_dtype(dtype), architecture=DECILM if is_deci else LLAMA,
         passthrough={k: cfg[k] for k in _PASSTHROUGH if k in cfg},
     )
 
 
-def _uniform_layers(cfg: dict[str, Any], heads: int) -> list[Layer]:
-    n = _require(cfg, "num_hidden_layers", int)
-    kv = cfg.get("num_key_value_heads") or heads
-    width = _require(cfg, "intermediate_size", int)
-    _check_kv(kv, heads, "config")
-    layer = Layer(Attention(AttentionKind.FULL, kv), FFN(FFNKind.SWIGLU, width))
-    return [layer] * n
+def _uniform_layers(f: Fields, heads: int, n: int) -> list[Layer]:
+    kv = f.pos_int("num_key_value_heads", heads)
+    width = f.pos_int("intermediate_size")
+    f.raise_if_any()
+    _check_kv(kv, heads, f.where)
+    return [Layer(Attention(AttentionKind.FULL, kv), FFN(FFNKind.SWIGLU, width))] * n
 
 
 def _check_kv(kv: int, heads: int, where: str) -> None:
-    if kv <= 0 or heads % kv:
+    if heads % kv:
         raise ConfigError(f"{where}: {kv} kv heads do not divide {heads} attention heads")
 
 
-def _parse_block_configs(cfg: dict[str, Any], hidden: int, heads: int) -> list[Layer]:
+def _parse_block_configs(cfg: dict[str, Any], hidden: int, heads: int, where: str) -> list[Layer]:
     blocks = cfg["block_configs"]
     if not isinstance(blocks, list):
-        raise ConfigError("config: field 'block_configs' must be a list")
+        raise ConfigError(f"{where}: field 'block_configs' must be a list")
     return [_parse_block(b, i, hidden, heads) for i, b in enumerate(blocks)]
 
 
@@ -298,7 +325,10 @@ def _refuse(where: str, field_name: str, value: Any, why: str) -> ConfigError:
 def _parse_block(block: Any, i: int, hidden: int, heads: int) -> Layer:
     where = f"layer {i}"
     if not isinstance(block, dict) or "attention" not in block or "ffn" not in block:
-        raise ConfigError(f"{where}: block config must have 'attention' and 'ffn'")
+        raise ConfigError(f"{where}: block config must be an object with 'attention' and 'ffn'")
+    for part in ("attention", "ffn"):
+        if not isinstance(block[part], dict):
+            raise _refuse(where, part, block[part], "must be an object")
     return Layer(_parse_attention(block["attention"], f"{where} attention", heads),
                  _parse_ffn(block["ffn"], f"{where} ffn", hidden))
 
@@ -317,7 +347,7 @@ def _parse_attention(a: dict[str, Any], where: str, heads: int) -> Attention:
     if a.get("replace_with_linear"):
         return Attention(AttentionKind.LINEAR)
     group = a.get("n_heads_in_group")
-    if not isinstance(group, int) or isinstance(group, bool) or group <= 0:
+    if not is_int(group) or group <= 0:
         raise _refuse(where, "n_heads_in_group", group, "must be a positive integer")
     if heads % group:
         raise _refuse(where, "n_heads_in_group", group, f"does not divide {heads} heads")
@@ -335,27 +365,76 @@ def _parse_ffn(f: dict[str, Any], where: str, hidden: int) -> FFN:
     if f.get("replace_with_linear"):
         return FFN(FFNKind.LINEAR)
     mult = f.get("ffn_mult")
-    if mult is None and isinstance(f.get("intermediate_size"), int):
-        return FFN(FFNKind.SWIGLU, f["intermediate_size"])
-    if not isinstance(mult, (int, float)) or isinstance(mult, bool) or not math.isfinite(mult) or mult <= 0:
+    if mult is None and f.get("intermediate_size") is not None:
+        width = f["intermediate_size"]
+        if not is_int(width) or width <= 0:
+            raise _refuse(where, "intermediate_size", width, "must be a positive integer")
+        return FFN(FFNKind.SWIGLU, width)
+    if not is_number(mult) or not math.isfinite(mult) or mult <= 0:
         raise _refuse(where, "ffn_mult", mult, "must be a positive number")
     return FFN(FFNKind.SWIGLU, ffn_mult_to_width(mult, hidden), float(mult))
 
 
-def _parse_rope_scaling(rs: Any) -> RopeScaling | None:
-    if rs is None:
+# ---- RoPE: transformers 4 (`rope_theta` + `rope_scaling`) and 5 (`rope_parameters`) ----------------
+def parse_rope(f: Fields) -> dict[str, Any]:
+    """`rope_theta`, `rope_scaling` and `rope_schema` for ModelSpec, from either schema.
+
+    transformers >= 5 saves only `rope_parameters` ({"rope_theta", "rope_type", "factor", ...});
+    older configs have top-level `rope_theta` / `rope_scaling`. Reading only the old keys would
+    silently give base 10000 and no scaling. A config carrying both must agree.
+    """
+    legacy = f.has("rope_theta") or f.has("rope_scaling")
+    params = f.obj.get("rope_parameters")
+    schema = RopeSchema.PARAMETERS if params is not None else RopeSchema.LEGACY
+    if params is not None and not isinstance(params, dict):
+        f.bad("rope_parameters", params, "must be an object")
+        return {"rope_theta": 10000.0, "rope_scaling": None, "rope_schema": schema}
+    if params is not None and params and all(isinstance(v, dict) for v in params.values()):
+        f.bad("rope_parameters", params, "per-layer-type RoPE parameters are not supported")
+        return {"rope_theta": 10000.0, "rope_scaling": None, "rope_schema": schema}
+    new = None
+    if params is not None:
+        p = Fields(params, f"{f.where}: rope_parameters", f.problems)
+        new = (p.pos_float("rope_theta", 10000.0), _parse_scaling(p, params, "rope_parameters"))
+    old = None
+    if legacy or params is None:
+        rs = f.obj.get("rope_scaling")
+        if rs is not None and not isinstance(rs, dict):
+            f.bad("rope_scaling", rs, "must be an object or null")
+            rs = None
+        scaling = _parse_scaling(Fields(rs, f"{f.where}: rope_scaling", f.problems), rs, "rope_scaling") if rs else None
+        old = (f.pos_float("rope_theta", new[0] if new else 10000.0), scaling)
+    if new is not None and old is not None and legacy:
+        schema = RopeSchema.BOTH
+        if new != old:
+            f.problems.append(f"{f.where}: 'rope_parameters' {_rope_str(new)} disagrees with 'rope_theta' / "
+                              f"'rope_scaling' {_rope_str(old)}; remove one of them")
+    theta, scaling = new if new is not None else old  # type: ignore[misc]
+    return {"rope_theta": theta, "rope_scaling": scaling, "rope_schema": schema}
+
+
+def _parse_scaling(f: Fields, obj: dict[str, Any] | None, name: str) -> RopeScaling | None:
+    if not obj:
         return None
-    kind = rs.get("rope_type") or rs.get("type")
+    kind = obj.get("rope_type") or obj.get("type")
     if kind in (None, "default"):
         return None
     if kind != "llama3":
-        raise ConfigError(f"config: field 'rope_scaling.rope_type' = {kind!r}: only 'llama3' is supported")
-    try:
-        return RopeScaling(float(rs["factor"]), float(rs.get("low_freq_factor", 1.0)),
-                           float(rs.get("high_freq_factor", 4.0)),
-                           int(rs["original_max_position_embeddings"]))
-    except KeyError as e:
-        raise ConfigError(f"config: field 'rope_scaling.{e.args[0]}' is missing") from None
+        f.problems.append(f"{f.where}: field 'rope_type' = {kind!r}: only 'default' and 'llama3' are supported")
+        return None
+    vals = (f.pos_float("factor"), f.pos_float("low_freq_factor", 1.0), f.pos_float("high_freq_factor", 4.0),
+            f.pos_int("original_max_position_embeddings"))
+    if None in vals or MISSING in vals:
+        return None
+    if vals[2] <= vals[1]:
+        f.bad("high_freq_factor", vals[2], f"must be greater than low_freq_factor {vals[1]}")
+        return None
+    return RopeScaling(*vals)
+
+
+def _rope_str(rope: tuple[float, RopeScaling | None]) -> str:
+    theta, scaling = rope
+    return f"(theta {theta}, scaling {scaling.to_hf() if scaling else None})"
 
 
 def _block_config(lay: Layer, spec: ModelSpec) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from export.spec import (
 from export.synthetic import llama_config
 from tests.conftest import hetero_spec, llama_spec
 
-ULTRA = Path(__file__).resolve().parents[2] / "shared/configs/Llama-3_1-Nemotron-Ultra-253B-v1.config.json"
+ULTRA = Path(__file__).resolve().parent / "data/Llama-3_1-Nemotron-Ultra-253B-v1.config.json"
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_unsupported_or_malformed_block_fields(ultra_cfg, sub, key, value, match
     (lambda c: c.update(hidden_act="gelu"), "hidden_act"),
     (lambda c: c.update(architectures=["GPT2LMHeadModel"], model_type="gpt2"), "not supported"),
     (lambda c: c.pop("hidden_size"), "'hidden_size' is missing"),
-    (lambda c: c.update(num_attention_heads="128"), "'num_attention_heads' must be int"),
+    (lambda c: c.update(num_attention_heads="128"), "'num_attention_heads' = '128': must be a positive integer"),
     (lambda c: c.update(num_hidden_layers=10), "num_hidden_layers is 10"),
     (lambda c: c.update(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "rope_type"),
     (lambda c: c.update(block_configs={"a": 1}), "must be a list"),
