@@ -131,3 +131,49 @@ def test_load_reports_missing_and_bad_json(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         ModelSpec.load(tmp_path)
+
+
+@pytest.mark.parametrize("field_name,value", [
+    ("hidden_size", -64), ("hidden_size", 0), ("num_attention_heads", 0), ("vocab_size", -1),
+    ("head_dim", 0), ("head_dim", "32"), ("num_hidden_layers", "162"), ("num_hidden_layers", True),
+    ("rope_theta", -1), ("rope_theta", "500000"), ("rope_theta", float("nan")), ("rms_norm_eps", -1),
+    ("rms_norm_eps", "1e-5"), ("max_position_embeddings", -1), ("max_position_embeddings", "131072"),
+    ("tie_word_embeddings", "false"), ("rope_scaling", "llama3"), ("torch_dtype", ["bfloat16"]),
+])
+def test_wrong_values_are_refused_naming_the_field(ultra_cfg, field_name, value):
+    """Values that used to be coerced or accepted (`"false"` read as True, negative sizes)."""
+    cfg = copy.deepcopy(ultra_cfg) | {field_name: value}
+    with pytest.raises(ConfigError, match=f"'{field_name}'") as e:
+        parse_hf_config(cfg)
+    assert "\n" not in str(e.value)
+
+
+def test_every_top_level_problem_is_reported_at_once(ultra_cfg):
+    cfg = copy.deepcopy(ultra_cfg) | {"hidden_size": 0, "rope_theta": "x", "tie_word_embeddings": "no"}
+    with pytest.raises(ConfigError, match="3 problems") as e:
+        parse_hf_config(cfg)
+    for name in ("hidden_size", "rope_theta", "tie_word_embeddings"):
+        assert f"'{name}'" in str(e.value)
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"\xff\xfe{}", "not UTF-8"), (b"[1, 2]", "JSON object"), (b"null", "JSON object"),
+])
+def test_config_file_that_is_not_a_utf8_json_object(tmp_path, content, match):
+    (tmp_path / "config.json").write_bytes(content)
+    with pytest.raises(ConfigError, match=match) as e:
+        ModelSpec.load(tmp_path)
+    assert str(tmp_path / "config.json") in str(e.value)
+
+
+def test_block_parts_that_are_not_objects(ultra_cfg):
+    cfg = copy.deepcopy(ultra_cfg)
+    cfg["block_configs"][2]["attention"] = 7
+    with pytest.raises(ConfigError, match="layer 2: field 'attention' = 7: must be an object"):
+        parse_hf_config(cfg)
+
+
+def test_errors_from_a_file_name_the_file(tmp_path, ultra_cfg):
+    (tmp_path / "config.json").write_text(json.dumps(ultra_cfg | {"vocab_size": -5}))
+    with pytest.raises(ConfigError, match=r"config\.json: field 'vocab_size' = -5"):
+        ModelSpec.load(tmp_path)
