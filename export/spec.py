@@ -229,6 +229,13 @@ def is_known_dtype(dtype: object) -> bool:
     return isinstance(dtype, str) and DTYPE_ALIASES.get(dtype, dtype) in DTYPE_BYTES
 
 
+def casts_exactly(source: str, target: str) -> bool:
+    """Every value of `source` is representable in `target` (bf16 and fp16 widen to fp32 exactly;
+    bf16 <-> fp16 do not: fp16 lacks bf16's range, bf16 lacks fp16's precision)."""
+    s, t = normalize_dtype(source), normalize_dtype(target)
+    return s == t or t == "float32"
+
+
 def normalize_dtype(dtype: str) -> str:
     """The canonical name of a dtype alias (bf16 -> bfloat16)."""
     d = DTYPE_ALIASES.get(dtype, dtype)

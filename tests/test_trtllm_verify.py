@@ -49,3 +49,15 @@ def test_verify_catches_a_corrupted_rank_file(source, tmp_path, capsys):
     assert main(["verify", str(eng), "--against", str(source)]) == 1
     assert "FAIL" in capsys.readouterr().out
     assert Manifest.load(eng).engines["cpu"]["verified"] is False
+
+
+def test_widening_bf16_to_fp32_is_held_to_the_strict_tolerance(tmp_path):
+    """bf16 -> fp32 loses nothing, so it gets 1e-4, not the lossy 5%-of-max-logit bound (0.75 on
+    the demo model), which would let a wrong packing through."""
+    src = make_source(tmp_path / "src", hetero_spec(dtype="bfloat16"), seed=6)
+    eng = convert(src, tmp_path / "e", tp=2, dtype="fp32", progress=False).out
+    res = verify(eng, src)
+    assert res.lossless and res.tolerance == 1e-4 and res.passed, res.summary()
+    assert "bfloat16 source -> float32, exact" in res.summary()
+    lossy = verify(convert(src, tmp_path / "h", tp=1, dtype="fp16", progress=False).out, src)
+    assert not lossy.lossless and lossy.tolerance > 1e-4  # bf16 -> fp16 is not exact (range)

@@ -3,9 +3,10 @@ the source checkpoint's logits (run at tp = 1).
 
 The runtime reads the rank files through `open_trtllm_checkpoint`, so this checks exactly the bytes
 TRT-LLM would load: names, local layer indices, the qkv packing, kv duplication, the padded
-lm_head. Both sides compute in fp32. When the checkpoint stores the source's own dtype the
-difference must be <= tol (1e-4); a down-cast (e.g. fp32 -> bf16) is reported, and passes when the
-difference stays within a fraction of the logits' range.
+lm_head. Both sides compute in fp32. When every source value is exactly representable in the
+checkpoint's dtype (the same dtype, or a widening such as bf16 -> fp32) the difference must be
+<= tol (1e-4); only a narrowing cast (e.g. fp32 -> bf16) is lossy: it is reported, and passes when
+the difference stays within a fraction of the logits' range.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import torch
 
 from export.errors import ExportError
 from export.manifest import Manifest
-from export.spec import ModelSpec
+from export.spec import ModelSpec, casts_exactly
 
-LOSSY_FRACTION = 0.05  # of max |logit|, when the checkpoint is in a narrower dtype than the source
+LOSSY_FRACTION = 0.05  # of max |logit|, only when the checkpoint's dtype cannot hold every source value
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,11 @@ class VerifyResult:
 
     @property
     def lossless(self) -> bool:
-        return self.source_dtype == self.dtype
+        return casts_exactly(self.source_dtype, self.dtype)
 
     def summary(self) -> str:
-        kind = "same dtype as the source" if self.lossless else f"{self.source_dtype} source -> {self.dtype}"
+        kind = ("same dtype as the source" if self.source_dtype == self.dtype
+                else f"{self.source_dtype} source -> {self.dtype}, {'exact' if self.lossless else 'lossy'}")
         verdict = "PASS" if self.passed else "FAIL"
         return (f"{verdict}: {self.engine_dir} at tp={self.tp} pp={self.pp} ({kind}): max |logits diff| vs the "
                 f"source at tp=1 = {self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g}) in {self.seconds:.1f} s")
@@ -74,7 +76,7 @@ def verify(engine_dir: Path, against: Path, *, tol: float = 1e-4, threads: int =
     with Engine.start(against, tp=1, pp=1, dtype="float32") as ref_engine:
         want = ref_engine.logits(prompts)
     diff = max((got[i, :len(p)] - want[i, :len(p)]).abs().max().item() for i, p in enumerate(prompts))
-    lossless = source_spec.dtype == manifest.dtype
+    lossless = casts_exactly(source_spec.dtype, manifest.dtype)
     tolerance = tol if lossless else LOSSY_FRACTION * want.abs().max().item()
     res = VerifyResult(engine_dir, manifest.tp, manifest.pp, source_spec.dtype, manifest.dtype, diff, tolerance,
                        diff <= tolerance, time.perf_counter() - start)
