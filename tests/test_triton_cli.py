@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -60,6 +61,8 @@ def repo(tmp_path_factory) -> Path:
     res = run("package", str(engine_dir), "--out", str(root / "repo"), "--backend", "cpu")
     assert res.returncode == 0, res.stderr
     assert "packaged cpu model repository" in res.stdout
+    build = json.loads((engine_dir / "manifest.json").read_text())["build"]
+    assert f"prompts up to max_input_len {build['max_input_len']} tokens" in res.stdout
     return root / "repo"
 
 

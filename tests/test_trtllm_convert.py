@@ -271,3 +271,14 @@ def test_failure_mid_pass_leaves_nothing(source, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk on fire"):
         convert(source, tmp_path / "e", tp=2, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("context,want", [(512, (256, 512)), (4096, (1024, 2048)), (131072, (1024, 2048))])
+def test_default_build_leaves_room_to_generate(context, want):
+    """A maximum-length prompt must still be able to generate (the demo had 512 == 512)."""
+    from dataclasses import replace
+
+    from export.trtllm.convert import default_build
+
+    build = default_build(replace(hetero_spec(), max_position_embeddings=context))
+    assert (build["max_input_len"], build["max_seq_len"]) == want

@@ -37,6 +37,7 @@ def _package_args(p: argparse.ArgumentParser) -> None:
 @command("package", "render a Triton model repository (ensemble, BLS, pre/postprocessing, engine) for engines/NAME")
 @with_args(_package_args)
 def _cmd_package(args: argparse.Namespace) -> int:
+    from export.manifest import Manifest
     from export.triton.package import package_repo
 
     t = time.perf_counter()
@@ -46,7 +47,16 @@ def _cmd_package(args: argparse.Namespace) -> int:
                        engine_queue_limit=args.engine_queue_limit, kv_cache_tokens=args.kv_cache_tokens,
                        runtime_dtype=args.runtime_dtype)
     print(f"packaged {args.backend} model repository at {out} ({time.perf_counter() - t:.2f} s)")
+    print(limits_summary(Manifest.load(args.engine_dir).build, args.max_batch_size))
     return 0
+
+
+def limits_summary(build: dict, max_batch_size: int | None) -> str:
+    """What a client may send: the limits every request is checked against."""
+    n_in, n_seq = int(build["max_input_len"]), int(build["max_seq_len"])
+    return (f"limits: prompts up to max_input_len {n_in} tokens; prompt + output up to max_seq_len {n_seq} "
+            f"(so at least {n_seq - n_in} new tokens after a maximum-length prompt); "
+            f"max_batch_size {max_batch_size or build['max_batch_size']}")
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:

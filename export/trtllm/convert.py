@@ -97,9 +97,16 @@ def convert(source: Path, out: Path, *, tp: int, pp: int = 1, dtype: str | None 
 
 
 def default_build(spec: ModelSpec) -> dict[str, int]:
-    """trtllm-build sizes, capped by the model's context length."""
+    """trtllm-build sizes, capped by the model's context length.
+
+    max_input_len keeps TRT-LLM's default ratio to max_seq_len (1024 of 2048) when the context is
+    shorter, so a prompt of the maximum length still leaves room to generate: capping both at the
+    context (512 and 512 for the demo) would let such a prompt generate nothing.
+    """
     seq = min(DEFAULT_BUILD["max_seq_len"], spec.max_position_embeddings)
-    return {**DEFAULT_BUILD, "max_seq_len": seq, "max_input_len": min(DEFAULT_BUILD["max_input_len"], seq)}
+    ratio = DEFAULT_BUILD["max_input_len"] / DEFAULT_BUILD["max_seq_len"]
+    return {**DEFAULT_BUILD, "max_seq_len": seq,
+            "max_input_len": max(1, min(DEFAULT_BUILD["max_input_len"], int(seq * ratio)))}
 
 
 def write_rank_files(reader: CheckpointReader, plans: list[RankPlan], ckpt: Path, dtype: str,
