@@ -114,7 +114,8 @@ def format_report(rep: dict[str, Any]) -> str:
         + (f", {rep['linear_attention_layers']} linear attention" if rep["linear_attention_layers"] else "")
         + (f", {rep['linear_ffn_layers']} linear FFN" if rep["linear_ffn_layers"] else ""),
         f"KV cache per token       {human_bytes(rep['kv_cache_bytes_per_token'])} ({rep['dtype']})",
-        f"sync points per token    {rep['sync_points_per_token']} (one all-reduce per attention and per FFN)",
+        f"sync points per token    {rep['sync_points_per_token']} (at tp > 1: an all-reduce per attention and per FFN, "
+        "+ the lm_head all-gather; none at tp 1)",
     ]
     runs = ", ".join(f"{a}-{b} ({n})" for a, b, n in rep["attention_free_runs"]) or "none"
     lines.append(f"attention-free FFN runs  {runs}")

@@ -144,8 +144,14 @@ class ModelSpec:
                    for lay in self.layers if lay.attention.kind is AttentionKind.FULL)
 
     def sync_points_per_token(self) -> int:
-        """One all-reduce (or all-gather) after each attention and each FFN sublayer under TP."""
-        return sum(int(lay.has_attention) + int(lay.has_ffn) for lay in self.layers)
+        """The collectives one token's forward pass waits on under tensor parallelism (tp > 1).
+
+        The one definition every command reports (inspect, fuse, evaluate, the benchmarks, which
+        count the collectives the ranks actually issue): an all-reduce after every attention and
+        every FFN sublayer (linear replacements included: they are row-split too), plus the
+        all-gather of the vocab-split lm_head's logits. At tp = 1 there are none.
+        """
+        return sum(int(lay.has_attention) + int(lay.has_ffn) for lay in self.layers) + 1
 
     def with_dtype(self, dtype: str) -> ModelSpec:
         return replace(self, dtype=normalize_dtype(dtype))

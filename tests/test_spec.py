@@ -36,7 +36,7 @@ def test_ultra_counts(ultra_cfg):
     assert [spec.layers[i].ffn.width for i in (125, 134, 143, 149)] == [399360, 425984, 343040, 301056]
     assert spec.layers[0].ffn.width == 5376 and spec.head_dim == 128
     assert spec.rope_scaling is not None and spec.rope_scaling.factor == 16.0
-    assert spec.sync_points_per_token() == 145
+    assert spec.sync_points_per_token() == 146
 
 
 def test_width_rule_is_the_float_expression():
