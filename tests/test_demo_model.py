@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import ffn_only, full
 
+from export.card import card_facts, write_card
 from export.demo import heldout as ho
-from export.demo.card import card_facts, write_card
 from export.demo.corpus import corpus_files, split
 from export.demo.hf_model import build_model, load_model, logits_fn, write_checkpoint
 from export.demo.paths import DEMO_LLAMA, DEMO_PUZZLE

@@ -2,6 +2,7 @@
 from the original weights, for both norm modes and unequal widths; layout, streaming, CLI."""
 
 import json
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -194,3 +195,39 @@ def test_whole_fused_model_in_runtime_equals_parallel_form_of_original(tmp_path,
     assert (got - expected).abs().max().item() <= 1e-5
     assert (got - sequential).abs().max().item() > 1e-3  # fusion is an approximation of the sequential model
     assert res.after.num_layers == (10 if keep else 6)
+
+
+def test_fused_card_is_its_own_and_the_source_card_is_kept(source, tmp_path):
+    from export.card import card_facts
+
+    card = "---\nattention_removed: 1,2\nheldout_ppl: 12.0\n---\n\n# the source\n"
+    src = tmp_path / "src"
+    shutil.copytree(source, src)
+    (src / "README.md").write_text(card)
+    res = fuse_checkpoint(src, FusionPlan([(1, 4)]), tmp_path / "f", progress=False)
+    facts = card_facts(tmp_path / "f")
+    assert "attention_removed" not in facts and "heldout_ppl" not in facts
+    assert facts["fusion_groups"] == "1-4" and facts["fused_widths"] == str(256 + 768 + 2048)
+    assert (facts["sync_points_per_token_before"], facts["sync_points_per_token_after"]) == (
+        str(res.before.sync_points_per_token()), str(res.after.sync_points_per_token()))
+    assert (tmp_path / "f" / "README.source.md").read_text() == card
+
+
+def test_fold_in_bf16_rounds_once_and_fp32_output_keeps_it_exact(tmp_path):
+    """Folding s_j into gate/up is exact in fp32 (a bf16 x bf16 product fits in fp32's mantissa);
+    stored as bf16 each product is rounded once."""
+    src = write_random_checkpoint(tmp_path / "bf16", fusion_spec("bfloat16"), seed=3)
+    w0 = weights(src)
+    for dtype, exact in (("float32", True), (None, False)):
+        res = fuse_checkpoint(src, FusionPlan([(3, 5)]), tmp_path / f"f{dtype}", progress=False, dtype=dtype)
+        w1 = weights(tmp_path / f"f{dtype}")
+        new = res.layer_map[3]
+        want = torch.cat([w0[f"model.layers.{j}.mlp.gate_proj.weight"].float()
+                          * w0[f"model.layers.{j}.post_attention_layernorm.weight"].float() for j in (3, 4, 5)])
+        got = w1[f"model.layers.{new}.mlp.gate_proj.weight"]
+        assert got.dtype == (torch.float32 if exact else torch.bfloat16)
+        assert torch.equal(got.float(), want) is exact
+        rel = ((got.float() - want).abs().max() / want.abs().max()).item()
+        assert rel <= (0 if exact else 2 ** -8)
+        assert torch.equal(w1["model.embed_tokens.weight"].float(), w0["model.embed_tokens.weight"].float())
+    assert ModelSpec.load(tmp_path / "ffloat32").dtype == "float32"

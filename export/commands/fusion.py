@@ -87,8 +87,12 @@ def _fuse_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", required=True, help="plan JSON (from `plan` or `analyze`, edited or not)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--norm", choices=["fold", "last"], default="fold",
-                   help="fold: each layer's norm scale into its gate/up, exact for the parallel form "
-                        "(default); last: the last layer's norm for all (the paper)")
+                   help="fold: each layer's norm scale into its gate/up: the parallel form, with each folded "
+                        "weight rounded once to the output dtype (default); last: the last layer's norm for "
+                        "all (the paper)")
+    p.add_argument("--dtype", default=None,
+                   help="output dtype, bf16 | fp16 | fp32 (default: the source's); fp32 keeps folded norms "
+                        "unrounded")
     p.add_argument("--keep-layer-count", action="store_true",
                    help="keep fused-away blocks as empty blocks (as the released Ultra config does)")
     p.add_argument("--max-shard-size", type=byte_size, default=5 << 30, help="safetensors shard size")
@@ -101,7 +105,8 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
     from export.fusion.plan import FusionPlan
 
     r = fuse_checkpoint(args.ckpt, FusionPlan.load(args.plan), args.out, norm=args.norm,
-                        keep_layer_count=args.keep_layer_count, max_shard_bytes=args.max_shard_size)
+                        keep_layer_count=args.keep_layer_count, max_shard_bytes=args.max_shard_size,
+                        dtype=args.dtype)
     for g in r.groups:
         print(f"group {g.label}: {len(g.ffn_layers)} FFNs {list(g.widths)} -> one FFN of width {g.fused_width}")
     print(f"layers {r.before.num_layers} -> {r.after.num_layers}, FFN blocks {len(r.before.ffn_layers())} -> "

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
+from export.card import table, write_card
 from export.demo import heldout as ho
-from export.demo.card import table, write_card
 from export.demo.corpus import corpus_files, corpus_hash, split
 from export.demo.hf_model import (
     build_model,

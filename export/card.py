@@ -1,4 +1,4 @@
-"""Model cards: a README.md whose YAML front matter carries the measured figures.
+"""Model cards: a README.md whose YAML front matter carries the facts and measured figures.
 
 The front matter is flat `key: value` lines so tests (and other stages) read the card's numbers
 back with `card_facts(dir)` instead of scraping prose.
