@@ -223,12 +223,23 @@ def width_to_ffn_mult(width: int, hidden: int) -> float:
     """
     if width % 256:
         raise ConfigError(f"FFN width {width} is not a multiple of 256; no ffn_mult expresses it")
+    mult = ffn_mult_for(width, hidden)
+    if mult is None:
+        raise ConfigError(f"no ffn_mult gives width {width} at hidden {hidden}")
+    return mult
+
+
+def ffn_mult_for(width: int, hidden: int) -> float | None:
+    """`width_to_ffn_mult`, or None where no ffn_mult expresses the width: a DeciLM block then says
+    `intermediate_size` instead (as Puzzletron's configs and vLLM's loader do)."""
+    if width % 256:
+        return None
     exact = 3 * width / (2 * hidden)
     for digits in range(0, 13):
         for cand in (round(exact, digits), round(exact + 10 ** -digits, digits)):
             if ffn_mult_to_width(cand, hidden) == width:
                 return cand
-    raise ConfigError(f"no ffn_mult gives width {width} at hidden {hidden}")
+    return None
 
 
 def is_known_dtype(dtype: object) -> bool:
@@ -289,6 +300,9 @@ def parse_hf_config(cfg: dict[str, Any], where: str = "config") -> ModelSpec:
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         f.bad("hidden_act", act, "only 'silu' (SwiGLU) is supported")
+    for key in ("attention_bias", "mlp_bias"):
+        if cfg.get(key):
+            f.bad(key, cfg[key], "biases are not supported (no q/k/v/o or gate/up/down bias tensors are read)")
     head_dim = f.pos_int("head_dim", None)
     n = f.pos_int("num_hidden_layers", None if is_deci and "block_configs" in cfg else MISSING)
     rope = parse_rope(f)
@@ -457,12 +471,14 @@ def _block_config(lay: Layer, spec: ModelSpec) -> dict[str, Any]:
                  "replace_with_linear": a.kind is AttentionKind.LINEAR,
                  "sparsify": None, "num_sink_tokens": None, "window_length": None,
                  "unshifted_sink": False, "use_prefill_window_in_sink_attention": False}
-    mult = None
+    ffn: dict[str, Any] = {"ffn_mult": None, "no_op": f.kind is FFNKind.NOOP,
+                           "replace_with_linear": f.kind is FFNKind.LINEAR, "sparsify": None}
     if f.kind is FFNKind.SWIGLU:
         assert f.width is not None
-        mult = f.ffn_mult if f.ffn_mult is not None else width_to_ffn_mult(f.width, spec.hidden)
-        if ffn_mult_to_width(mult, spec.hidden) != f.width:
+        mult = f.ffn_mult if f.ffn_mult is not None else ffn_mult_for(f.width, spec.hidden)
+        if mult is None:  # vLLM and our parser read it; TRT-LLM's PyTorch backend needs ffn_mult
+            ffn["intermediate_size"] = f.width
+        elif ffn_mult_to_width(mult, spec.hidden) != f.width:
             raise ConfigError(f"ffn_mult {mult} does not give width {f.width}")
-    ffn = {"ffn_mult": mult, "no_op": f.kind is FFNKind.NOOP,
-           "replace_with_linear": f.kind is FFNKind.LINEAR, "sparsify": None}
+        ffn["ffn_mult"] = mult
     return {"attention": attention, "ffn": ffn}

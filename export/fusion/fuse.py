@@ -37,7 +37,7 @@ from export.io.reader import CheckpointReader
 from export.io.safetensors_format import torch_dtype
 from export.io.writer import HFCheckpointWriter, copy_sidecars, write_config
 from export.progress import byte_progress
-from export.spec import FFN, Attention, AttentionKind, FFNKind, Layer, ModelSpec, ffn_mult_to_width, width_to_ffn_mult
+from export.spec import FFN, Attention, AttentionKind, FFNKind, Layer, ModelSpec, ffn_mult_for
 from export.tensors import HF_NAMES, Role, TensorRef, model_tensors
 
 CHUNK_BYTES = 64 << 20  # bytes per streamed row chunk
@@ -65,12 +65,10 @@ class FuseResult:
 
 # ---- the new layer list ------------------------------------------------------------------
 def fused_layer(spec: ModelSpec, group: Group) -> Layer:
-    """Attention no-op plus one FFN of the summed width; its ffn_mult must give exactly that width."""
+    """Attention no-op plus one FFN of the summed width (its config says an ffn_mult that gives
+    exactly that width, or the width itself where no ffn_mult can)."""
     width = group.fused_width
-    mult = width_to_ffn_mult(width, spec.hidden)
-    if ffn_mult_to_width(mult, spec.hidden) != width:
-        raise ExportError(f"group {group.label}: ffn_mult {mult} does not give fused width {width}")
-    return Layer(Attention(AttentionKind.NOOP), FFN(FFNKind.SWIGLU, width, mult))
+    return Layer(Attention(AttentionKind.NOOP), FFN(FFNKind.SWIGLU, width, ffn_mult_for(width, spec.hidden)))
 
 
 def fused_layout(spec: ModelSpec, groups: list[Group],
@@ -184,6 +182,8 @@ def fuse_checkpoint(source: str | Path, plan: FusionPlan, out: str | Path, *, no
     reader = CheckpointReader(source)
     reader.validate(spec)
     groups = plan.resolve(spec)
+    if not groups:
+        raise ExportError(f"{source}: the plan has no groups: nothing to fuse, nothing written")
     layers, sources = fused_layout(spec, groups, keep_layer_count)
     new_spec = spec.with_layers(layers).with_dtype(dtype or spec.dtype)
     dtype = torch_dtype(new_spec.dtype)
