@@ -18,11 +18,10 @@ from export.spec import ModelSpec
 from export.trtllm.convert import convert
 from export.trtllm.verify import verify
 from tests.conftest import EMPTY, LINEAR, ROPE, attn_only, ffn_only, full, hetero_spec
+from tests.test_spec import ULTRA as ULTRA_CONFIG  # the real Ultra-253B config: one path constant
 from tests.trtllm_helpers import make_source, rank_tensors, read_all
 
 REPO = Path(__file__).resolve().parents[1]
-# the real Ultra-253B config; switch this one constant when it is vendored under tests/data/
-ULTRA_CONFIG = Path("/work/shared/configs/Llama-3_1-Nemotron-Ultra-253B-v1.config.json")
 PUZZLE = REPO / "export" / "demo" / "models" / "puzzle"  # 12 layers; layers 3-6 have no attention
 
 
