@@ -78,7 +78,7 @@ def check_trtllm_stages(spec: ModelSpec, mapping: Mapping) -> list[str]:
     near = nearest_trtllm_pp(spec, mapping.pp)
     hint = (f"nearest pp {'values that work' if len(near) > 1 else 'that works'}: " + ", ".join(map(str, near))
             if near else "no pp value works: the model has no full-attention layer")
-    return [f"pp={mapping.pp}: {where} {'has' if len(bad) == 1 else 'have'} no full-attention layer, "
+    return [f"{where} {'has' if len(bad) == 1 else 'have'} no full-attention layer, "
             f"which trtllm-build cannot build (TRT-LLM needs one per pipeline stage); {hint}"]
 
 

@@ -109,11 +109,11 @@ def test_attention_free_stage_rule():
     assert trtllm_pp_values(spec) == [1, 2]
     assert check_trtllm_stages(spec, Mapping(1, 2)) == []
     assert check_trtllm_stages(spec, Mapping(2, 4)) == [
-        "pp=4: stage 1 (layers 2-3), stage 3 (layers 6-7) have no full-attention layer, which trtllm-build "
+        "stage 1 (layers 2-3), stage 3 (layers 6-7) have no full-attention layer, which trtllm-build "
         "cannot build (TRT-LLM needs one per pipeline stage); nearest pp that works: 2"]
     no_attention = five_layers().with_layers([ffn_only(256), EMPTY])
     assert check_trtllm_stages(no_attention, Mapping()) == [
-        "pp=1: stage 0 (layers 0-1) has no full-attention layer, which trtllm-build cannot build (TRT-LLM needs "
+        "stage 0 (layers 0-1) has no full-attention layer, which trtllm-build cannot build (TRT-LLM needs "
         "one per pipeline stage); no pp value works: the model has no full-attention layer"]
 
 
@@ -121,7 +121,7 @@ def test_ultra_nearest_pp_values():
     spec = ModelSpec.load(ULTRA_CONFIG)
     assert check_trtllm_stages(spec, Mapping(8, 4)) == []
     assert check_trtllm_stages(spec, Mapping(1, 8)) == [
-        "pp=8: stage 6 (layers 122-141) has no full-attention layer, which trtllm-build cannot build (TRT-LLM "
+        "stage 6 (layers 122-141) has no full-attention layer, which trtllm-build cannot build (TRT-LLM "
         "needs one per pipeline stage); nearest pp that works: 7"]
 
 
@@ -134,14 +134,14 @@ def test_convert_refuses_attention_free_stage_tiny(five_source, tmp_path):
     out = cli("convert", str(five_source), "--pp", "4", "--out", str(tmp_path / "e"))
     assert out.returncode == 2 and not (tmp_path / "e").exists()
     assert out.stderr.splitlines() == [
-        "error: cannot split this model at tp=1, pp=4: pp=4: stage 1 (layer 2) has no full-attention layer, which "
+        "error: cannot split this model at tp=1, pp=4: stage 1 (layer 2) has no full-attention layer, which "
         "trtllm-build cannot build (TRT-LLM needs one per pipeline stage); nearest pp that works: 3"]
 
 
 def test_convert_refuses_demo_puzzle_at_pp4(tmp_path):
     out = cli("convert", str(PUZZLE), "--pp", "4", "--out", str(tmp_path / "e"))
     assert out.returncode == 2, out.stderr
-    assert "pp=4: stage 1 (layers 3-5) has no full-attention layer" in out.stderr
+    assert "stage 1 (layers 3-5) has no full-attention layer" in out.stderr
     assert "nearest pp that works: 3" in out.stderr and len(out.stderr.splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
     dry = cli("convert", "--dry-run", str(PUZZLE), "--pp", "4")
@@ -177,7 +177,7 @@ def test_inspect_puzzle_pp4_ok_for_cpu_not_trtllm():
     out = cli("inspect", str(PUZZLE), "--pp", "4")
     assert out.returncode == 2
     assert "trtllm-build             FAILS (convert refuses; the cpu engine, verify/generate, runs it):" in out.stdout
-    assert "pp=4: stage 1 (layers 3-5) has no full-attention layer" in out.stdout
+    assert "stage 1 (layers 3-5) has no full-attention layer" in out.stdout
     assert "no full attention: trtllm-build cannot build it" in out.stdout
     assert cli("inspect", str(PUZZLE), "--pp", "4", "--target", "cpu").returncode == 0
     rep = json.loads(cli("inspect", str(PUZZLE), "--pp", "4", "--json").stdout)
