@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from export.errors import ExportError
 from export.mapping import Mapping
-from export.sharding import Shard, check_tp, shard_for
+from export.sharding import Shard, check_tp, kv_heads_per_rank, shard_for
 from export.spec import DTYPE_BYTES, ModelSpec, normalize_dtype
 from export.tensors import Role, TensorRef, model_tensors
 
@@ -32,14 +32,61 @@ class Piece:
 
 
 def check_layout(spec: ModelSpec, mapping: Mapping) -> list[str]:
+    """What every target needs (the cpu engine runs any layout that passes): tp divides what it
+    splits, and every pipeline stage gets at least one layer. pp need not divide the layer count:
+    stages follow TRT-LLM's uneven split (`Mapping.pp_layers`)."""
     problems = check_tp(spec, mapping.tp)
-    if spec.num_layers % mapping.pp:
-        problems.append(f"pp={mapping.pp} does not divide the {spec.num_layers} layers")
+    if mapping.pp > spec.num_layers:
+        problems.append(f"pp={mapping.pp} is more stages than the {spec.num_layers} layers")
     return problems
 
 
-def require_layout(spec: ModelSpec, mapping: Mapping) -> None:
-    problems = check_layout(spec, mapping)
+def layer_span(layers: range) -> str:
+    return f"layer {layers.start}" if len(layers) == 1 else f"layers {layers.start}-{layers.stop - 1}"
+
+
+def stages_without_attention(spec: ModelSpec, pp: int) -> list[int]:
+    """Pipeline stages at pp that hold no full-attention layer (linear replacements keep no KV cache
+    and do not count, as in TRT-LLM's `is_attention_layer`)."""
+    attention = set(spec.attention_layers())
+    return [s for s, layers in enumerate(Mapping(1, pp).stages(spec.num_layers)) if not attention.intersection(layers)]
+
+
+def trtllm_pp_values(spec: ModelSpec) -> list[int]:
+    """Every pp at which each stage holds a full-attention layer: what trtllm-build can build."""
+    return [pp for pp in range(1, spec.num_layers + 1) if not stages_without_attention(spec, pp)]
+
+
+def nearest_trtllm_pp(spec: ModelSpec, pp: int) -> list[int]:
+    """The buildable pp values closest to `pp`: the nearest below and the nearest above it."""
+    ok = trtllm_pp_values(spec)
+    below, above = [v for v in ok if v < pp], [v for v in ok if v > pp]
+    return ([below[-1]] if below else []) + ([above[0]] if above else [])
+
+
+def check_trtllm_stages(spec: ModelSpec, mapping: Mapping) -> list[str]:
+    """What trtllm-build adds: every stage needs a full-attention layer. TRT-LLM's
+    `GenerationMixin.prepare_attention_inputs` (tensorrt_llm/models/generation_mixin.py) takes
+    `attn_layer_idx.index(local_attn_layers[0])`, an IndexError on a stage without one."""
+    if mapping.pp > spec.num_layers:
+        return []  # check_layout reports it
+    bad = stages_without_attention(spec, mapping.pp)
+    if not bad:
+        return []
+    stages = mapping.stages(spec.num_layers)
+    where = ", ".join(f"stage {s} ({layer_span(stages[s])})" for s in bad)
+    near = nearest_trtllm_pp(spec, mapping.pp)
+    hint = (f"nearest pp {'values that work' if len(near) > 1 else 'that works'}: " + ", ".join(map(str, near))
+            if near else "no pp value works: the model has no full-attention layer")
+    return [f"{where} {'has' if len(bad) == 1 else 'have'} no full-attention layer, "
+            f"which trtllm-build cannot build (TRT-LLM needs one per pipeline stage); {hint}"]
+
+
+def require_layout(spec: ModelSpec, mapping: Mapping, *, trtllm: bool = False) -> None:
+    """Refuse a layout the target cannot run; `trtllm` adds what trtllm-build needs of the stages."""
+    problems = check_layout(spec, mapping) + (check_trtllm_stages(spec, mapping) if trtllm else [])
+    if len(problems) == 1:
+        raise ExportError(f"cannot split this model at tp={mapping.tp}, pp={mapping.pp}: {problems[0]}")
     if problems:
         raise ExportError(f"cannot split this model at tp={mapping.tp}, pp={mapping.pp}:\n  - "
                           + "\n  - ".join(problems))
@@ -71,3 +118,17 @@ def rank_pieces(spec: ModelSpec, mapping: Mapping, rank: int) -> list[Piece]:
 def rank_bytes(spec: ModelSpec, mapping: Mapping, rank: int, dtype: str | None = None) -> int:
     per = DTYPE_BYTES[normalize_dtype(dtype or spec.dtype)]
     return sum(p.numel() for p in rank_pieces(spec, mapping, rank)) * per
+
+
+def rank_kv_heads(spec: ModelSpec, mapping: Mapping, rank: int) -> dict[int, int]:
+    """Global layer -> kv heads the rank caches, for the full-attention layers of its stage
+    (`ceil(kv / tp)`: a head duplicated when tp exceeds the layer's kv heads)."""
+    stage = mapping.pp_layers(spec.num_layers, mapping.pp_rank(rank))
+    return {i: kv_heads_per_rank(spec.layers[i].attention.kv_heads, mapping.tp)  # type: ignore[arg-type]
+            for i in spec.attention_layers() if i in stage}
+
+
+def rank_kv_bytes_per_token(spec: ModelSpec, mapping: Mapping, rank: int, dtype: str | None = None) -> int:
+    """K and V the rank caches per token (what the runtime's KVCache allocates per position)."""
+    per = DTYPE_BYTES[normalize_dtype(dtype or spec.dtype)]
+    return sum(2 * heads * spec.head_dim * per for heads in rank_kv_heads(spec, mapping, rank).values())

@@ -35,11 +35,21 @@ class Mapping:
         return range(self.world_size)
 
     def pp_layers(self, num_layers: int, pp_rank: int) -> range:
-        """Contiguous equal stages; TRT-LLM's runner assumes `num_layers // pp` per stage."""
-        if num_layers % self.pp:
-            raise ExportError(f"pp={self.pp} does not divide the {num_layers} layers")
-        n = num_layers // self.pp
-        return range(pp_rank * n, (pp_rank + 1) * n)
+        """Stage `pp_rank`'s global layer indices, split as TRT-LLM 1.x splits them
+        (`tensorrt_llm/mapping.py` `pp_layers`: `torch.tensor_split(torch.arange(num_layers), pp_size)`;
+        the C++ runtime's `ModelConfig::getFirstLocalLayer` is the same rule): contiguous stages of
+        `num_layers // pp` layers, the first `num_layers % pp` stages one layer more."""
+        if not 0 <= pp_rank < self.pp:
+            raise ExportError(f"pp rank {pp_rank} is outside pp={self.pp}")
+        if self.pp > num_layers:
+            raise ExportError(f"pp={self.pp} is more stages than the {num_layers} layers")
+        base, extra = divmod(num_layers, self.pp)
+        start = pp_rank * base + min(pp_rank, extra)
+        return range(start, start + base + (pp_rank < extra))
+
+    def stages(self, num_layers: int) -> list[range]:
+        """Every stage's layers, in pipeline order."""
+        return [self.pp_layers(num_layers, s) for s in range(self.pp)]
 
     def is_first_stage(self, rank: int) -> bool:
         return self.pp_rank(rank) == 0

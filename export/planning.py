@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from export.layout import check_layout, rank_bytes
+from export.layout import check_layout, check_trtllm_stages, layer_span, rank_bytes, rank_kv_bytes_per_token
 from export.mapping import Mapping
 from export.spec import AttentionKind, FFNKind, ModelSpec
 from export.tensors import parameter_count
@@ -63,9 +63,26 @@ def wide_ffns(spec: ModelSpec) -> list[tuple[int, int]]:
             if not lay.has_attention and lay.ffn.width is not None and lay.ffn.width > limit]
 
 
+def stage_report(spec: ModelSpec, mapping: Mapping, dtype: str) -> list[dict[str, Any]]:
+    """Per pipeline stage: its layers (TRT-LLM's split), weight bytes and KV-cache bytes per token,
+    so an unbalanced heterogeneous model shows before anything is converted."""
+    attention = set(spec.attention_layers())
+    out = []
+    for s, layers in enumerate(mapping.stages(spec.num_layers)):
+        ranks = [mapping.rank(t, s) for t in range(mapping.tp)]
+        weights = [rank_bytes(spec, mapping, r, dtype) for r in ranks]
+        kv = [rank_kv_bytes_per_token(spec, mapping, r, dtype) for r in ranks]
+        out.append({"stage": s, "first": layers.start, "last": layers.stop - 1, "layers": len(layers),
+                    "attention_layers": len(attention.intersection(layers)),
+                    "weight_bytes": sum(weights), "rank_weight_bytes": max(weights),
+                    "kv_cache_bytes_per_token": sum(kv), "rank_kv_cache_bytes_per_token": max(kv)})
+    return out
+
+
 def plan_report(spec: ModelSpec, mapping: Mapping, dtype: str | None = None) -> dict[str, Any]:
     dtype = dtype or spec.dtype
     problems = check_layout(spec, mapping)
+    trtllm = check_trtllm_stages(spec, mapping)
     per_rank = ([rank_bytes(spec, mapping, r, dtype) for r in mapping.ranks()] if not problems
                 else None)
     return {
@@ -84,8 +101,12 @@ def plan_report(spec: ModelSpec, mapping: Mapping, dtype: str | None = None) -> 
         "attention_free_runs": [[r[0], r[-1], len(r)] for r in attention_free_runs(spec)],
         "wide_ffns": [{"layer": i, "width": w} for i, w in wide_ffns(spec)],
         "tp": mapping.tp, "pp": mapping.pp,
-        "layout_ok": not problems, "layout_problems": problems,
+        # layout_ok: what `convert` (a TRT-LLM checkpoint) accepts; targets.cpu: what the cpu engine runs
+        "layout_ok": not problems and not trtllm, "layout_problems": problems + trtllm,
+        "targets": {"cpu": {"ok": not problems, "problems": problems},
+                    "trtllm": {"ok": not problems and not trtllm, "problems": problems + trtllm}},
         "rank_weight_bytes": per_rank,
+        "stages": stage_report(spec, mapping, dtype) if not problems else None,
         "layer_runs": [{"first": r.first, "last": r.last, "layer": r.label} for r in layer_runs(spec)],
     }
 
@@ -123,12 +144,39 @@ def format_report(rep: dict[str, Any]) -> str:
         wide = ", ".join(f"layer {w['layer']}: {w['width']}" for w in rep["wide_ffns"])
         lines.append(f"fused (wide) FFNs        {wide}")
     lines.append(f"layout                   tp={rep['tp']} pp={rep['pp']}")
-    if rep["layout_ok"]:
-        sizes = rep["rank_weight_bytes"]
-        lines.append(f"per-rank weights         {human_bytes(max(sizes))} max, "
-                     f"{human_bytes(sum(sizes))} total ({rep['dtype']})")
-        lines.append("divisibility             ok: tp divides heads, kv heads and every FFN width")
-    else:
+    cpu, trt = rep["targets"]["cpu"], rep["targets"]["trtllm"]
+    if not cpu["ok"]:
         lines.append("divisibility             FAILS:")
-        lines += [f"  - {p}" for p in rep["layout_problems"]]
+        lines += [f"  - {p}" for p in cpu["problems"]]
+        return "\n".join(lines)
+    sizes = rep["rank_weight_bytes"]
+    lines.append(f"per-rank weights         {human_bytes(max(sizes))} max, "
+                 f"{human_bytes(sum(sizes))} total ({rep['dtype']})")
+    lines.append("divisibility             ok: tp divides heads, kv heads and every FFN width")
+    if trt["ok"]:
+        lines.append("trtllm-build             ok: every pipeline stage has a full-attention layer")
+    else:
+        lines.append("trtllm-build             FAILS (convert refuses; the cpu engine, verify/generate, runs it):")
+        lines += [f"  - {p}" for p in trt["problems"]]
+    if rep["pp"] > 1:
+        lines += format_stages(rep)
     return "\n".join(lines)
+
+
+def format_stages(rep: dict[str, Any]) -> list[str]:
+    stages, n, pp = rep["stages"], rep["layers"], rep["pp"]
+    split = (f"{n // pp} layers each" if n % pp == 0
+             else f"uneven, TRT-LLM's split: the first {n % pp} get {n // pp + 1} layers, the rest {n // pp}")
+    lines = ["", f"pipeline stages          {pp} ({split}); per tp rank of each stage:",
+             "stage  layers        count  attention  weights/rank  KV cache/token/rank"]
+    for st in stages:
+        span = layer_span(range(st["first"], st["last"] + 1)).split(" ", 1)[1]
+        note = "" if st["attention_layers"] else "  no full attention: trtllm-build cannot build it"
+        weights, kv = human_bytes(st["rank_weight_bytes"]), human_bytes(st["rank_kv_cache_bytes_per_token"])
+        lines.append(f"{st['stage']:<6} {span:<13} {st['layers']:>5}  {st['attention_layers']:>9}  "
+                     f"{weights:>12}  {kv:>19}{note}")
+    w = [st["rank_weight_bytes"] for st in stages]
+    kv = [st["rank_kv_cache_bytes_per_token"] for st in stages]
+    lines.append(f"stage balance            weights max/min {max(w) / min(w):.2f}x"
+                 + (f", KV cache max/min {max(kv) / min(kv):.2f}x" if min(kv) else ", KV cache: a stage holds none"))
+    return lines

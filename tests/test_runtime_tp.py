@@ -65,6 +65,18 @@ def test_tp2_pp2_matches_tp1(reference):
     assert stream == [[t] for t in ref["greedy"][1]]
 
 
+def test_uneven_pp3_with_an_attention_free_stage_matches_tp1(reference):
+    """8 layers at pp 3: TRT-LLM's split gives 3, 3, 2 layers; the last stage (linear + empty layers)
+    has no KV cache at all. trtllm-build refuses such a stage, the cpu engine runs it."""
+    path, ref = reference
+    with Engine.start(path, pp=3) as eng:
+        _same_logits(eng.logits(PROMPTS), ref["logits"])
+        assert eng.generate(PROMPTS, SamplingParams(max_tokens=6)) == ref["greedy"]
+        stats = eng.stats()
+    hd = hetero_spec().head_dim
+    assert [s["kv_bytes_per_token"] for s in stats] == [2 * (2 + 4) * hd * 4, 2 * 1 * hd * 4, 0]
+
+
 def test_impossible_layout_is_refused_before_starting(reference):
     path, _ = reference
     with pytest.raises(ExportError, match="tp=3"):

@@ -212,7 +212,8 @@ def test_completeness_check_catches_table_bugs(monkeypatch):
 @pytest.mark.parametrize("tp,pp,message", [
     (3, 1, "tp=3 does not divide num_attention_heads=8"),
     (16, 1, "tp=16 does not divide num_attention_heads=8"),
-    (2, 3, "pp=3 does not divide the 8 layers"),
+    (2, 3, r"pp=3: stage 2 \(layers 6-7\) has no full-attention layer, which trtllm-build cannot build"),
+    (1, 9, "pp=9 is more stages than the 8 layers"),
 ])
 def test_bad_layout_refused_before_writing(source, tmp_path, tp, pp, message):
     with pytest.raises(ExportError, match=message):

@@ -62,5 +62,8 @@ def test_dry_run_pp_and_refusal(tmp_path, capsys):
     assert [r["bytes"] for r in rep["ranks"]] == [rank_bytes(hetero_spec(), Mapping(2, 2), r) for r in range(4)]
     with pytest.raises(ExportError, match="tp=3 does not divide"):
         dry_run(hetero_spec(), Mapping(3))
-    assert main(["convert", "--dry-run", str(cfg), "--pp", "3"]) == 2
-    assert "pp=3 does not divide the 8 layers" in capsys.readouterr().err
+    assert main(["convert", "--dry-run", str(cfg), "--pp", "3"]) == 2  # stages 0-2, 3-5, 6-7
+    err = capsys.readouterr().err
+    assert "stage 2 (layers 6-7) has no full-attention layer" in err and "nearest pp that works: 2" in err
+    assert main(["convert", "--dry-run", str(cfg), "--pp", "9"]) == 2
+    assert "pp=9 is more stages than the 8 layers" in capsys.readouterr().err

@@ -11,7 +11,8 @@ from export.cli import command, with_args
 def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", nargs="?", help="HF checkpoint directory (DeciLM / nemotron-nas or plain Llama)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (must divide the layer count)")
+    p.add_argument("--pp", type=int, default=1,
+                   help="pipeline-parallel size (TRT-LLM's uneven split; each stage needs a full-attention layer)")
     p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: the source's)")
     p.add_argument("--out", help="output engine directory, e.g. engines/NAME")
     p.add_argument("--dry-run", nargs="?", const="", metavar="CONFIG", default=None,

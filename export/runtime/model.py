@@ -19,11 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from export.errors import CheckpointError
-from export.layout import rank_pieces, require_layout
+from export.layout import rank_kv_heads, rank_pieces, require_layout
 from export.mapping import Mapping
 from export.runtime import rope
 from export.runtime.cache import KVCache
-from export.sharding import kv_heads_per_rank
 from export.spec import AttentionKind, FFNKind, ModelSpec
 from export.tensors import Role
 from export.weights import RankWeights
@@ -50,8 +49,7 @@ class Decoder(nn.Module):
         self.local_layers = mapping.pp_layers(spec.num_layers, mapping.pp_rank(rank))
         self.is_first, self.is_last = mapping.is_first_stage(rank), mapping.is_last_stage(rank)
         self.local_heads = spec.heads // self.tp
-        self.kv_local = {i: kv_heads_per_rank(spec.layers[i].attention.kv_heads, self.tp)  # type: ignore[arg-type]
-                         for i in spec.attention_layers() if i in self.local_layers}
+        self.kv_local = rank_kv_heads(spec, mapping, rank)
         self._flat: dict[tuple[Role, int | None], torch.Tensor] = {}  # plain-dict view: hot-path lookups
         self.params = nn.ModuleDict({GLOBAL: nn.ParameterDict()})
         for i in self.local_layers:

@@ -63,7 +63,7 @@ def prepare(source: Path, tp: int, pp: int, dtype: str | None) -> tuple[ModelSpe
     """Everything that can refuse the job, before any output exists."""
     spec = ModelSpec.load(source)
     mapping = Mapping(tp, pp)
-    require_layout(spec, mapping)
+    require_layout(spec, mapping, trtllm=True)
     reader = CheckpointReader(source)
     reader.validate(spec)
     plans = plan_checkpoint(spec, mapping)

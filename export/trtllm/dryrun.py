@@ -15,7 +15,7 @@ from export.trtllm.plan import check_complete, plan_checkpoint
 def dry_run(spec: ModelSpec, mapping: Mapping, dtype: str | None = None) -> dict[str, Any]:
     """The plan the converter would write, with per-rank totals cross-checked against `inspect`'s."""
     dtype = normalize_dtype(dtype or spec.dtype)
-    require_layout(spec, mapping)
+    require_layout(spec, mapping, trtllm=True)  # a TRT-LLM checkpoint: stages trtllm-build can build
     plans = plan_checkpoint(spec, mapping)
     problems = check_complete(spec, mapping, plans)
     per = DTYPE_BYTES[dtype]
