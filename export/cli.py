@@ -36,7 +36,7 @@ def with_args(configure: Callable[[argparse.ArgumentParser], None]) -> Callable[
 
 # ---- inspect ---------------------------------------------------------------------------
 def _inspect_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="config.json, or a checkpoint directory holding one")
+    p.add_argument("path", help="config.json, a checkpoint directory holding one, or an engines/NAME directory")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to plan for")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to plan for")
     p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: the config's)")
@@ -51,10 +51,11 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
 @with_args(_inspect_args)
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from export.mapping import Mapping
+    from export.model_dir import load_spec
     from export.planning import format_report, plan_report
-    from export.spec import ModelSpec, normalize_dtype
+    from export.spec import normalize_dtype
 
-    spec = ModelSpec.load(args.path)
+    spec = load_spec(args.path)
     dtype = normalize_dtype(args.dtype) if args.dtype else None
     rep = plan_report(spec, Mapping(args.tp, args.pp), dtype)
     print(json.dumps(rep, indent=2) if args.json else format_report(rep))
