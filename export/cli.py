@@ -73,13 +73,28 @@ def _load_extensions() -> None:
         importlib.import_module(f"export.commands.{mod.name}")
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Every option's default in its help, as `--help` shows it in HF's and vLLM's CLIs; options
+    whose help already explains the default, and flags that are off by default, are left alone."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.option_strings and "default" not in text and action.default not in (None, False)
+                and action.default is not argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from export import __version__
+
     _load_extensions()
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, configure, _) in COMMANDS.items():
-        configure(sub.add_parser(name, help=help_text, description=help_text))
+        configure(sub.add_parser(name, help=help_text, description=help_text, formatter_class=DefaultsFormatter))
     return parser
 
 

@@ -70,3 +70,18 @@ def test_generate_without_tokenizer_is_a_clear_error(tmp_path, capsys):
     path = write_random_checkpoint(tmp_path / "bare", hetero_spec(), seed=6)
     assert main(["generate", str(path), "hi"]) == 2
     assert "no tokenizer found" in capsys.readouterr().err
+
+
+def test_generate_streams_after_echoing_the_prompt_and_reads_stdin(ckpt):
+    """What is printed is the prompt, then exactly the generated text (streamed piece by piece)."""
+    tok = load_tokenizer(ckpt)
+    with Engine.start(ckpt) as eng:
+        want = tok.decode(eng.generate([tok.encode("hello world")], SamplingParams(max_tokens=6))[0],
+                          skip_special_tokens=True)
+    args = [sys.executable, "-m", "export", "generate", str(ckpt), "-", "--max-tokens", "6", "--ignore-eos"]
+    run = subprocess.run(args, cwd=REPO, input="hello world", capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "hello world" + want + "\n"
+    quiet = subprocess.run([*args, "--no-echo"], cwd=REPO, input="hello world", capture_output=True, text=True,
+                           timeout=240)
+    assert quiet.stdout == want + "\n"

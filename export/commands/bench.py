@@ -33,7 +33,7 @@ def bench(name: str, help_text: str, configure: Configure = lambda p: None) -> C
 def _configure(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
     for name, (help_text, configure, _) in sorted(BENCHES.items()):
-        configure(sub.add_parser(name, help=help_text, description=help_text))
+        configure(sub.add_parser(name, help=help_text, description=help_text, formatter_class=p.formatter_class))
 
 
 @command("bench", "benchmarks that print figures (ratios against a baseline measured in the same run)")
@@ -53,11 +53,11 @@ def _tps(text: str) -> list[int]:
 def _decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", type=Path, help="HF checkpoint dir (or TRT-LLM checkpoint / engines/NAME)")
     p.add_argument("--tp", type=_tps, default=[1, 2], help="comma-separated tp sizes; the first is the baseline")
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per request")
     p.add_argument("--steps", type=int, default=32, help="decode steps timed per batch size")
     p.add_argument("--batches", type=_tps, default=[1, 8], help="decode batch sizes")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="float32", help="compute dtype: fp32 | bf16 | fp16")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--runtime", type=_runtimes, default=("torch",),
                    help="comma-separated: torch (reference Decoder), onnx (engines/NAME/onnx on ONNX Runtime, tp=1)")

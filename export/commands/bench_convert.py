@@ -23,7 +23,7 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=_sizes, default=(16, 32),
                    help="model sizes in decoder layers of the real 8B shapes (default 16,32: half and the whole "
                         "model, 7.9 and 16.1 GB; about 45 GB of free disk for cache and outputs)")
-    p.add_argument("--tp", type=int, default=4)
+    p.add_argument("--tp", type=int, default=4, help="tensor-parallel size to convert for")
     p.add_argument("--repeats", type=int, default=2, help="copy/convert runs alternated per size; the best of each")
     p.add_argument("--json-out", type=Path, default=None, help="also write the JSON report here")
 

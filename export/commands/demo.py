@@ -12,13 +12,14 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", type=Path, default=None, help="HF checkpoint to run (default: the shipped demo model)")
     p.add_argument("--work", type=Path, default=default_path("out", "demo"),
                    help="analysis, fused checkpoint and Triton repository go here")
-    p.add_argument("--engine-dir", type=Path, default=default_path("engines", "demo"))
+    p.add_argument("--engine-dir", type=Path, default=default_path("engines", "demo"),
+                   help="where the demo's engine directory is written")
     p.add_argument("--tp", type=int, default=2, help="tensor-parallel size of the exported engine")
     p.add_argument("--backend", choices=("onnx", "cpu"), default="onnx",
                    help="what Triton serves: onnx (ONNX Runtime, tp=1, the faster here) or cpu "
                         "(PyTorch runtime over --tp worker processes)")
-    p.add_argument("--prompt", default="def ")
-    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--prompt", default="def ", help="the prompt sent to the served model")
+    p.add_argument("--max-tokens", type=int, default=48, help="new tokens per query")
     p.add_argument("--progress", action="store_true", help="show per-step progress bars")
 
 

@@ -12,15 +12,16 @@ from export.cli import command, with_args
 
 def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", type=Path, help="HF checkpoint dir, TRT-LLM checkpoint dir, or engines/NAME")
-    p.add_argument("prompt")
+    p.add_argument("prompt", help="the prompt text; - reads it from standard input")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel worker processes (default: 1, "
                                                         "or the TRT-LLM checkpoint's own)")
-    p.add_argument("--pp", type=int, default=None, help="pipeline stages")
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--pp", type=int, default=None, help="pipeline stages (default: 1, or the checkpoint's own)")
+    p.add_argument("--max-tokens", type=int, default=32, help="new tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--no-echo", action="store_true", help="print only the generated text, not the prompt first")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     p.add_argument("--dtype", default="float32", help="fp32 | bf16 | fp16 (compute dtype)")
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer dir (default: beside the weights)")
@@ -38,13 +39,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed)
-    res = generate_text(args.ckpt, args.prompt, params, tp=args.tp, pp=args.pp, dtype=args.dtype,
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    stream = not args.json
+    if stream and not args.no_echo:
+        print(prompt, end="", flush=True)
+    res = generate_text(args.ckpt, prompt, params, tp=args.tp, pp=args.pp, dtype=args.dtype,
                         tokenizer=args.tokenizer, stop_at_eos=not args.ignore_eos, threads=args.threads,
-                        runtime=args.runtime)
+                        runtime=args.runtime, on_text=(lambda s: print(s, end="", flush=True)) if stream else None)
     if args.json:
         print(json.dumps(res.to_json(), indent=2))
         return 0
-    print(res.text)
+    print(flush=True)
     print(f"[tp={res.tp} pp={res.pp}] {res.prompt_tokens} prompt tokens, {len(res.new_tokens)} new tokens; "
           f"prefill {res.prefill_s * 1e3:.1f} ms, decode {res.tokens_per_s:.1f} tokens/s", file=sys.stderr)
     return 0

@@ -62,9 +62,9 @@ def limits_summary(build: dict, max_batch_size: int | None) -> str:
 def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("repo", help="model repository written by `package`")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--http-port", type=int, default=8000, help="KServe v2 HTTP and /generate")
+    p.add_argument("--grpc-port", type=int, default=8001, help="KServe v2 gRPC (streaming)")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the models to load")
 
 
@@ -97,16 +97,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _query_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt")
     p.add_argument("--url", default=None, help="host:port (default 127.0.0.1:8001 grpc / :8000 http)")
-    p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    p.add_argument("--protocol", choices=("grpc", "http"), default="grpc",
+                   help="grpc: streamed tokens (decoupled model); http: one /generate reply")
     p.add_argument("--model", default="ensemble", help="ensemble | tensorrt_llm_bls")
     p.add_argument("--stream", action="store_true", help="stream pieces as they are generated")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--end-id", type=int, default=None)
-    p.add_argument("--stop-word", action="append", default=[], dest="stop_words")
+    p.add_argument("--max-tokens", type=int, default=64, help="new tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: greedy)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (default: off)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: off)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the server's)")
+    p.add_argument("--end-id", type=int, default=None,
+                   help="token id that ends generation (default: the tokenizer's end-of-sequence)")
+    p.add_argument("--stop-word", action="append", default=[], dest="stop_words",
+                   help="stop when this text is generated (repeatable)")
 
 
 @command("query", "send a prompt to a served model (gRPC stream or HTTP generate); print text, TTFT, tokens/s")

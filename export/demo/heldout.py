@@ -32,9 +32,9 @@ def encode(tokenizer: Any, text: str) -> list[int]:
 
 
 def load_tokenizer(directory: str | Path) -> Any:
-    from transformers import AutoTokenizer
+    from export.runtime.text import load_tokenizer as load
 
-    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    return load(Path(directory), Path(directory))
 
 
 def document_tokens(tokenizer: Any, text: str) -> list[int]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,10 @@ def load_tokenizer(ckpt: Path, tokenizer: Path | None = None) -> Any:
     for d in dirs:
         if any((d / f).is_file() for f in TOKENIZER_FILES):
             try:
-                return AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+                with warnings.catch_warnings():  # it reads config.json only to pick a class; a legacy
+                    # `rope_scaling` key there draws transformers 5's deprecation warning on every run
+                    warnings.filterwarnings("ignore", message=".*rope_scaling.*", category=FutureWarning)
+                    return AutoTokenizer.from_pretrained(str(d), local_files_only=True)
             except Exception:  # an unknown model_type etc.: the raw tokenizer.json still works
                 if (d / "tokenizer.json").is_file():
                     return PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"))
@@ -60,11 +65,17 @@ class GenerationResult:
 
 def generate_text(ckpt: Path, prompt: str, params: SamplingParams, *, tp: int | None = None, pp: int | None = None,
                   dtype: str = "float32", tokenizer: Path | None = None, stop_at_eos: bool = True,
-                  threads: int = 1, runtime: str = "torch") -> GenerationResult:
-    """Tokenize, stream new tokens from an `Engine`, detokenize; timings split prefill / decode."""
+                  threads: int = 1, runtime: str = "torch",
+                  on_text: Callable[[str], None] | None = None) -> GenerationResult:
+    """Tokenize, stream new tokens from an `Engine`, detokenize; timings split prefill / decode.
+
+    `on_text` gets the text as it is produced (incrementally detokenized: spaces and multi-byte
+    characters intact), as a user watching `generate` expects.
+    """
     from dataclasses import replace
 
     from export.runtime.engine import Engine
+    from export.triton.detok import IncrementalDecoder
 
     tok = load_tokenizer(ckpt, tokenizer)
     ids = tok.encode(prompt)
@@ -75,11 +86,16 @@ def generate_text(ckpt: Path, prompt: str, params: SamplingParams, *, tp: int | 
         out: list[int] = []
         t0 = time.perf_counter()
         t_first = t0
+        detok = IncrementalDecoder(tok)
         for step in eng.stream(ids, params):
             if not out:
                 t_first = time.perf_counter()
             out += step
+            if on_text is not None:
+                on_text(detok.push(step))
         t_end = time.perf_counter()
+        if on_text is not None:
+            on_text(detok.finish())
         mapping = eng.mapping
     return GenerationResult(tok.decode(out, skip_special_tokens=True), len(ids), out, t_first - t0,
                             t_end - t_first, mapping.tp, mapping.pp)

@@ -1,0 +1,42 @@
+"""The CLI behaves like the ones HF / TRT-LLM / vLLM users know: --version, documented flags."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+from export import __version__
+from export.cli import build_parser
+
+
+def _subparsers(parser: argparse.ArgumentParser | None = None, prefix: str = "") -> dict[str, argparse.ArgumentParser]:
+    """Every (sub)command's parser, nested ones (`bench decode`) included."""
+    parser = parser or build_parser()
+    out = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sp in action.choices.items():
+                out[prefix + name] = sp
+                out |= _subparsers(sp, f"{prefix}{name} ")
+    return out
+
+
+def test_version():
+    out = subprocess.run([sys.executable, "-m", "export", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == f"python -m export {__version__}"
+
+
+def test_every_flag_has_help_and_every_default_is_shown():
+    missing, hidden = [], []
+    for name, sp in _subparsers().items():
+        fmt = sp._get_formatter()
+        for a in sp._actions:
+            if not a.option_strings or a.dest == "help":
+                continue
+            if not a.help:
+                missing.append(f"{name} {a.option_strings[0]}")
+            elif a.default not in (None, False, [], argparse.SUPPRESS) and "default" not in fmt._get_help_string(a):
+                hidden.append(f"{name} {a.option_strings[0]}")
+    assert not missing, f"flags without help: {missing}"
+    assert not hidden, f"defaults not shown: {hidden}"
