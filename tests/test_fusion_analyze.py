@@ -121,3 +121,16 @@ def test_text_and_tokenizer_errors(ckpt, tmp_path):
     bare = write_random_checkpoint(tmp_path / "bare", fusion_spec(), seed=1)
     with pytest.raises(ExportError, match=r"no tokenizer\.json found"):
         evaluate(bare, [bare], tmp_path / "short.txt", progress=False)
+
+
+def test_evaluate_checks_every_candidate_before_scoring(ckpt, tmp_path, monkeypatch):
+    import export.fusion.evaluate as ev
+    from export.errors import ExportError
+
+    (tmp_path / "held.txt").write_text(TEXT[::-1])
+    scored = []
+    monkeypatch.setattr(ev, "_logits", lambda *a: scored.append(1) or [])
+    with pytest.raises(ExportError, match="no-such-dir"):
+        evaluate(ckpt, [ckpt, tmp_path / "no-such-dir"], tmp_path / "held.txt", tokens=256, seq_len=32,
+                 progress=False)
+    assert scored == []  # the base was never scored

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from export.errors import ExportError
 from export.fusion.calib import find_tokenizer, load_model, non_empty_layers, token_batch
+from export.mapping import Mapping
 from export.progress import item_progress
 from export.tensors import parameter_count
 
@@ -70,8 +71,21 @@ def _score(name: str, spec, base_logits, dec, ids, batch) -> Score:
 def evaluate(base: str | Path, candidates: list[str | Path], text: str | Path, *, tokens: int = 4096,
              seq_len: int = 128, batch: int = 8, tokenizer: str | Path | None = None,
              progress: bool = True) -> list[Score]:
-    """Scores for BASE (its own reference) and each candidate, on the same held-out token batches."""
+    """Scores for BASE (its own reference) and each candidate, on the same held-out token batches.
+
+    Every candidate is opened and checked (config, weights on disk, vocabulary) before the base is
+    scored, so a typo in the last path fails in a second, not after minutes of scoring.
+    """
+    from export.runtime.model import load_decoder
+    from export.runtime.sources import open_source
+
     spec, dec = load_model(base)
+    opened = []
+    for path in candidates:
+        cspec, _, weights = open_source(Path(path))
+        if cspec.vocab != spec.vocab:
+            raise ExportError(f"{path}: vocab {cspec.vocab} differs from the base's {spec.vocab}")
+        opened.append((path, cspec, weights))
     tok = find_tokenizer(*([tokenizer] if tokenizer else []), base)
     ids = token_batch(text, tok, spec.vocab, tokens, seq_len)
     bar = item_progress(len(candidates) + 1, "evaluate", unit="model", enabled=progress)
@@ -81,10 +95,8 @@ def evaluate(base: str | Path, candidates: list[str | Path], text: str | Path, *
     scores[0].seconds = time.perf_counter() - t0
     bar.update()
     del dec
-    for path in candidates:
-        cspec, cdec = load_model(path)
-        if cspec.vocab != spec.vocab:
-            raise ExportError(f"{path}: vocab {cspec.vocab} differs from the base's {spec.vocab}")
+    for path, cspec, weights in opened:
+        cdec = load_decoder(weights(Mapping(), 0), dtype=torch.float32)
         scores.append(_score(Path(path).name, cspec, base_logits, cdec, ids, batch))
         del cdec
         bar.update()
