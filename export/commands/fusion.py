@@ -46,6 +46,7 @@ def _plan_options(args: argparse.Namespace):
 def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", help="checkpoint directory (or config.json)")
     p.add_argument("--out", required=True, help="where to write the plan JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--matrix", default=None, help="dependency.json from `analyze` (for --threshold)")
     _plan_option_args(p)
 
@@ -54,8 +55,10 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
 @with_args(_plan_args)
 def _cmd_plan(args: argparse.Namespace) -> int:
     from export.fusion.plan import propose_plan
+    from export.io.output import check_output_file
     from export.spec import ModelSpec
 
+    check_output_file(args.out, inputs=[args.ckpt, args.matrix], overwrite=args.overwrite)
     spec = ModelSpec.load(args.ckpt)
     matrix = _load_matrix(args.matrix) if args.matrix else None
     plan = propose_plan(spec, _plan_options(args), matrix)
@@ -85,7 +88,9 @@ def _print_plan(plan) -> None:
 def _fuse_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", help="HF checkpoint directory (safetensors + config.json)")
     p.add_argument("--plan", required=True, help="plan JSON (from `plan` or `analyze`, edited or not)")
-    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--out", required=True, help="output directory (written atomically; new, or ours with --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is a previous output of this toolkit (anything else is refused)")
     p.add_argument("--norm", choices=["fold", "last"], default="fold",
                    help="fold: each layer's norm scale into its gate/up, exact for the parallel form "
                         "(default); last: the last layer's norm for all (the paper)")
@@ -99,9 +104,12 @@ def _fuse_args(p: argparse.ArgumentParser) -> None:
 def _cmd_fuse(args: argparse.Namespace) -> int:
     from export.fusion.fuse import fuse_checkpoint
     from export.fusion.plan import FusionPlan
+    from export.io.output import check_output
 
+    check_output(args.out, inputs=[args.ckpt, args.plan], overwrite=args.overwrite)
     r = fuse_checkpoint(args.ckpt, FusionPlan.load(args.plan), args.out, norm=args.norm,
-                        keep_layer_count=args.keep_layer_count, max_shard_bytes=args.max_shard_size)
+                        keep_layer_count=args.keep_layer_count, max_shard_bytes=args.max_shard_size,
+                        overwrite=args.overwrite, inputs=[args.plan])
     for g in r.groups:
         print(f"group {g.label}: {len(g.ffn_layers)} FFNs {list(g.widths)} -> one FFN of width {g.fused_width}")
     print(f"layers {r.before.num_layers} -> {r.after.num_layers}, FFN blocks {len(r.before.ffn_layers())} -> "
@@ -123,6 +131,8 @@ def _analyze_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", help="checkpoint directory")
     p.add_argument("--calib", required=True, help="calibration text: a file, or a directory of .txt/.md/.py files")
     p.add_argument("--out", default=None, help="output directory (default out/analysis/<ckpt name>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is a previous output of this toolkit (anything else is refused)")
     _text_args(p, 2048)
     _plan_option_args(p)
 
@@ -134,7 +144,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
     out = Path(args.out or Path("out", "analysis", Path(args.ckpt).resolve().name))
     a = analyze_checkpoint(args.ckpt, args.calib, out, tokens=args.tokens, seq_len=args.seq_len,
-                           batch=args.batch, options=_plan_options(args), tokenizer=args.tokenizer)
+                           batch=args.batch, options=_plan_options(args), tokenizer=args.tokenizer,
+                           overwrite=args.overwrite)
     d = a.dependency
     print(f"M over {d.tokens} tokens: {d.block_calls} block calls in {d.seconds:.1f} s")
     _print_plan(a.plan)
