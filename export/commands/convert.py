@@ -41,6 +41,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         return 0 if not rep["problems"] else 1
     if not args.source or not args.out:
         raise ExportError("convert needs a source checkpoint and --out engines/NAME (or --dry-run CONFIG)")
+    from export.io.output import check_output
+
+    check_output(args.out, inputs=[args.source], overwrite=args.overwrite)  # refuse before torch is even imported
     from export.trtllm.convert import convert
 
     res = convert(args.source, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype, progress=not args.no_progress,

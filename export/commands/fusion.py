@@ -54,11 +54,12 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
 @command("plan", "propose an FFN-fusion plan (editable JSON) from the config, optionally thresholded on M")
 @with_args(_plan_args)
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from export.fusion.plan import propose_plan
     from export.io.output import check_output_file
+
+    check_output_file(args.out, inputs=[args.ckpt, args.matrix], overwrite=args.overwrite)  # before the imports
+    from export.fusion.plan import propose_plan
     from export.spec import ModelSpec
 
-    check_output_file(args.out, inputs=[args.ckpt, args.matrix], overwrite=args.overwrite)
     spec = ModelSpec.load(args.ckpt)
     matrix = _load_matrix(args.matrix) if args.matrix else None
     plan = propose_plan(spec, _plan_options(args), matrix)
@@ -102,11 +103,12 @@ def _fuse_args(p: argparse.ArgumentParser) -> None:
 @command("fuse", "fuse FFN groups of an HF DeciLM checkpoint into wide FFNs (Ultra-style checkpoint)")
 @with_args(_fuse_args)
 def _cmd_fuse(args: argparse.Namespace) -> int:
-    from export.fusion.fuse import fuse_checkpoint
-    from export.fusion.plan import FusionPlan
     from export.io.output import check_output
 
-    check_output(args.out, inputs=[args.ckpt, args.plan], overwrite=args.overwrite)
+    check_output(args.out, inputs=[args.ckpt, args.plan], overwrite=args.overwrite)  # before torch is imported
+    from export.fusion.fuse import fuse_checkpoint
+    from export.fusion.plan import FusionPlan
+
     r = fuse_checkpoint(args.ckpt, FusionPlan.load(args.plan), args.out, norm=args.norm,
                         keep_layer_count=args.keep_layer_count, max_shard_bytes=args.max_shard_size,
                         overwrite=args.overwrite, inputs=[args.plan])
@@ -140,9 +142,12 @@ def _analyze_args(p: argparse.ArgumentParser) -> None:
 @command("analyze", "block-dependency matrix M on calibration text, a proposed fusion plan and a heatmap")
 @with_args(_analyze_args)
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from export.fusion.analyze import analyze_checkpoint
+    from export.io.output import check_output
 
     out = Path(args.out or Path("out", "analysis", Path(args.ckpt).resolve().name))
+    check_output(out, inputs=[args.ckpt, args.calib, args.tokenizer], overwrite=args.overwrite)
+    from export.fusion.analyze import analyze_checkpoint
+
     a = analyze_checkpoint(args.ckpt, args.calib, out, tokens=args.tokens, seq_len=args.seq_len,
                            batch=args.batch, options=_plan_options(args), tokenizer=args.tokenizer,
                            overwrite=args.overwrite)

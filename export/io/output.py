@@ -232,11 +232,9 @@ def _temp_name(out: Path, kind: str = "tmp") -> Path:
     return out.parent / f".{out.name}.{kind}-{pid}-{_pid_start(pid) or 0}-{uuid.uuid4().hex[:8]}"
 
 
-def _no_space_error(out: Path, e: OSError) -> ExportError:
-    where = _existing_ancestor(out.parent)
-    free = shutil.disk_usage(where).free
-    return ExportError(f"{out}: no space left on {_mount_point(where)} while writing ({human_bytes(free)} free, "
-                       f"{os.strerror(e.errno)}); nothing was written")
+def _no_space_error(out: Path, e: OSError, written: int, free_at_start: int) -> ExportError:
+    return ExportError(f"{out}: {os.strerror(e.errno).lower()} on {_mount_point(out.parent)} after writing "
+                       f"{human_bytes(written)} ({human_bytes(free_at_start)} was free); nothing was written")
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -289,6 +287,7 @@ def output_dir(out: str | Path, *, inputs: Iterable[str | Path | None] = (), ove
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out.parent)
     tmp = _temp_name(out)
+    free_at_start = shutil.disk_usage(out.parent).free
     try:
         tmp.mkdir()
         (tmp / MARKER).write_text(_marker_text())
@@ -297,9 +296,10 @@ def output_dir(out: str | Path, *, inputs: Iterable[str | Path | None] = (), ove
         _check_existing(out, overwrite)
         _put_in_place(tmp, out)
     except OSError as e:
+        written = tree_bytes(tmp) if tmp.is_dir() else 0
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno in NO_SPACE:
-            raise _no_space_error(out, e) from None
+            raise _no_space_error(out, e, written, free_at_start) from None
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
