@@ -284,12 +284,15 @@ def output_dir(out: str | Path, *, inputs: Iterable[str | Path | None] = (), ove
     """
     inputs = list(inputs)
     out = check_output(out, inputs=inputs, overwrite=overwrite, planned_bytes=planned_bytes)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(out.parent)
     tmp = _temp_name(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise ExportError(f"{out}: cannot create it here ({e.strerror})") from None
+    clean_stale(out.parent)
     free_at_start = shutil.disk_usage(out.parent).free
     try:
-        tmp.mkdir()
         (tmp / MARKER).write_text(_marker_text())
         yield tmp
         _finish_marker(tmp)
