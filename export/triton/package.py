@@ -152,9 +152,9 @@ def render_repo(settings: RepoSettings, out: Path, templates: Path = TEMPLATES, 
     """Write the repository atomically: every config rendered and parsed before anything lands.
 
     The repository may not overlap what it points at (engine, checkpoint, tokenizer) nor the templates."""
+    settings.check()
     inputs = [templates, settings.tokenizer_dir, settings.checkpoint_dir, settings.engine_dir]
     check_output(out, inputs=inputs, overwrite=overwrite)
-    settings.check()
     if not (templates / "ensemble" / "config.pbtxt").is_file():
         raise ExportError(f"model repository sources not found at {templates} (run from a source checkout)")
     if settings.tokenizer_dir is None or not Path(settings.tokenizer_dir).is_dir():
