@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from export.fusion.plan import FusionPlan
-from export.io.output import MARKER, judge
+from export.io.output import MARKER, is_ours, judge
 from export.spec import ModelSpec
 from export.triton.package import package_repo
 from export.trtllm.convert import convert
@@ -151,6 +151,17 @@ def test_outputs_from_before_the_marker_are_recognised(world, tmp_path):
         res = run(*args, "--out", target, "--overwrite")
         assert res.returncode == 0, res.stderr
         assert (target / MARKER).is_file()
+
+
+def test_a_pre_marker_engine_subdir_is_recognised_through_its_manifest(world, tmp_path):
+    engine = tmp_path / "e"
+    shutil.copytree(world["engine"], engine)
+    (engine / "onnx").mkdir()
+    (engine / "stray").mkdir()
+    m = json.loads((engine / "manifest.json").read_text())
+    m["engines"]["onnx"] = {"path": "onnx"}
+    (engine / "manifest.json").write_text(json.dumps(m))
+    assert is_ours(engine / "onnx") and not is_ours(engine / "stray")
 
 
 # ---- space ------------------------------------------------------------------------------------

@@ -101,19 +101,32 @@ def read_marker(path: Path) -> dict | None:
     return data if isinstance(data, dict) and data.get("tool") == TOOL else None
 
 
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _recorded_engine(path: Path) -> bool:
+    """engines/NAME/onnx or trtllm from before the marker: the engine dir's manifest records it by name."""
+    manifest = _read_json(path.parent / "manifest.json")
+    engines = manifest.get("engines") if manifest and "toolkit_version" in manifest else None
+    return isinstance(engines, dict) and any(isinstance(e, dict) and e.get("path") == path.name
+                                             for e in engines.values())
+
+
 def is_ours(path: Path) -> bool:
     """True if directory `path` is an output of this toolkit (marker, or a pre-marker signature file)."""
     path = Path(path)
     if read_marker(path) is not None:
         return True
     for name, keys in LEGACY_SIGNATURES:
-        try:
-            data = json.loads((path / name).read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict) and all(k in data for k in keys):
+        data = _read_json(path / name)
+        if data is not None and all(k in data for k in keys):
             return True
-    return False
+    return _recorded_engine(path)
 
 
 # ---- the checks ------------------------------------------------------------------------------
