@@ -170,6 +170,10 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 @command("evaluate", "held-out perplexity, KL and top-1 agreement vs BASE, layer count, sync points per token")
 @with_args(_evaluate_args)
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from export.io.output import check_output_file
+
+    if args.json:  # a report, rewritten freely; but never over an input, and checked before the long pass
+        check_output_file(args.json, inputs=[args.base, *args.candidates, args.text, args.tokenizer], overwrite=True)
     from export.fusion.evaluate import evaluate, format_scores
     from export.io.atomic import atomic_write_text
 

@@ -145,7 +145,7 @@ def _check_inputs(out: Path, inputs: Iterable[str | Path | None]) -> None:
         else:
             continue
         raise ExportError(f"{out}: {why} {inp}; an output may not be, lie inside or contain an input "
-                          f"(choose another --out)")
+                          f"(choose another output path)")
 
 
 def _foreign_entries(out: Path, marker: dict | None) -> list[str]:
@@ -168,7 +168,7 @@ def _check_existing(out: Path, overwrite: bool) -> None:
         return
     if not out.is_dir():
         raise ExportError(f"{out}: exists and is not a directory; refusing to replace it with one "
-                          f"(choose another --out)")
+                          f"(choose another output path)")
     if not is_ours(out):
         raise ExportError(f"{out}: exists and is not an output of this toolkit; refusing to replace it "
                           f"(choose another --out, or move it away yourself)")
