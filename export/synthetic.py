@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from export.io.atomic import atomic_output_dir
+from export.io.output import output_dir
 from export.io.safetensors_format import torch_dtype
 from export.io.writer import HFCheckpointWriter, write_config
 from export.spec import ModelSpec
@@ -26,12 +26,15 @@ def random_tensor(role: Role, shape: tuple[int, ...], gen: torch.Generator, std:
 
 
 def write_random_checkpoint(path: str | Path, spec: ModelSpec, *, seed: int = 0,
-                            std: float = 0.05, max_shard_bytes: int = 5 << 30) -> Path:
-    """A complete HF checkpoint (config.json + safetensors) for `spec` with seeded weights."""
+                            std: float = 0.05, max_shard_bytes: int = 5 << 30, overwrite: bool = False) -> Path:
+    """A complete HF checkpoint (config.json + safetensors) for `spec` with seeded weights.
+
+    `path` must be new, or a previous output of this toolkit replaced with `overwrite`."""
     gen = torch.Generator().manual_seed(seed)
     dtype = torch_dtype(spec.dtype)
     refs = model_tensors(spec)
-    with atomic_output_dir(path) as tmp:
+    planned = sum(r.numel() for r in refs) * dtype.itemsize
+    with output_dir(path, overwrite=overwrite, planned_bytes=planned) as tmp:
         writer = HFCheckpointWriter(tmp, [(r.hf_name, dtype, r.shape) for r in refs], max_shard_bytes)
         for r in refs:
             writer.write(r.hf_name, random_tensor(r.role, r.shape, gen, std).to(dtype))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from export.errors import CheckpointError
-from export.io.atomic import atomic_output_dir
+from export.io.output import output_dir
 from export.io.reader import CheckpointReader
 from export.io.writer import HFCheckpointWriter, copy_sidecars
 from export.sharding import shard_for
@@ -154,7 +154,7 @@ def test_writer_rejects_wrong_tensor_and_unwritten(tmp_path):
 
 def test_atomic_dir_removes_partial_output_on_error(tmp_path):
     target = tmp_path / "out"
-    with pytest.raises(RuntimeError), atomic_output_dir(target) as tmp:
+    with pytest.raises(RuntimeError), output_dir(target) as tmp:
         (tmp / "half").write_text("x")
         raise RuntimeError("boom")
     assert not target.exists() and list(tmp_path.iterdir()) == []
@@ -162,9 +162,9 @@ def test_atomic_dir_removes_partial_output_on_error(tmp_path):
 
 KILL_SCRIPT = """
 import sys, time, torch
-from export.io.atomic import atomic_output_dir
+from export.io.output import output_dir
 from export.io.writer import HFCheckpointWriter
-with atomic_output_dir(sys.argv[1]) as tmp:
+with output_dir(sys.argv[1]) as tmp:
     w = HFCheckpointWriter(tmp, [(f"t{i}", torch.float32, (256, 256)) for i in range(50)], 1 << 20)
     w.write("t0", torch.zeros(256, 256))
     print("started", flush=True)
@@ -189,7 +189,7 @@ def test_killed_writer_leaves_no_output_and_next_run_succeeds(tmp_path):
 def test_existing_output_replaced_only_when_complete(tmp_path):
     target = write_random_checkpoint(tmp_path / "m", hetero_spec(), seed=1)
     before = (target / "model.safetensors").read_bytes()
-    with pytest.raises(RuntimeError), atomic_output_dir(target):
+    with pytest.raises(RuntimeError), output_dir(target, overwrite=True):
         raise RuntimeError
     assert (target / "model.safetensors").read_bytes() == before
     time.sleep(0)

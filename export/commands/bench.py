@@ -77,8 +77,11 @@ def _runtimes(text: str) -> tuple[str, ...]:
 @bench("decode", "prefill/decode tokens/s and sync points per token, per runtime (torch, onnx) and tp", _decode_args)
 def _bench_decode(args: argparse.Namespace) -> int:
     from export.io.atomic import atomic_write_text
+    from export.io.output import check_output_file
     from export.runtime.bench import bench_decode, format_table
 
+    if args.json_out:  # a report, rewritten freely; but never over the checkpoint
+        check_output_file(args.json_out, inputs=[args.ckpt], overwrite=True)
     report = bench_decode(args.ckpt, args.tp, pp=args.pp, prompt_len=args.prompt_len, batches=tuple(args.batches),
                           steps=args.steps, dtype=args.dtype, threads=args.threads, runtimes=args.runtime)
     text = json.dumps(report, indent=2)

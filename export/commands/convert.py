@@ -14,7 +14,9 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pp", type=int, default=1,
                    help="pipeline-parallel size (TRT-LLM's uneven split; each stage needs a full-attention layer)")
     p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: the source's)")
-    p.add_argument("--out", help="output engine directory, e.g. engines/NAME")
+    p.add_argument("--out", help="output engine directory, e.g. engines/NAME (new, or ours with --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is a previous output of this toolkit (anything else is refused)")
     p.add_argument("--dry-run", nargs="?", const="", metavar="CONFIG", default=None,
                    help="print per-rank tensor names, shapes and bytes from config.json alone; write nothing")
     p.add_argument("--summary", action="store_true", help="with --dry-run: per-rank totals only")
@@ -40,9 +42,13 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         return 0 if not rep["problems"] else 1
     if not args.source or not args.out:
         raise ExportError("convert needs a source checkpoint and --out engines/NAME (or --dry-run CONFIG)")
+    from export.io.output import check_output
+
+    check_output(args.out, inputs=[args.source], overwrite=args.overwrite)  # refuse before torch is even imported
     from export.trtllm.convert import convert
 
-    res = convert(args.source, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype, progress=not args.no_progress)
+    res = convert(args.source, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype, progress=not args.no_progress,
+                  overwrite=args.overwrite)
     m = res.manifest
     print(f"wrote {res.out}: checkpoint/ ({m.tp * m.pp} rank files, tp={m.tp} pp={m.pp}, {m.dtype}), "
           f"tokenizer/ {'copied' if m.tokenizer else 'absent (source has none)'}, manifest.json")
@@ -75,6 +81,8 @@ def _build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--onnx", action="store_true",
                    help="write engines/NAME/onnx (ONNX decoder graph, fp32, tp=1) instead of running trtllm-build")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (--onnx)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing engines/NAME/onnx or engines/NAME/trtllm written by this toolkit")
     p.add_argument("--require-trtllm", action="store_true",
                    help="exit non-zero when TensorRT-LLM or a GPU is missing (default: explain and exit 0)")
     for key in ("max-batch-size", "max-input-len", "max-seq-len", "max-num-tokens"):
@@ -88,11 +96,12 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if args.onnx:
         from export.onnx.export import build_onnx, gpu_hint
 
-        print(build_onnx(args.engine_dir, progress=not args.no_progress).summary())
+        print(build_onnx(args.engine_dir, progress=not args.no_progress, overwrite=args.overwrite).summary())
         print(gpu_hint(args.engine_dir))
         return 0
     from export.trtllm.build import BUILD_KEYS, build
 
-    outcome = build(args.engine_dir, options={k: getattr(args, k) for k in BUILD_KEYS}, require=args.require_trtllm)
+    outcome = build(args.engine_dir, options={k: getattr(args, k) for k in BUILD_KEYS}, require=args.require_trtllm,
+                    overwrite=args.overwrite)
     print(outcome.message)
     return 0

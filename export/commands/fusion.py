@@ -46,6 +46,7 @@ def _plan_options(args: argparse.Namespace):
 def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", help="checkpoint directory (or config.json)")
     p.add_argument("--out", required=True, help="where to write the plan JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--matrix", default=None, help="dependency.json from `analyze` (for --threshold)")
     _plan_option_args(p)
 
@@ -53,6 +54,9 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
 @command("plan", "propose an FFN-fusion plan (editable JSON) from the config, optionally thresholded on M")
 @with_args(_plan_args)
 def _cmd_plan(args: argparse.Namespace) -> int:
+    from export.io.output import check_output_file
+
+    check_output_file(args.out, inputs=[args.ckpt, args.matrix], overwrite=args.overwrite)  # before the imports
     from export.fusion.plan import propose_plan
     from export.spec import ModelSpec
 
@@ -85,7 +89,9 @@ def _print_plan(plan) -> None:
 def _fuse_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", help="HF checkpoint directory (safetensors + config.json)")
     p.add_argument("--plan", required=True, help="plan JSON (from `plan` or `analyze`, edited or not)")
-    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--out", required=True, help="output directory (written atomically; new, or ours with --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is a previous output of this toolkit (anything else is refused)")
     p.add_argument("--norm", choices=["fold", "last"], default="fold",
                    help="fold: each layer's norm scale into its gate/up: the parallel form, with each folded "
                         "weight rounded once to the output dtype (default); last: the last layer's norm for "
@@ -101,12 +107,15 @@ def _fuse_args(p: argparse.ArgumentParser) -> None:
 @command("fuse", "fuse FFN groups of an HF DeciLM checkpoint into wide FFNs (Ultra-style checkpoint)")
 @with_args(_fuse_args)
 def _cmd_fuse(args: argparse.Namespace) -> int:
+    from export.io.output import check_output
+
+    check_output(args.out, inputs=[args.ckpt, args.plan], overwrite=args.overwrite)  # before torch is imported
     from export.fusion.fuse import fuse_checkpoint
     from export.fusion.plan import FusionPlan
 
     r = fuse_checkpoint(args.ckpt, FusionPlan.load(args.plan), args.out, norm=args.norm,
                         keep_layer_count=args.keep_layer_count, max_shard_bytes=args.max_shard_size,
-                        dtype=args.dtype)
+                        dtype=args.dtype, overwrite=args.overwrite, inputs=[args.plan])
     for g in r.groups:
         print(f"group {g.label}: {len(g.ffn_layers)} FFNs {list(g.widths)} -> one FFN of width {g.fused_width}")
     print(f"layers {r.before.num_layers} -> {r.after.num_layers}, FFN blocks {len(r.before.ffn_layers())} -> "
@@ -128,6 +137,8 @@ def _analyze_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", help="checkpoint directory")
     p.add_argument("--calib", required=True, help="calibration text: a file, or a directory of .txt/.md/.py files")
     p.add_argument("--out", default=None, help="output directory (default out/analysis/<ckpt name>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is a previous output of this toolkit (anything else is refused)")
     _text_args(p, 2048)
     _plan_option_args(p)
 
@@ -135,11 +146,15 @@ def _analyze_args(p: argparse.ArgumentParser) -> None:
 @command("analyze", "block-dependency matrix M on calibration text, a proposed fusion plan and a heatmap")
 @with_args(_analyze_args)
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from export.fusion.analyze import analyze_checkpoint
+    from export.io.output import check_output
 
     out = Path(args.out or Path("out", "analysis", Path(args.ckpt).resolve().name))
+    check_output(out, inputs=[args.ckpt, args.calib, args.tokenizer], overwrite=args.overwrite)
+    from export.fusion.analyze import analyze_checkpoint
+
     a = analyze_checkpoint(args.ckpt, args.calib, out, tokens=args.tokens, seq_len=args.seq_len,
-                           batch=args.batch, options=_plan_options(args), tokenizer=args.tokenizer)
+                           batch=args.batch, options=_plan_options(args), tokenizer=args.tokenizer,
+                           overwrite=args.overwrite)
     d = a.dependency
     print(f"M over {d.tokens} tokens: {d.block_calls} block calls in {d.seconds:.1f} s")
     _print_plan(a.plan)
@@ -159,6 +174,10 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 @command("evaluate", "held-out perplexity, KL and top-1 agreement vs BASE, layer count, sync points per token")
 @with_args(_evaluate_args)
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from export.io.output import check_output_file
+
+    if args.json:  # a report, rewritten freely; but never over an input, and checked before the long pass
+        check_output_file(args.json, inputs=[args.base, *args.candidates, args.text, args.tokenizer], overwrite=True)
     from export.fusion.evaluate import evaluate, format_scores
     from export.io.atomic import atomic_write_text
 

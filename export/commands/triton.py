@@ -15,7 +15,9 @@ def _package_args(p: argparse.ArgumentParser) -> None:
     from export.triton.package import RUNTIME_DTYPES
 
     p.add_argument("engine_dir", help="engines/NAME (manifest.json, checkpoint/, tokenizer/)")
-    p.add_argument("--out", required=True, help="model repository to write (replaced atomically)")
+    p.add_argument("--out", required=True, help="model repository to write (new, or ours with --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is a previous output of this toolkit (anything else is refused)")
     p.add_argument("--backend", choices=("cpu", "onnx", "trtllm"), default="cpu",
                    help="engine model: cpu = reference runtime on the python backend; onnx = the same python model "
                         "running engines/NAME/onnx with ONNX Runtime; trtllm = tensorrtllm backend")
@@ -45,7 +47,7 @@ def _cmd_package(args: argparse.Namespace) -> int:
                        kv_cache_free_gpu_mem_fraction=args.kv_cache_free_gpu_mem_fraction,
                        batching_strategy=args.batching_strategy, gpu_device_ids=args.gpu_device_ids,
                        engine_queue_limit=args.engine_queue_limit, kv_cache_tokens=args.kv_cache_tokens,
-                       runtime_dtype=args.runtime_dtype)
+                       runtime_dtype=args.runtime_dtype, overwrite=args.overwrite)
     print(f"packaged {args.backend} model repository at {out} ({time.perf_counter() - t:.2f} s)")
     print(limits_summary(Manifest.load(args.engine_dir).build, args.max_batch_size))
     return 0
@@ -146,7 +148,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=("ensemble", "tensorrt_llm_bls"), default="ensemble",
                    help="the served model the clients stream from")
     p.add_argument("--out", type=Path, default=default_path("out", "bench-serve"),
-                   help="where report.json and tokens_per_s.png go (replaced atomically)")
+                   help="where report.json and tokens_per_s.png go (new, or ours with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is a previous bench-serve output")
     p.add_argument("--backend", choices=("cpu", "onnx"), default="cpu",
                    help="cpu: the PyTorch reference runtime; onnx: engines/NAME/onnx on ONNX Runtime")
 
@@ -159,14 +162,15 @@ def _register_bench() -> None:
     def _bench_serve(args: argparse.Namespace) -> int:
         import json
 
-        from export.io.atomic import atomic_output_dir
+        from export.io.output import check_output, output_dir
         from export.triton.bench import bench_serve, format_report, plot, summary
 
+        check_output(args.out, inputs=args.engine_dirs, overwrite=args.overwrite)
         rep = bench_serve(args.engine_dirs, levels=args.concurrency, rounds=args.rounds, max_tokens=args.max_tokens,
                           model=args.model, backend=args.backend, pairs=args.pairs)
         rep["summary"] = summary(rep)
         text = json.dumps(rep, indent=2)
-        with atomic_output_dir(args.out) as tmp:
+        with output_dir(args.out, inputs=args.engine_dirs, overwrite=args.overwrite) as tmp:
             (tmp / "report.json").write_text(text + "\n")
             plot(rep, tmp / "tokens_per_s.png")
         print(format_report(rep))

@@ -3,7 +3,8 @@
 analyze -> fuse -> evaluate -> convert (tp 2) -> verify -> build (TensorRT-LLM where present; ONNX) -> package
 -> serve -> query (streaming) -> stop.
 Each step calls the same library function its subcommand calls and prints what it produced and how
-long it took, so a person can rerun any step by hand from the printed paths.
+long it took, so a person can rerun any step by hand from the printed paths. The demo replaces its own
+previous outputs (as `--overwrite` does), so it can be run again; anything else at those paths is refused.
 """
 
 from __future__ import annotations
@@ -70,13 +71,13 @@ def run_demo(cfg: DemoConfig, out: Callable[[str], None] | None = None) -> DemoR
     source = ModelSpec.load(cfg.source)
     with step(rep, "analyze", f"block dependency matrix of {cfg.source.name} on {cfg.calib_tokens} tokens") as r:
         analysis = analyze_checkpoint(cfg.source, calib, cfg.work / "analysis", tokens=cfg.calib_tokens,
-                                      progress=cfg.progress)
+                                      progress=cfg.progress, overwrite=True)
         groups = [list(g) for g in analysis.plan.groups]
         r["attention-free layers"] = [i for i, lay in enumerate(source.layers) if not lay.has_attention]
         r["proposed groups"] = groups
         r["heatmap"] = cfg.work / "analysis" / "heatmap.png"
     with step(rep, "fuse", "Ultra-style checkpoint: each group becomes one wide FFN (norms folded)") as r:
-        fused = fuse_checkpoint(cfg.source, analysis.plan, cfg.work / "fused", progress=cfg.progress)
+        fused = fuse_checkpoint(cfg.source, analysis.plan, cfg.work / "fused", progress=cfg.progress, overwrite=True)
         spec = fused.after
         r["blocks"] = f"{source.num_layers} -> {spec.num_layers}"
         r["sync points / token"] = f"{source.sync_points_per_token()} -> {spec.sync_points_per_token()}"
@@ -101,7 +102,7 @@ def _deploy(cfg: DemoConfig, fused: Path, rep: DemoReport) -> None:
     from export.trtllm.verify import verify
 
     with step(rep, "convert", f"TensorRT-LLM checkpoint at tp={cfg.tp} (one streaming pass)") as r:
-        conv = convert(fused, cfg.engine_dir, tp=cfg.tp, progress=cfg.progress)
+        conv = convert(fused, cfg.engine_dir, tp=cfg.tp, progress=cfg.progress, overwrite=True)
         r["rank files"] = sorted(p.name for p in (conv.out / "checkpoint").glob("rank*.safetensors"))
         r["bytes read / written"] = f"{conv.bytes_read:,} / {conv.bytes_written:,}"
         r["engine dir"] = conv.out
@@ -122,7 +123,7 @@ def _deploy(cfg: DemoConfig, fused: Path, rep: DemoReport) -> None:
             r["ONNX graph"] = f"{graph.out} ({graph.nodes} nodes, checked)"
     flavour = {"onnx": "ONNX Runtime at tp=1", "cpu": f"PyTorch runtime at tp={cfg.tp}"}[cfg.backend]
     with step(rep, "package", f"Triton model repository, {flavour}") as r:
-        repo = package_repo(cfg.engine_dir, cfg.work / "triton_repo", backend=cfg.backend)
+        repo = package_repo(cfg.engine_dir, cfg.work / "triton_repo", backend=cfg.backend, overwrite=True)
         r["repository"] = repo
         r["models"] = sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file())
     _serve_and_query(cfg, repo, rep)

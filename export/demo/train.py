@@ -38,7 +38,8 @@ from export.demo.hf_model import (
 from export.demo.paths import MODELS_DIR
 from export.demo.puzzle import attention_importance, choose_run, distill_loss
 from export.demo.tokenizer import BOS_ID, EOS_ID, PAD_ID, save_tokenizer, train_tokenizer
-from export.io.atomic import atomic_output_dir
+from export.errors import ExportError
+from export.io.output import check_output, output_dir
 from export.spec import ModelSpec
 
 # Wider at the ends, narrow in the middle, as Puzzle-pruned parents are; sums to 4096 (size budget).
@@ -163,9 +164,10 @@ def evaluate(directory: Path, tok_dir: Path, r: Recipe) -> dict:
             "sample": "def " + text}
 
 
-def ship(model, spec: ModelSpec, tok, target: Path, r: Recipe, title: str, extra: dict, notes: str) -> dict:
+def ship(model, spec: ModelSpec, tok, target: Path, r: Recipe, title: str, extra: dict, notes: str,
+         overwrite: bool = False) -> dict:
     """Write checkpoint + tokenizer + generation config, evaluate the written weights, add the card."""
-    with atomic_output_dir(target) as tmp:
+    with output_dir(target, overwrite=overwrite) as tmp:
         nbytes = write_checkpoint(model, spec, tmp)
         save_tokenizer(tok, tmp, spec.max_position_embeddings)
         gen_cfg = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID, "do_sample": False}
@@ -194,7 +196,7 @@ only that layer's attention is skipped), then recovered by KL distillation from 
 training stream. The result has an attention-free run of FFN-only blocks, the input FFN-Fusion needs."""
 
 
-def run(out: Path, r: Recipe) -> None:
+def run(out: Path, r: Recipe, overwrite: bool = False) -> None:
     torch.manual_seed(r.seed)
     torch.set_num_threads(r.threads)
     t_all = time.time()
@@ -204,7 +206,7 @@ def run(out: Path, r: Recipe) -> None:
     model = build_model(spec, seed=r.seed).train()
     base = timed_training(list(model.parameters()), lm_loss(model), stream, r, r.base_minutes, r.lr, "base", 0)
     model.eval()
-    ship(model, spec, tok, out / "llama", r, "Demo model: llama (unpruned)", base, BASE_NOTES)
+    ship(model, spec, tok, out / "llama", r, "Demo model: llama (unpruned)", base, BASE_NOTES, overwrite)
 
     sel = ho.windows(ho.heldout_tokens(tok, SELECTION_TOKENS), r.ctx)
     base_loss, scores = attention_importance(model, sel)
@@ -224,7 +226,7 @@ def run(out: Path, r: Recipe) -> None:
              "distill_wall_s": kd["wall_s"], "final_distill_kl": kd["final_train_loss"],
              "base_steps": base["steps"], "base_wall_s": base["wall_s"]}
     ship(student, child_spec, tok, out / "puzzle", r, "Demo model: puzzle (attention-free run)", extra,
-         PUZZLE_NOTES)
+         PUZZLE_NOTES, overwrite)
     log(f"recipe done in {time.time() - t_all:.0f}s")
 
 
@@ -236,9 +238,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=Recipe.threads)
     p.add_argument("--batch", type=int, default=Recipe.batch, help="windows per step")
     p.add_argument("--seed", type=int, default=Recipe.seed)
+    p.add_argument("--overwrite", action="store_true", help="replace OUT/llama and OUT/puzzle written by this toolkit")
     a = p.parse_args(argv)
+    try:
+        for name in ("llama", "puzzle"):  # refuse now, not after the training minutes
+            check_output(a.out / name, overwrite=a.overwrite)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     run(a.out, Recipe(seed=a.seed, base_minutes=a.minutes, puzzle_minutes=a.puzzle_minutes, threads=a.threads,
-                      batch=a.batch))
+                      batch=a.batch), a.overwrite)
     return 0
 
 

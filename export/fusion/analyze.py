@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from export.fusion.calib import find_tokenizer, load_model, token_batch
 from export.fusion.heatmap import write_heatmap
 from export.fusion.plan import FusionPlan, PlanOptions, propose_plan
-from export.io.atomic import atomic_output_dir
+from export.io.output import check_output, output_dir
 from export.progress import item_progress
 
 AGGREGATION = ("per-token cosine distance 1 - cos(h_j, h~_j^i), averaged over every calibration token "
@@ -106,14 +106,19 @@ class Analysis:
 
 def analyze_checkpoint(ckpt: str | Path, calib: str | Path, out: str | Path, *, tokens: int = 2048,
                        seq_len: int = 128, batch: int = 8, options: PlanOptions | None = None,
-                       tokenizer: str | Path | None = None, progress: bool = True) -> Analysis:
-    """M on `tokens` calibration tokens, a proposed plan and the heatmap, written atomically to `out`."""
+                       tokenizer: str | Path | None = None, progress: bool = True,
+                       overwrite: bool = False) -> Analysis:
+    """M on `tokens` calibration tokens, a proposed plan and the heatmap, written atomically to `out`.
+
+    `out` is checked first (new, or a previous output with `overwrite`), not after the long pass."""
+    inputs = [ckpt, calib, tokenizer]
+    check_output(out, inputs=inputs, overwrite=overwrite)
     spec, dec = load_model(ckpt)
     tok = find_tokenizer(*([tokenizer] if tokenizer else []), ckpt)
     ids = token_batch(calib, tok, spec.vocab, tokens, seq_len)
     dep = dependency_matrix(dec, ids, batch, progress)
     plan = propose_plan(spec, options or PlanOptions(), dep.matrix)
-    with atomic_output_dir(out) as tmp:
+    with output_dir(out, inputs=inputs, overwrite=overwrite) as tmp:
         (tmp / "dependency.json").write_text(json.dumps({"checkpoint": str(Path(ckpt).resolve()),
                                                         "calibration": str(calib), **dep.to_json()}) + "\n")
         plan.save(tmp / "plan.json")

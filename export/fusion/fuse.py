@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -32,7 +32,7 @@ import torch
 from export.errors import ExportError
 from export.fusion.card import write_fused_card
 from export.fusion.plan import FusionPlan, Group
-from export.io.atomic import atomic_output_dir
+from export.io.output import check_output, output_dir
 from export.io.reader import CheckpointReader
 from export.io.safetensors_format import torch_dtype
 from export.io.writer import HFCheckpointWriter, copy_sidecars, write_config
@@ -170,14 +170,18 @@ def _producer(reader: CheckpointReader, ref: TensorRef, src: int | Group | None,
 # ---- the command ---------------------------------------------------------------------------
 def fuse_checkpoint(source: str | Path, plan: FusionPlan, out: str | Path, *, norm: NormMode | str = NormMode.FOLD,
                     keep_layer_count: bool = False, max_shard_bytes: int = 5 << 30,
-                    progress: bool = True, dtype: str | None = None) -> FuseResult:
+                    progress: bool = True, dtype: str | None = None, overwrite: bool = False,
+                    inputs: Iterable[str | Path] = ()) -> FuseResult:
     """Write the fused HF DeciLM checkpoint of `source` under `plan` to `out` (atomically).
 
     `dtype` (default: the source's) is the output's; every tensor is cast as it streams through.
-    """
+    `out` must be new, or a previous output replaced with `overwrite`; it may not overlap `source`
+    nor the further `inputs` (the plan file)."""
     t0 = time.perf_counter()
     norm = NormMode(norm)
     source = Path(source)
+    inputs = [source, *inputs]
+    check_output(out, inputs=inputs, overwrite=overwrite)
     spec = ModelSpec.load(source)
     reader = CheckpointReader(source)
     reader.validate(spec)
@@ -188,7 +192,8 @@ def fuse_checkpoint(source: str | Path, plan: FusionPlan, out: str | Path, *, no
     new_spec = spec.with_layers(layers).with_dtype(dtype or spec.dtype)
     dtype = torch_dtype(new_spec.dtype)
     refs = model_tensors(new_spec)
-    with atomic_output_dir(out) as tmp:
+    planned = sum(r.numel() for r in refs) * dtype.itemsize
+    with output_dir(out, inputs=inputs, overwrite=overwrite, planned_bytes=planned) as tmp:
         writer = HFCheckpointWriter(tmp, [(r.hf_name, dtype, r.shape) for r in refs], max_shard_bytes)
         bar = byte_progress(writer.total_bytes, "fuse", enabled=progress)
         for ref in refs:

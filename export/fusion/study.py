@@ -51,7 +51,7 @@ def run_study(puzzle: Path, calib: Path, text: Path, out: Path, *, unpruned: Pat
     timings: dict[str, float] = {}
     t = time.perf_counter()
     analysis = analyze_checkpoint(puzzle, calib, out / "analysis", tokens=tokens, seq_len=seq_len,
-                                  progress=progress)
+                                  progress=progress, overwrite=True)  # the study's own outputs: rerunnable
     timings["analyze"] = time.perf_counter() - t
     spec = ModelSpec.load(puzzle)
     t = time.perf_counter()
@@ -61,7 +61,8 @@ def run_study(puzzle: Path, calib: Path, text: Path, out: Path, *, unpruned: Pat
         if not plan.groups:
             continue
         plan.save(out / f"{v.name}.plan.json")
-        paths.append(fuse_checkpoint(puzzle, plan, out / v.name, norm=v.norm, progress=progress).out)
+        paths.append(fuse_checkpoint(puzzle, plan, out / v.name, norm=v.norm, progress=progress,
+                                     overwrite=True).out)
         groups[v.name] = [list(g) for g in plan.groups]
     timings["fuse"] = time.perf_counter() - t
     t = time.perf_counter()

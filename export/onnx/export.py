@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from export.errors import ExportError
-from export.io.atomic import atomic_output_dir
+from export.io.output import check_output, output_dir
 from export.io.writer import write_config
 from export.layout import rank_pieces
 from export.mapping import Mapping
@@ -48,20 +48,21 @@ def graph_bytes(spec: ModelSpec) -> int:
     return sum(4 * p.numel() for p in rank_pieces(spec, Mapping(1, 1), 0))
 
 
-def export_onnx(source: str | Path, out: str | Path, *, progress: bool = True) -> OnnxResult:
+def export_onnx(source: str | Path, out: str | Path, *, progress: bool = True, overwrite: bool = False) -> OnnxResult:
     """Checkpoint (HF dir, unsplit TRT-LLM checkpoint or engines/NAME) -> ONNX directory `out`."""
     import onnx
 
     from export.runtime.sources import open_source
 
     t0 = time.perf_counter()
+    check_output(out, inputs=[source], overwrite=overwrite)
     spec, own, make = open_source(Path(source))
     if own is not None and own.world_size != 1:
         raise ExportError(f"{source}: checkpoint is split for tp={own.tp} pp={own.pp}; the ONNX graph is built "
                           f"from tp=1 weights (an HF checkpoint or a --tp 1 conversion)")
     weights = make(Mapping(1, 1), 0)
     total = graph_bytes(spec)
-    with atomic_output_dir(out) as tmp:
+    with output_dir(out, inputs=[source], overwrite=overwrite, planned_bytes=total) as tmp:
         data = ExternalData(tmp, DATA_FILE)
         bar = byte_progress(total, "onnx", enabled=progress)
         try:
@@ -88,7 +89,7 @@ def tp1_source(engine_dir: Path) -> Path:
                       f"{m.source_path} is gone; the ONNX graph needs tp=1 weights (convert again with --tp 1)")
 
 
-def build_onnx(engine_dir: str | Path, *, progress: bool = True) -> OnnxResult:
+def build_onnx(engine_dir: str | Path, *, progress: bool = True, overwrite: bool = False) -> OnnxResult:
     """engines/NAME -> engines/NAME/onnx/, recorded as manifest.engines["onnx"]."""
     import onnx
 
@@ -96,7 +97,7 @@ def build_onnx(engine_dir: str | Path, *, progress: bool = True) -> OnnxResult:
 
     engine_dir = Path(engine_dir)
     source = tp1_source(engine_dir)
-    res = export_onnx(source, engine_dir / ONNX_DIR, progress=progress)
+    res = export_onnx(source, engine_dir / ONNX_DIR, progress=progress, overwrite=overwrite)
     m = Manifest.load(engine_dir)
     m.engines["onnx"] = {
         "path": ONNX_DIR, "model": MODEL_FILE, "data": DATA_FILE, "opset": OPSET, "ir_version": IR_VERSION,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from export.errors import ExportError
-from export.io.atomic import atomic_output_dir
+from export.io.output import check_output, output_dir, tree_bytes
 from export.triton.binary import EXPORT_ROOT
 from export.triton.render import fill, parse_model_config, pbtxt_bool
 from export.triton.server import DEPLOY_FILE
@@ -148,16 +148,21 @@ def render_model(name: str, settings: RepoSettings, templates: Path = TEMPLATES)
     return text
 
 
-def render_repo(settings: RepoSettings, out: Path, templates: Path = TEMPLATES) -> Path:
-    """Write the repository atomically: every config rendered and parsed before anything lands."""
+def render_repo(settings: RepoSettings, out: Path, templates: Path = TEMPLATES, *, overwrite: bool = False) -> Path:
+    """Write the repository atomically: every config rendered and parsed before anything lands.
+
+    The repository may not overlap what it points at (engine, checkpoint, tokenizer) nor the templates."""
     settings.check()
+    inputs = [templates, settings.tokenizer_dir, settings.checkpoint_dir, settings.engine_dir]
+    check_output(out, inputs=inputs, overwrite=overwrite)
     if not (templates / "ensemble" / "config.pbtxt").is_file():
         raise ExportError(f"model repository sources not found at {templates} (run from a source checkout)")
     if settings.tokenizer_dir is None or not Path(settings.tokenizer_dir).is_dir():
         raise ExportError(f"package: the engine has no tokenizer directory ({settings.tokenizer_dir}); "
                           f"pre/postprocessing need the tokenizer files")
     configs = {name: render_model(name, settings, templates) for name in MODELS}
-    with atomic_output_dir(out) as tmp:
+    planned = sum(tree_bytes(templates / name) for name in MODELS)
+    with output_dir(out, inputs=inputs, overwrite=overwrite, planned_bytes=planned) as tmp:
         for name, text in configs.items():
             skip = SKIPPED.get((settings.backend, name), ())
             shutil.copytree(templates / name, tmp / name,
@@ -169,18 +174,20 @@ def render_repo(settings: RepoSettings, out: Path, templates: Path = TEMPLATES) 
     return Path(out)
 
 
-def package_repo(engine_dir: str | Path, out: str | Path, *, backend: str = "cpu", **overrides: Any) -> Path:
-    """engines/NAME -> a Triton model repository at `out` (replaced atomically).
+def package_repo(engine_dir: str | Path, out: str | Path, *, backend: str = "cpu", overwrite: bool = False,
+                 **overrides: Any) -> Path:
+    """engines/NAME -> a Triton model repository at `out` (new, or a previous one replaced with `overwrite`).
 
     backend "onnx" is the cpu flavour whose engine model runs engines/NAME/onnx with ONNX Runtime.
     """
+    check_output(out, inputs=[engine_dir, TEMPLATES], overwrite=overwrite)
     if backend == "onnx":
         _require_onnx(Path(engine_dir))
         backend, overrides = "cpu", {**overrides, "runtime": "onnx"}
     settings = settings_from_manifest(Path(engine_dir), backend, **overrides)
     if backend == "cpu" and not (settings.checkpoint_dir and settings.checkpoint_dir.is_dir()):
         raise ExportError(f"{engine_dir}: checkpoint directory {settings.checkpoint_dir} is missing (run `convert`)")
-    return render_repo(settings, Path(out))
+    return render_repo(settings, Path(out), overwrite=overwrite)
 
 
 def _require_onnx(engine_dir: Path) -> None:

@@ -43,7 +43,7 @@ def ensure_source(cache: Path, layers: int) -> Path:
     if (path / "config.json").is_file() and ModelSpec.load(path) == spec:
         return path
     print(f"generating {path} (once) ...", file=sys.stderr)
-    return write_random_checkpoint(path, spec, seed=0, std=0.02, max_shard_bytes=2 << 30)
+    return write_random_checkpoint(path, spec, seed=0, std=0.02, max_shard_bytes=2 << 30, overwrite=True)
 
 
 def _warm(src: Path) -> None:

@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 
 from export.errors import ExportError
-from export.io.atomic import atomic_output_dir
+from export.io.output import output_dir
 from export.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,8 @@ class BuildOutcome:
     message: str
 
 
-def build(engine_dir: Path, *, options: dict[str, int] | None = None, require: bool = False) -> BuildOutcome:
+def build(engine_dir: Path, *, options: dict[str, int] | None = None, require: bool = False,
+          overwrite: bool = False) -> BuildOutcome:
     """Build engines/NAME/trtllm from the manifest's checkpoint, or explain why not.
 
     Raises ExportError when the build is impossible and `require` is set, or when trtllm-build fails.
@@ -108,7 +109,7 @@ def build(engine_dir: Path, *, options: dict[str, int] | None = None, require: b
     out = engine_dir / "trtllm"
     sizes = {k: int(settings[k]) for k in BUILD_KEYS}
     workers = manifest.mapping.world_size
-    with atomic_output_dir(out) as tmp:
+    with output_dir(out, inputs=[engine_dir / manifest.checkpoint], overwrite=overwrite) as tmp:
         args = trtllm_build_args(engine_dir / manifest.checkpoint, tmp, workers=workers, **sizes)
         log.info("running %s", " ".join(args))
         proc = subprocess.run(args, check=False)

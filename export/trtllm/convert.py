@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from export.errors import CheckpointError, ExportError
-from export.io.atomic import atomic_output_dir
+from export.io.output import check_output, output_dir
 from export.io.reader import CheckpointReader
 from export.io.safetensors_format import SafetensorsWriter, read_header, torch_dtype
 from export.layout import require_layout
@@ -74,12 +74,16 @@ def prepare(source: Path, tp: int, pp: int, dtype: str | None) -> tuple[ModelSpe
 
 
 def convert(source: Path, out: Path, *, tp: int, pp: int = 1, dtype: str | None = None,
-            progress: bool = True, window_bytes: int = WINDOW_BYTES) -> ConvertResult:
-    """Write `out/` = checkpoint/ (config.json + rank{r}.safetensors), tokenizer/, manifest.json."""
+            progress: bool = True, window_bytes: int = WINDOW_BYTES, overwrite: bool = False) -> ConvertResult:
+    """Write `out/` = checkpoint/ (config.json + rank{r}.safetensors), tokenizer/, manifest.json.
+
+    `out` must be new, or a previous output replaced with `overwrite` (`export.io.output`)."""
     source = Path(source)
+    check_output(out, inputs=[source], overwrite=overwrite)
     spec, mapping, dtype, reader, plans = prepare(source, tp, pp, dtype)
     start = time.perf_counter()
-    with atomic_output_dir(out) as tmp:
+    planned = sum(p.nbytes(dtype) for p in plans) + _tokenizer_bytes(source)
+    with output_dir(out, inputs=[source], overwrite=overwrite, planned_bytes=planned) as tmp:
         ckpt = tmp / "checkpoint"
         ckpt.mkdir()
         written, digests = write_rank_files(reader, plans, ckpt, dtype, progress, window_bytes)
@@ -94,6 +98,10 @@ def convert(source: Path, out: Path, *, tp: int, pp: int = 1, dtype: str | None 
     log.info("converted %s -> %s: %d ranks, %.2f GB read, %.2f GB written in %.1f s (%.2f GB/s read)",
              source, out, mapping.world_size, read / 1e9, written / 1e9, seconds, read / 1e9 / seconds)
     return ConvertResult(Path(out), manifest, read, written, seconds)
+
+
+def _tokenizer_bytes(source: Path) -> int:
+    return sum((source / f).stat().st_size for f in TOKENIZER_FILES if (source / f).is_file())
 
 
 def default_build(spec: ModelSpec) -> dict[str, int]:
