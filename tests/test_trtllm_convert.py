@@ -283,3 +283,17 @@ def test_default_build_leaves_room_to_generate(context, want):
 
     build = default_build(replace(hetero_spec(), max_position_embeddings=context))
     assert (build["max_input_len"], build["max_seq_len"]) == want
+
+
+def test_cli_convert_and_verify_json(source, tmp_path):
+    """Summaries as JSON for scripts; one rate unit in what convert prints (MB/s) on both streams."""
+    run = subprocess.run([sys.executable, "-m", "export", "convert", str(source), "--tp", "2", "--out",
+                          str(tmp_path / "e"), "--no-progress", "--json"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    res = json.loads(run.stdout)
+    assert (res["tp"], res["pp"], res["bytes_read"] > 0) == (2, 1, True)
+    assert "GB/s" not in run.stderr
+    ver = subprocess.run([sys.executable, "-m", "export", "verify", str(tmp_path / "e"), "--json"],
+                         capture_output=True, text=True)
+    assert ver.returncode == 0, ver.stderr
+    assert json.loads(ver.stdout)["passed"] is True

@@ -20,7 +20,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", nargs="?", const="", metavar="CONFIG", default=None,
                    help="print per-rank tensor names, shapes and bytes from config.json alone; write nothing")
     p.add_argument("--summary", action="store_true", help="with --dry-run: per-rank totals only")
-    p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    p.add_argument("--json", action="store_true", help="print the result (with --dry-run: the plan) as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -50,6 +50,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     res = convert(args.source, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype, progress=not args.no_progress,
                   overwrite=args.overwrite)
     m = res.manifest
+    if args.json:
+        print(json.dumps({"out": str(res.out), "tp": m.tp, "pp": m.pp, "dtype": m.dtype, "tokenizer": m.tokenizer,
+                          "bytes_read": res.bytes_read, "bytes_written": res.bytes_written,
+                          "seconds": round(res.seconds, 3)}, indent=2))
+        return 0
     print(f"wrote {res.out}: checkpoint/ ({m.tp * m.pp} rank files, tp={m.tp} pp={m.pp}, {m.dtype}), "
           f"tokenizer/ {'copied' if m.tokenizer else 'absent (source has none)'}, manifest.json")
     print(f"read {res.bytes_read / 1e9:.3f} GB, wrote {res.bytes_written / 1e9:.3f} GB in {res.seconds:.2f} s "
@@ -61,7 +66,9 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("engine_dir", help="engines/NAME written by convert")
     p.add_argument("--against", default=None,
                    help="the source HF checkpoint, run at tp=1 as the reference (default: the manifest's source_path)")
-    p.add_argument("--tol", type=float, default=1e-4, help="max abs logits difference when dtypes match")
+    p.add_argument("--tol", type=float, default=1e-4,
+                   help="max abs logits difference when every source value is exact in the checkpoint dtype")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 @command("verify", "run the reference runtime on the rank files (at their tp/pp); compare logits with the source")
@@ -72,7 +79,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     against = args.against or Manifest.load(args.engine_dir).source_path
     res = verify(args.engine_dir, against, tol=args.tol)
-    print(res.summary())
+    print(json.dumps(res.to_json(), indent=2) if args.json else res.summary())
     return 0 if res.passed else 1
 
 

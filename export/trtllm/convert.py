@@ -95,8 +95,8 @@ def convert(source: Path, out: Path, *, tp: int, pp: int = 1, dtype: str | None 
         manifest.save(tmp)
     seconds = time.perf_counter() - start
     read = sum(reader.info(n).nbytes for n, _ in _by_source(reader, plans))
-    log.info("converted %s -> %s: %d ranks, %.2f GB read, %.2f GB written in %.1f s (%.2f GB/s read)",
-             source, out, mapping.world_size, read / 1e9, written / 1e9, seconds, read / 1e9 / seconds)
+    log.info("converted %s -> %s: %d ranks, %.3f GB read, %.3f GB written in %.2f s (%.0f MB/s read)",
+             source, out, mapping.world_size, read / 1e9, written / 1e9, seconds, read / 1e6 / seconds)
     return ConvertResult(Path(out), manifest, read, written, seconds)
 
 

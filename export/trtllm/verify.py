@@ -40,6 +40,11 @@ class VerifyResult:
     def lossless(self) -> bool:
         return casts_exactly(self.source_dtype, self.dtype)
 
+    def to_json(self) -> dict:
+        return {"engine_dir": str(self.engine_dir), "tp": self.tp, "pp": self.pp, "source_dtype": self.source_dtype,
+                "dtype": self.dtype, "lossless": self.lossless, "max_abs_diff": self.max_abs_diff,
+                "tolerance": self.tolerance, "passed": self.passed, "seconds": round(self.seconds, 3)}
+
     def summary(self) -> str:
         kind = ("same dtype as the source" if self.source_dtype == self.dtype
                 else f"{self.source_dtype} source -> {self.dtype}, {'exact' if self.lossless else 'lossy'}")
