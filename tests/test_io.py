@@ -18,7 +18,7 @@ from export.io.writer import HFCheckpointWriter, copy_sidecars
 from export.sharding import shard_for
 from export.synthetic import write_random_checkpoint
 from export.tensors import Role, model_tensors
-from tests.conftest import hetero_spec
+from tests.conftest import hetero_spec, write_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -196,8 +196,9 @@ def test_existing_output_replaced_only_when_complete(tmp_path):
 
 
 def test_sidecars_copied(tmp_path, ckpt):
-    for name in ("tokenizer.json", "generation_config.json", "modeling_decilm.py"):
+    for name in ("generation_config.json", "modeling_decilm.py"):
         (ckpt / name).write_text("{}")
+    write_tokenizer(ckpt)
     out = tmp_path / "o"
     out.mkdir()
     copied = copy_sidecars(ckpt, out)

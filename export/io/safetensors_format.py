@@ -123,7 +123,7 @@ def _parse_json(blob: bytes, path: object) -> dict[str, object]:
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise CheckpointError(f"header is not valid JSON ({e})", path) from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"header is a JSON {_kind(header)}, not an object of tensors", path)
+        raise CheckpointError(f"header is a JSON {json_kind(header)}, not an object of tensors", path)
     bad = next((k for k in header if not _utf8(k)), None)
     if bad is not None:
         raise CheckpointError(f"header key {bad!r} is not valid UTF-8", path)
@@ -135,17 +135,17 @@ def _metadata(value: object, path: object) -> dict[str, str]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise CheckpointError(f"{METADATA} is a JSON {_kind(value)}, not an object of strings", path)
+        raise CheckpointError(f"{METADATA} is a JSON {json_kind(value)}, not an object of strings", path)
     for k, v in value.items():
         if not isinstance(v, str) or not _utf8(v):
-            raise CheckpointError(f"{METADATA}[{k!r}] is {_kind(v)} {v!r:.40}, not a string", path)
+            raise CheckpointError(f"{METADATA}[{k!r}] is {json_kind(v)} {v!r:.40}, not a string", path)
     return value  # type: ignore[return-value]
 
 
 def _entry(name: str, entry: object) -> TensorInfo:
     """One tensor's entry; ValueError says which field is wrong."""
     if not isinstance(entry, dict):
-        raise ValueError(f"entry is a JSON {_kind(entry)}, not an object with dtype, shape and data_offsets")
+        raise ValueError(f"entry is a JSON {json_kind(entry)}, not an object with dtype, shape and data_offsets")
     missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
     if missing:
         raise ValueError(f"entry has no {' / '.join(missing)}")
@@ -169,7 +169,7 @@ def _entry(name: str, entry: object) -> TensorInfo:
 def _uints(value: object, field: str) -> tuple[int, ...]:
     """A JSON list of non-negative integers below 2**64 (bool is not an int here)."""
     if not isinstance(value, list):
-        raise ValueError(f"{field} is {_kind(value)} {value!r:.40}, not a list of integers")
+        raise ValueError(f"{field} is {json_kind(value)} {value!r:.40}, not a list of integers")
     for v in value:
         if type(v) is not int or not 0 <= v <= USIZE_MAX:
             raise ValueError(f"{field} {value!r:.60} holds {v!r}, not a non-negative integer")
@@ -202,7 +202,8 @@ def _tiling(infos: dict[str, TensorInfo], data_len: int) -> list[str]:
     return []
 
 
-def _kind(value: object) -> str:
+def json_kind(value: object) -> str:
+    """How a JSON value reads in a message: object, list, string, null, ..."""
     return {dict: "object", list: "list", str: "string", bool: "boolean", int: "integer",
             float: "number", type(None): "null"}.get(type(value), type(value).__name__)
 
