@@ -29,9 +29,10 @@ import torch
 from export.errors import ExportError
 from export.fusion.plan import FusionPlan, Group
 from export.io.atomic import atomic_output_dir
+from export.io.paths import checkpoint_file
 from export.io.reader import CheckpointReader
 from export.io.safetensors_format import torch_dtype
-from export.io.writer import HFCheckpointWriter, copy_sidecars, write_config
+from export.io.writer import HFCheckpointWriter, copy_sidecars, sidecar_files, write_config
 from export.progress import byte_progress
 from export.spec import FFN, Attention, AttentionKind, FFNKind, Layer, ModelSpec, ffn_mult_to_width, width_to_ffn_mult
 from export.tensors import HF_NAMES, Role, TensorRef, model_tensors
@@ -162,14 +163,20 @@ def _producer(reader: CheckpointReader, ref: TensorRef, src: int | Group | None,
 # ---- the command ---------------------------------------------------------------------------
 def fuse_checkpoint(source: str | Path, plan: FusionPlan, out: str | Path, *, norm: NormMode | str = NormMode.FOLD,
                     keep_layer_count: bool = False, max_shard_bytes: int = 5 << 30,
-                    progress: bool = True) -> FuseResult:
-    """Write the fused HF DeciLM checkpoint of `source` under `plan` to `out` (atomically)."""
+                    progress: bool = True, follow_symlinks: bool | None = None) -> FuseResult:
+    """Write the fused HF DeciLM checkpoint of `source` under `plan` to `out` (atomically).
+
+    Everything that can refuse the job (config, weight headers, side files and their links, the
+    tokenizer) is checked before the output exists; `follow_symlinks` as in `export.io.paths`.
+    """
     t0 = time.perf_counter()
     norm = NormMode(norm)
     source = Path(source)
+    checkpoint_file(source, "config.json", follow_symlinks=follow_symlinks)
     spec = ModelSpec.load(source)
-    reader = CheckpointReader(source)
+    reader = CheckpointReader(source, follow_symlinks=follow_symlinks)
     reader.validate(spec)
+    sidecars = sidecar_files(source, follow_symlinks=follow_symlinks)
     groups = plan.resolve(spec)
     layers, sources = fused_layout(spec, groups, keep_layer_count)
     new_spec = spec.with_layers(layers)
@@ -184,7 +191,7 @@ def fuse_checkpoint(source: str | Path, plan: FusionPlan, out: str | Path, *, no
                 bar.update(writer.write_rows(ref.hf_name, row, chunk))
         bar.close()
         writer.close()
-        copy_sidecars(source, tmp)
+        copy_sidecars(source, tmp, names=sidecars)
         write_config(tmp, new_spec.to_hf_config())
         mapping = layer_map(spec, sources)
         _write_record(tmp, source, plan, groups, norm, keep_layer_count, mapping)

@@ -92,3 +92,16 @@ def _allowed(root: Path, target: Path) -> bool:
     repo = snapshots.parent
     return (snapshots.name == HUB_SNAPSHOTS and repo.name.startswith(HUB_REPO_PREFIX)
             and target.is_relative_to(repo / HUB_BLOBS))
+
+
+def check_tree(root: Path, *, follow_symlinks: bool | None = None) -> None:
+    """Every file link anywhere under `root` obeys `checkpoint_file`: for stages that read the whole
+    tree (convert hashes every file into the manifest's source_sha256), not only the files they name."""
+    root = Path(root)
+    for p in sorted(root.rglob("*")):
+        if p.is_symlink() and not p.name.startswith("."):
+            checkpoint_file(root, p.relative_to(root).as_posix(), follow_symlinks=follow_symlinks)
+
+
+FOLLOW_SYMLINKS_HELP = ("read files the checkpoint links to outside its directory (default: refused, except "
+                        "the Hugging Face cache's snapshots/<rev>/ -> blobs/ links)")
