@@ -22,6 +22,7 @@ from export.spec import ModelSpec
 from export.tensors import HF_IGNORED_SUFFIXES, HF_NAMES, Role, TensorRef, model_tensors
 
 INDEX = "model.safetensors.index.json"
+CONFIG = "config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -39,6 +40,7 @@ class CheckpointReader:
             raise CheckpointError(_pickle_msg([self.path.name]), self.path)
         if not self.path.is_dir():
             raise CheckpointError("checkpoint directory does not exist", self.path)
+        self._file(CONFIG)  # read by ModelSpec, not here, but the checkpoint's boundary is checked in one place
         self._layout: dict[str, tuple[int, int]] = {}  # file -> (data_start, file size) as validated
         self._files, self._infos, self._where = self._index()
         self._handles: dict[str, Any] = {}
