@@ -408,3 +408,15 @@ def test_real_subdirectory_is_copied_by_fuse(base, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(argv("fuse", ckpt, out)) == 0, capsys.readouterr().err
     assert (out / "docs" / "card.md").read_text() == "# tiny"
+
+
+def test_package_refuses_a_broken_tokenizer(base, tmp_path, capsys):
+    """An engine directory whose copied tokenizer.json was damaged afterwards: `package` says so."""
+    engine = tmp_path / "engine"
+    assert main(argv("convert", base, engine)) == 0, capsys.readouterr().err
+    (engine / "tokenizer" / "tokenizer.json").write_text('{"model": 3}')
+    before = snapshot(engine)
+    capsys.readouterr()
+    rc = main(["package", str(engine), "--out", str(tmp_path / "repo")])
+    check_refused(rc, capsys.readouterr().err, "tokenizer/tokenizer.json: the tokenizers library cannot load it",
+                  engine, before, tmp_path / "repo")
