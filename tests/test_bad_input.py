@@ -222,6 +222,8 @@ CASES = [
     Case("header null", replace_raw(header=b"null"), f"{SHARD}: header is a JSON null"),
     Case("header not JSON", replace_raw(header=b"{not json"), f"{SHARD}: header is not valid JSON"),
     Case("header not UTF-8", replace_raw(header=b'{"\xff": 1}'), f"{SHARD}: header is not valid JSON"),
+    Case("header nested too deeply", replace_raw(header=b"[" * 100_000 + b"]" * 100_000),
+         f"{SHARD}: header is nested too deeply"),
     Case("header length absurd", replace_raw(length=1 << 40), f"{SHARD}: file is truncated or not safetensors"),
     Case("entry a string", edit_header(lambda h: h.update({first_tensor(h): "F32"})),
          "{shard}: tensor {tensor}: entry is a JSON string"),

@@ -175,7 +175,7 @@ def read_index(path: Path) -> dict[str, str]:
     """`weight_map` of a model.safetensors.index.json: an object of tensor name -> file name."""
     try:
         index = json.loads(path.read_bytes())
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"not valid JSON ({' '.join(str(e).split())})", path) from None
     if not isinstance(index, dict):
         raise CheckpointError(f"is a JSON {json_kind(index)}, not an object with a weight_map", path)

@@ -98,10 +98,11 @@ def validate_header(blob: bytes, data_len: int, path: object = None) -> tuple[di
 
 
 class _Duplicate(ValueError):
-    pass
+    """A key given twice: json keeps the last, another parser may keep the first."""
 
 
 def _object(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """json's object hook, refusing duplicate keys instead of silently keeping the last."""
     out: dict[str, object] = {}
     for k, v in pairs:
         if k in out:
@@ -111,6 +112,7 @@ def _object(pairs: list[tuple[str, object]]) -> dict[str, object]:
 
 
 def _no_constant(name: str) -> object:
+    """NaN / Infinity: Python's json reads them, JSON (and the library) does not."""
     raise ValueError(f"{name} is not JSON")
 
 
@@ -122,6 +124,8 @@ def _parse_json(blob: bytes, path: object) -> dict[str, object]:
         raise CheckpointError(f"header is ambiguous: {e}", path) from None
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise CheckpointError(f"header is not valid JSON ({e})", path) from None
+    except RecursionError:
+        raise CheckpointError("header is nested too deeply to be a safetensors header", path) from None
     if not isinstance(header, dict):
         raise CheckpointError(f"header is a JSON {json_kind(header)}, not an object of tensors", path)
     bad = next((k for k in header if not _utf8(k)), None)
@@ -137,6 +141,8 @@ def _metadata(value: object, path: object) -> dict[str, str]:
     if not isinstance(value, dict):
         raise CheckpointError(f"{METADATA} is a JSON {json_kind(value)}, not an object of strings", path)
     for k, v in value.items():
+        if not _utf8(k):
+            raise CheckpointError(f"{METADATA} key {k!r} is not valid UTF-8", path)
         if not isinstance(v, str) or not _utf8(v):
             raise CheckpointError(f"{METADATA}[{k!r}] is {json_kind(v)} {v!r:.40}, not a string", path)
     return value  # type: ignore[return-value]

@@ -19,7 +19,7 @@ def check_tokenizer_json(path: Path) -> None:
     """CheckpointError (one line, naming the file) unless `tokenizers` can load `path`."""
     try:
         json.loads(Path(path).read_bytes())
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"not valid JSON ({_one_line(e)})", path) from None
     except OSError as e:
         raise CheckpointError(f"cannot be read ({e.strerror})", path) from None
