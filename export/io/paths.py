@@ -78,8 +78,9 @@ def _resolve(path: Path, root: Path, name: str) -> Path:
     try:
         return path.resolve(strict=True)
     except FileNotFoundError:
-        raise CheckpointError(f"{name} is a symlink to {os.readlink(path) if path.is_symlink() else '?'}, "
-                              f"which does not exist", root) from None
+        what = (f"is a symlink to {os.readlink(path)}, which does not exist" if path.is_symlink()
+                else "does not exist (it is under a symlinked directory)")
+        raise CheckpointError(f"{name} {what}", root) from None
     except (OSError, RuntimeError) as e:  # a loop: RuntimeError before Python 3.13, OSError after
         raise CheckpointError(f"{name} is a symlink that cannot be resolved ({e})", root) from None
 
