@@ -43,3 +43,12 @@ def llama_spec(dtype: str = "float32", layers: int = 2) -> ModelSpec:
 @pytest.fixture
 def hetero() -> ModelSpec:
     return hetero_spec()
+
+
+def write_tokenizer(directory) -> None:
+    """A tiny word-level tokenizer.json that `tokenizers` loads (side-file and tokenizer checks need a real one)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 2}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(directory / "tokenizer.json"))

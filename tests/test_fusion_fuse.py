@@ -15,7 +15,7 @@ from export.fusion.plan import FusionPlan, PlanError
 from export.io.reader import CheckpointReader
 from export.spec import ModelSpec, ffn_mult_to_width
 from export.synthetic import write_random_checkpoint
-from tests.conftest import EMPTY, ROPE, attn_only, ffn_only, full
+from tests.conftest import EMPTY, ROPE, attn_only, ffn_only, full, write_tokenizer
 
 EPS = 1e-5
 
@@ -31,7 +31,7 @@ def fusion_spec(dtype: str = "float32") -> ModelSpec:
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     path = write_random_checkpoint(tmp_path_factory.mktemp("src") / "m", fusion_spec(), seed=7)
-    (path / "tokenizer.json").write_text("{}")
+    write_tokenizer(path)
     return path
 
 

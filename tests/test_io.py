@@ -13,12 +13,13 @@ import torch
 
 from export.errors import CheckpointError
 from export.io.output import output_dir
+from export.io.paths import checkpoint_file
 from export.io.reader import CheckpointReader
 from export.io.writer import HFCheckpointWriter, copy_sidecars
 from export.sharding import shard_for
 from export.synthetic import write_random_checkpoint
 from export.tensors import Role, model_tensors
-from tests.conftest import hetero_spec
+from tests.conftest import hetero_spec, write_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -196,8 +197,9 @@ def test_existing_output_replaced_only_when_complete(tmp_path):
 
 
 def test_sidecars_copied(tmp_path, ckpt):
-    for name in ("tokenizer.json", "generation_config.json", "modeling_decilm.py"):
+    for name in ("generation_config.json", "modeling_decilm.py"):
         (ckpt / name).write_text("{}")
+    write_tokenizer(ckpt)
     out = tmp_path / "o"
     out.mkdir()
     copied = copy_sidecars(ckpt, out)
@@ -213,3 +215,66 @@ def test_tied_checkpoint_reads_embedding_for_lm_head(tmp_path):
     from export.layout import lm_head_ref
     assert torch.equal(reader.read(lm_head_ref(spec)), reader.get("model.embed_tokens.weight"))
     assert Role.LM_HEAD not in {r.role for r in model_tensors(spec)}
+
+
+# ---- paths stay inside the checkpoint --------------------------------------------------------
+def _hub(tmp_path: Path, repo: str = "models--org--m") -> Path:
+    snap = tmp_path / repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (tmp_path / repo / "blobs").mkdir()
+    (tmp_path / repo / "blobs" / "h1").write_text("{}")
+    return snap
+
+
+def test_hub_cache_links_into_their_own_blobs_are_followed(tmp_path):
+    snap = _hub(tmp_path)
+    (snap / "config.json").symlink_to("../../blobs/h1")
+    assert checkpoint_file(snap, "config.json") == snap / "config.json"
+
+
+@pytest.mark.parametrize("layout", ["other repo's blobs", "not under snapshots", "not a models-- repo"])
+def test_links_that_only_look_like_the_hub_cache_are_refused(tmp_path, layout):
+    snap = _hub(tmp_path, "datasets--org--m" if layout == "not a models-- repo" else "models--org--m")
+    other = _hub(tmp_path, "models--org--other")
+    if layout == "not under snapshots":
+        snap = snap.parent.parent / "refs" / "abc123"
+        snap.mkdir(parents=True)
+    target = (other if layout == "other repo's blobs" else snap).parent.parent / "blobs" / "h1"
+    (snap / "config.json").symlink_to(target)
+    with pytest.raises(CheckpointError, match=r"config\.json is a symlink to .*, outside the checkpoint"):
+        checkpoint_file(snap, "config.json")
+    assert checkpoint_file(snap, "config.json", follow_symlinks=True) == snap / "config.json"
+
+
+@pytest.mark.parametrize("name", ["../x.safetensors", "a/../../x.safetensors", "/etc/passwd", "", "a\\..\\b"])
+def test_names_that_climb_out_are_refused_even_when_following_links(tmp_path, name):
+    with pytest.raises(CheckpointError, match="points outside the checkpoint directory"):
+        checkpoint_file(tmp_path, name, follow_symlinks=True)
+
+
+def test_links_inside_the_checkpoint_are_fine_and_broken_ones_named(tmp_path):
+    (tmp_path / "real.json").write_text("{}")
+    (tmp_path / "alias.json").symlink_to("real.json")
+    assert checkpoint_file(tmp_path, "alias.json").is_file()
+    (tmp_path / "gone.json").symlink_to("missing.json")
+    with pytest.raises(CheckpointError, match=r"gone\.json is a symlink to missing\.json, which does not exist"):
+        checkpoint_file(tmp_path, "gone.json")
+
+
+def test_sidecars_never_copy_a_linked_directory(tmp_path, ckpt):
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "big.bin.txt").write_text("x")
+    (ckpt / "inside").mkdir()
+    (ckpt / "inside" / "card.md").write_text("# card")
+    (ckpt / "inside" / "up").symlink_to("..", target_is_directory=True)
+    with pytest.raises(CheckpointError, match="inside/up is a symlink to a directory"):
+        copy_sidecars(ckpt, tmp_path / "o")
+    (ckpt / "inside" / "up").unlink()
+    (ckpt / "linked").symlink_to(tmp_path / "outside", target_is_directory=True)
+    with pytest.raises(CheckpointError, match="linked is a symlink to a directory"):
+        copy_sidecars(ckpt, tmp_path / "o", follow_symlinks=True)
+    (ckpt / "linked").unlink()
+    out = tmp_path / "o"
+    out.mkdir()
+    assert copy_sidecars(ckpt, out) == ["inside/card.md"]
+    assert (out / "inside" / "card.md").read_text() == "# card"

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from export.cli import command, with_args
+from export.io.paths import FOLLOW_SYMLINKS_HELP
 
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
@@ -22,6 +23,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--summary", action="store_true", help="with --dry-run: per-rank totals only")
     p.add_argument("--json", action="store_true", help="print the result (with --dry-run: the plan) as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--follow-symlinks", action="store_true", help=FOLLOW_SYMLINKS_HELP)
 
 
 @command("convert", "HF checkpoint -> TRT-LLM checkpoint (config.json + rank{r}.safetensors) in one streaming pass")
@@ -48,7 +50,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from export.trtllm.convert import convert
 
     res = convert(args.source, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype, progress=not args.no_progress,
-                  overwrite=args.overwrite)
+                  overwrite=args.overwrite, follow_symlinks=args.follow_symlinks)
     m = res.manifest
     if args.json:
         print(json.dumps({"out": str(res.out), "tp": m.tp, "pp": m.pp, "dtype": m.dtype, "tokenizer": m.tokenizer,
@@ -69,14 +71,17 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tol", type=float, default=1e-4,
                    help="max abs logits difference when every source value is exact in the checkpoint dtype")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--follow-symlinks", action="store_true", help=FOLLOW_SYMLINKS_HELP)
 
 
 @command("verify", "run the reference runtime on the rank files (at their tp/pp); compare logits with the source")
 @with_args(_verify_args)
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from export.io.paths import set_default_follow_symlinks
     from export.manifest import Manifest
     from export.trtllm.verify import verify
 
+    set_default_follow_symlinks(args.follow_symlinks)  # the reference runs in worker processes
     against = args.against or Manifest.load(args.engine_dir).source_path
     res = verify(args.engine_dir, against, tol=args.tol)
     print(json.dumps(res.to_json(), indent=2) if args.json else res.summary())

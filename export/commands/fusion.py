@@ -9,6 +9,7 @@ from pathlib import Path
 
 from export.cli import command, with_args
 from export.errors import ExportError
+from export.io.paths import FOLLOW_SYMLINKS_HELP
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
           "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
@@ -102,6 +103,7 @@ def _fuse_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-layer-count", action="store_true",
                    help="keep fused-away blocks as empty blocks (as the released Ultra config does)")
     p.add_argument("--max-shard-size", type=byte_size, default=5 << 30, help="safetensors shard size")
+    p.add_argument("--follow-symlinks", action="store_true", help=FOLLOW_SYMLINKS_HELP)
 
 
 @command("fuse", "fuse FFN groups of an HF DeciLM checkpoint into wide FFNs (Ultra-style checkpoint)")
@@ -115,7 +117,8 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
 
     r = fuse_checkpoint(args.ckpt, FusionPlan.load(args.plan), args.out, norm=args.norm,
                         keep_layer_count=args.keep_layer_count, max_shard_bytes=args.max_shard_size,
-                        dtype=args.dtype, overwrite=args.overwrite, inputs=[args.plan])
+                        dtype=args.dtype, overwrite=args.overwrite, inputs=[args.plan],
+                        follow_symlinks=args.follow_symlinks)
     for g in r.groups:
         print(f"group {g.label}: {len(g.ffn_layers)} FFNs {list(g.widths)} -> one FFN of width {g.fused_width}")
     print(f"layers {r.before.num_layers} -> {r.after.num_layers}, FFN blocks {len(r.before.ffn_layers())} -> "
@@ -131,6 +134,7 @@ def _text_args(p: argparse.ArgumentParser, tokens: int) -> None:
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
     p.add_argument("--batch", type=int, default=8, help="sequences per forward pass (default 8)")
     p.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (default: the checkpoint's)")
+    p.add_argument("--follow-symlinks", action="store_true", help=FOLLOW_SYMLINKS_HELP)
 
 
 def _analyze_args(p: argparse.ArgumentParser) -> None:
@@ -147,7 +151,9 @@ def _analyze_args(p: argparse.ArgumentParser) -> None:
 @with_args(_analyze_args)
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from export.io.output import check_output
+    from export.io.paths import set_default_follow_symlinks
 
+    set_default_follow_symlinks(args.follow_symlinks)
     out = Path(args.out or Path("out", "analysis", Path(args.ckpt).resolve().name))
     check_output(out, inputs=[args.ckpt, args.calib, args.tokenizer], overwrite=args.overwrite)
     from export.fusion.analyze import analyze_checkpoint
@@ -180,7 +186,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         check_output_file(args.json, inputs=[args.base, *args.candidates, args.text, args.tokenizer], overwrite=True)
     from export.fusion.evaluate import evaluate, format_scores
     from export.io.atomic import atomic_write_text
+    from export.io.paths import set_default_follow_symlinks
 
+    set_default_follow_symlinks(args.follow_symlinks)
     scores = evaluate(args.base, args.candidates, args.text, tokens=args.tokens, seq_len=args.seq_len,
                       batch=args.batch, tokenizer=args.tokenizer)
     print(format_scores(scores))

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from export.cli import command, with_args
+from export.io.paths import FOLLOW_SYMLINKS_HELP
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -29,14 +30,17 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
                    help="torch: the reference Decoder; onnx: engines/NAME/onnx on ONNX Runtime (tp=1, fp32)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--follow-symlinks", action="store_true", help=FOLLOW_SYMLINKS_HELP)
 
 
 @command("generate", "generate text with the reference runtime (tp/pp worker processes) and report tokens/s")
 @with_args(_args)
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from export.io.paths import set_default_follow_symlinks
     from export.runtime.sampling import SamplingParams
     from export.runtime.text import generate_text
 
+    set_default_follow_symlinks(args.follow_symlinks)  # the weights are opened in worker processes
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt

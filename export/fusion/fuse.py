@@ -33,9 +33,10 @@ from export.errors import ExportError
 from export.fusion.card import write_fused_card
 from export.fusion.plan import FusionPlan, Group
 from export.io.output import check_output, output_dir
+from export.io.paths import checkpoint_file
 from export.io.reader import CheckpointReader
 from export.io.safetensors_format import torch_dtype
-from export.io.writer import HFCheckpointWriter, copy_sidecars, write_config
+from export.io.writer import HFCheckpointWriter, copy_sidecars, sidecar_files, write_config
 from export.progress import byte_progress
 from export.spec import FFN, Attention, AttentionKind, FFNKind, Layer, ModelSpec, ffn_mult_for
 from export.tensors import HF_NAMES, Role, TensorRef, model_tensors
@@ -171,20 +172,25 @@ def _producer(reader: CheckpointReader, ref: TensorRef, src: int | Group | None,
 def fuse_checkpoint(source: str | Path, plan: FusionPlan, out: str | Path, *, norm: NormMode | str = NormMode.FOLD,
                     keep_layer_count: bool = False, max_shard_bytes: int = 5 << 30,
                     progress: bool = True, dtype: str | None = None, overwrite: bool = False,
-                    inputs: Iterable[str | Path] = ()) -> FuseResult:
+                    inputs: Iterable[str | Path] = (), follow_symlinks: bool | None = None) -> FuseResult:
     """Write the fused HF DeciLM checkpoint of `source` under `plan` to `out` (atomically).
 
     `dtype` (default: the source's) is the output's; every tensor is cast as it streams through.
     `out` must be new, or a previous output replaced with `overwrite`; it may not overlap `source`
-    nor the further `inputs` (the plan file)."""
+    nor the further `inputs` (the plan file). Everything that can refuse the job (config, weight
+    headers, side files and their links, the tokenizer) is checked before the output exists;
+    `follow_symlinks` as in `export.io.paths`.
+    """
     t0 = time.perf_counter()
     norm = NormMode(norm)
     source = Path(source)
     inputs = [source, *inputs]
     check_output(out, inputs=inputs, overwrite=overwrite)
+    checkpoint_file(source, "config.json", follow_symlinks=follow_symlinks)
     spec = ModelSpec.load(source)
-    reader = CheckpointReader(source)
+    reader = CheckpointReader(source, follow_symlinks=follow_symlinks)
     reader.validate(spec)
+    sidecars = sidecar_files(source, follow_symlinks=follow_symlinks)
     groups = plan.resolve(spec)
     if not groups:
         raise ExportError(f"{source}: the plan has no groups: nothing to fuse, nothing written")
@@ -202,7 +208,7 @@ def fuse_checkpoint(source: str | Path, plan: FusionPlan, out: str | Path, *, no
                 bar.update(writer.write_rows(ref.hf_name, row, chunk))
         bar.close()
         writer.close()
-        copy_sidecars(source, tmp)
+        copy_sidecars(source, tmp, names=sidecars)
         write_fused_card(tmp, source, spec, new_spec, groups, norm.value)
         write_config(tmp, new_spec.to_hf_config())
         mapping = layer_map(spec, sources)

@@ -15,33 +15,45 @@ import torch
 from safetensors import safe_open
 
 from export.errors import CheckpointError
-from export.io.safetensors_format import TensorInfo, read_header, torch_dtype
+from export.io.paths import checkpoint_file, default_follow_symlinks
+from export.io.safetensors_format import TensorInfo, json_kind, read_header, torch_dtype
 from export.sharding import Shard, take
 from export.spec import ModelSpec
 from export.tensors import HF_IGNORED_SUFFIXES, HF_NAMES, Role, TensorRef, model_tensors
 
 INDEX = "model.safetensors.index.json"
+CONFIG = "config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 class CheckpointReader:
-    """A directory of `*.safetensors` (one file, or shards named by an index)."""
+    """A directory of `*.safetensors` (one file, or shards named by an index).
 
-    def __init__(self, path: str | Path) -> None:
+    Every file it opens is checked by `export.io.paths` (inside the checkpoint, symlinks only into
+    it or the hub cache's blobs unless `follow_symlinks`) and every header by `read_header`.
+    """
+
+    def __init__(self, path: str | Path, *, follow_symlinks: bool | None = None) -> None:
         self.path = Path(path)
+        self.follow_symlinks = default_follow_symlinks() if follow_symlinks is None else follow_symlinks
         if self.path.is_file() and self.path.suffix in PICKLE_SUFFIXES:
             raise CheckpointError(_pickle_msg([self.path.name]), self.path)
         if not self.path.is_dir():
             raise CheckpointError("checkpoint directory does not exist", self.path)
+        self._file(CONFIG)  # read by ModelSpec, not here, but the checkpoint's boundary is checked in one place
+        self._layout: dict[str, tuple[int, int]] = {}  # file -> (data_start, file size) as validated
         self._files, self._infos, self._where = self._index()
         self._handles: dict[str, Any] = {}
 
     # ---- discovery -------------------------------------------------------------------
+    def _file(self, fname: str) -> Path:
+        return checkpoint_file(self.path, fname, follow_symlinks=self.follow_symlinks)
+
     def _index(self) -> tuple[list[str], dict[str, TensorInfo], dict[str, str]]:
-        index = self.path / INDEX
+        index = self._file(INDEX)
         problems: list[str] = []
         if index.is_file():
-            weight_map: dict[str, str] = json.loads(index.read_text()).get("weight_map", {})
+            weight_map = read_index(index)
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in self.path.glob("*.safetensors"))
@@ -53,15 +65,20 @@ class CheckpointReader:
         infos: dict[str, TensorInfo] = {}
         where: dict[str, str] = {}
         for fname in files:
-            fpath = self.path / fname
+            try:
+                fpath = self._file(fname)
+            except CheckpointError as e:
+                problems += e.problems
+                continue
             if not fpath.is_file():
                 problems.append(f"index names file {fname}, which does not exist")
                 continue
             try:
-                file_infos, _, _ = read_header(fpath)
+                file_infos, _, data_start = read_header(fpath)
             except CheckpointError as e:
                 problems += [f"{fname}: {p}" for p in e.problems]
                 continue
+            self._layout[fname] = (data_start, fpath.stat().st_size)
             for name, info in file_infos.items():
                 if weight_map and weight_map.get(name) != fname:
                     problems.append(f"tensor {name} is in {fname} but the index does not say so")
@@ -69,7 +86,7 @@ class CheckpointReader:
                     problems.append(f"tensor {name} is in both {where[name]} and {fname}")
                 infos[name], where[name] = info, fname
         for name, fname in weight_map.items():
-            if name not in where and (self.path / fname).is_file():
+            if name not in where and fname in self._layout:
                 problems.append(f"index places tensor {name} in {fname}, which does not hold it")
         if problems:
             raise CheckpointError(problems, self.path)
@@ -87,12 +104,21 @@ class CheckpointReader:
     def file_of(self, name: str) -> str:
         return self._where[name]
 
+    def file_path(self, fname: str) -> Path:
+        """The checked path of one of the checkpoint's weight files."""
+        return self._file(fname)
+
+    def data_layout(self, fname: str) -> tuple[int, int]:
+        """(data_start, file size) of a weight file, from its validated header: readers that `pread`
+        by offset use these instead of parsing the header a second time."""
+        return self._layout[fname]
+
     def total_bytes(self) -> int:
         return sum(i.nbytes for i in self._infos.values())
 
     def _handle(self, fname: str) -> Any:
         if fname not in self._handles:
-            self._handles[fname] = safe_open(str(self.path / fname), framework="pt")
+            self._handles[fname] = safe_open(str(self._file(fname)), framework="pt")
         return self._handles[fname]
 
     def get(self, name: str) -> torch.Tensor:
@@ -143,6 +169,24 @@ class CheckpointReader:
         if problems:
             raise CheckpointError(problems, self.path)
         return refs
+
+
+def read_index(path: Path) -> dict[str, str]:
+    """`weight_map` of a model.safetensors.index.json: an object of tensor name -> file name."""
+    try:
+        index = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"not valid JSON ({' '.join(str(e).split())})", path) from None
+    if not isinstance(index, dict):
+        raise CheckpointError(f"is a JSON {json_kind(index)}, not an object with a weight_map", path)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
+        what = "missing" if "weight_map" not in index else f"a JSON {json_kind(weight_map)}"
+        raise CheckpointError(f"weight_map is {what}, not an object of tensor name -> file name", path)
+    for name, fname in weight_map.items():
+        if not isinstance(fname, str) or not fname:
+            raise CheckpointError(f"weight_map[{name!r}] is {fname!r}, not a file name", path)
+    return weight_map
 
 
 def _where(ref: TensorRef) -> str:

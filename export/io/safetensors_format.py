@@ -23,9 +23,16 @@ ST_DTYPES: dict[str, torch.dtype] = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+# Names safetensors writes for dtypes only newer torch builds have (FP8 checkpoints, unsigned ints):
+# accepted where this torch can hold them, refused by name (not a crash) where it cannot.
+_OPTIONAL_DTYPES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E4M3FNUZ": "float8_e4m3fnuz",
+                    "F8_E5M2FNUZ": "float8_e5m2fnuz", "U16": "uint16", "U32": "uint32", "U64": "uint64"}
+ST_DTYPES.update({k: getattr(torch, v) for k, v in _OPTIONAL_DTYPES.items() if hasattr(torch, v)})
 TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MAX_HEADER = 100 * 1024 * 1024
+MAX_HEADER = 100_000_000  # safetensors' own limit (MAX_HEADER_SIZE)
+USIZE_MAX = 2**64 - 1  # shapes and offsets are u64 in the format; bigger JSON integers are not valid
+METADATA = "__metadata__"
 
 
 @dataclass(frozen=True)
@@ -46,7 +53,12 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
-    """(tensors, metadata, data_start), checking the file holds every byte the header promises."""
+    """(tensors, metadata, data_start) of a safetensors file whose header passed `validate_header`.
+
+    This is the one place a header is trusted: every reader (the checkpoint reader, convert's
+    `pread` path, the TRT-LLM rank files) goes through it, so a file the `safetensors` library
+    would refuse, or one whose offsets point two tensors at the same bytes, never reaches a copy.
+    """
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -55,27 +67,160 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]
         (n,) = struct.unpack("<Q", raw)
         if n > MAX_HEADER or 8 + n > size:
             raise CheckpointError(f"file is truncated or not safetensors (header of {n} bytes)", path)
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"header is not valid JSON ({e})", path) from None
-    metadata = header.pop("__metadata__", None) or {}
+        blob = f.read(n)
+    infos, metadata = validate_header(blob, size - 8 - n, path)
+    return infos, metadata, 8 + n
+
+
+def validate_header(blob: bytes, data_len: int, path: object = None) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Check a header against the safetensors format rules; (tensors, metadata) or CheckpointError.
+
+    The rules are the library's own (`Metadata::validate` in safetensors' tensor.rs): a JSON object
+    in UTF-8; `__metadata__` a str -> str object; every other entry a known dtype, a shape of
+    non-negative ints and two ordered data_offsets spanning exactly numel x itemsize bytes; and the
+    entries, sorted by offset, tiling the data section from 0 to its last byte, with no overlap,
+    gap or trailing bytes. Duplicate keys are refused too: two parsers could keep different copies.
+    """
+    header = _parse_json(blob, path)
+    metadata = _metadata(header.pop(METADATA, None), path)
     infos: dict[str, TensorInfo] = {}
     problems: list[str] = []
-    data_len = size - 8 - n
-    for name, h in header.items():
-        dt = ST_DTYPES.get(h.get("dtype"))
-        if dt is None:
-            problems.append(f"tensor {name}: unsupported dtype {h.get('dtype')!r}")
-            continue
-        begin, end = h["data_offsets"]
-        if end > data_len:
-            problems.append(f"tensor {name}: data ends at byte {end} but the file holds {data_len} "
-                            f"(file is truncated)")
-        infos[name] = TensorInfo(name, dt, tuple(h["shape"]), begin, end)
+    for name, entry in header.items():
+        try:
+            infos[name] = _entry(name, entry)
+        except ValueError as e:
+            problems.append(f"tensor {name}: {e}")
+    if not problems:
+        problems = _tiling(infos, data_len)
     if problems:
         raise CheckpointError(problems, path)
-    return infos, metadata, 8 + n
+    return infos, metadata
+
+
+class _Duplicate(ValueError):
+    """A key given twice: json keeps the last, another parser may keep the first."""
+
+
+def _object(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """json's object hook, refusing duplicate keys instead of silently keeping the last."""
+    out: dict[str, object] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _Duplicate(f"key {k!r} appears twice")
+        out[k] = v
+    return out
+
+
+def _no_constant(name: str) -> object:
+    """NaN / Infinity: Python's json reads them, JSON (and the library) does not."""
+    raise ValueError(f"{name} is not JSON")
+
+
+def _parse_json(blob: bytes, path: object) -> dict[str, object]:
+    """The header as a dict; strict JSON (no NaN, no duplicate keys), strict UTF-8 (no lone surrogates)."""
+    try:
+        header = json.loads(blob.decode("utf-8"), object_pairs_hook=_object, parse_constant=_no_constant)
+    except _Duplicate as e:
+        raise CheckpointError(f"header is ambiguous: {e}", path) from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"header is not valid JSON ({e})", path) from None
+    except RecursionError:
+        raise CheckpointError("header is nested too deeply to be a safetensors header", path) from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"header is a JSON {json_kind(header)}, not an object of tensors", path)
+    bad = next((k for k in header if not _utf8(k)), None)
+    if bad is not None:
+        raise CheckpointError(f"header key {bad!r} is not valid UTF-8", path)
+    return header
+
+
+def _metadata(value: object, path: object) -> dict[str, str]:
+    """`__metadata__`: absent or null (as the library allows), else an object of str -> str."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{METADATA} is a JSON {json_kind(value)}, not an object of strings", path)
+    for k, v in value.items():
+        if not _utf8(k):
+            raise CheckpointError(f"{METADATA} key {k!r} is not valid UTF-8", path)
+        if not isinstance(v, str) or not _utf8(v):
+            raise CheckpointError(f"{METADATA}[{k!r}] is {json_kind(v)} {v!r:.40}, not a string", path)
+    return value  # type: ignore[return-value]
+
+
+def _entry(name: str, entry: object) -> TensorInfo:
+    """One tensor's entry; ValueError says which field is wrong."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"entry is a JSON {json_kind(entry)}, not an object with dtype, shape and data_offsets")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
+    if missing:
+        raise ValueError(f"entry has no {' / '.join(missing)}")
+    dtype = entry["dtype"]
+    if not isinstance(dtype, str) or dtype not in ST_DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r} (known: {', '.join(ST_DTYPES)})")
+    shape = _uints(entry["shape"], "shape")
+    offsets = _uints(entry["data_offsets"], "data_offsets")
+    if len(offsets) != 2:
+        raise ValueError(f"data_offsets {entry['data_offsets']!r} must be exactly [begin, end]")
+    begin, end = offsets
+    if end < begin:
+        raise ValueError(f"data_offsets [{begin}, {end}] end before they begin")
+    nbytes = _numel(shape) * ST_DTYPES[dtype].itemsize
+    if end - begin != nbytes:
+        raise ValueError(f"data_offsets [{begin}, {end}] span {end - begin} bytes but shape {list(shape)} "
+                         f"of {dtype} needs {nbytes}")
+    return TensorInfo(name, ST_DTYPES[dtype], shape, begin, end)
+
+
+def _uints(value: object, field: str) -> tuple[int, ...]:
+    """A JSON list of non-negative integers below 2**64 (bool is not an int here)."""
+    if not isinstance(value, list):
+        raise ValueError(f"{field} is {json_kind(value)} {value!r:.40}, not a list of integers")
+    for v in value:
+        if type(v) is not int or not 0 <= v <= USIZE_MAX:
+            raise ValueError(f"{field} {value!r:.60} holds {v!r}, not a non-negative integer")
+    if field == "shape":
+        _numel(tuple(value))
+    return tuple(value)
+
+
+def _tiling(infos: dict[str, TensorInfo], data_len: int) -> list[str]:
+    """Sorted by offsets, each tensor must start where the previous ended, and the last end the file.
+
+    Otherwise two tensors share bytes (one silently takes another's weights), or bytes belong to no
+    tensor. The library refuses both; so do we, naming the tensors involved.
+    """
+    pos, prev = 0, None
+    for info in sorted(infos.values(), key=lambda i: (i.begin, i.end)):
+        if info.begin < pos:
+            return [f"tensor {info.name}: data_offsets [{info.begin}, {info.end}] overlap tensor {prev.name} "
+                    f"[{prev.begin}, {prev.end}]"]  # type: ignore[union-attr]
+        if info.begin > pos:
+            return [f"tensor {info.name}: data_offsets [{info.begin}, {info.end}] leave bytes [{pos}, "
+                    f"{info.begin}) of the data section in no tensor"]
+        if info.end > data_len:
+            return [f"tensor {info.name}: data ends at byte {info.end} but the file holds {data_len} "
+                    f"(file is truncated)"]
+        pos, prev = info.end, info
+    if pos != data_len:
+        return [f"{data_len - pos} bytes after the last tensor's data (bytes [{pos}, {data_len})) "
+                f"belong to no tensor"]
+    return []
+
+
+def json_kind(value: object) -> str:
+    """How a JSON value reads in a message: object, list, string, null, ..."""
+    return {dict: "object", list: "list", str: "string", bool: "boolean", int: "integer",
+            float: "number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _utf8(text: str) -> bool:
+    """JSON's \\ud800 escapes give Python strings that are not UTF-8; the library refuses them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class SafetensorsWriter:
@@ -159,7 +304,10 @@ class SafetensorsWriter:
 
 
 def _numel(shape: tuple[int, ...]) -> int:
+    """Product of the dims; ValueError where a partial product leaves u64, as the library checks."""
     n = 1
     for d in shape:
         n *= d
+        if n > USIZE_MAX:
+            raise ValueError(f"shape {list(shape)} has more elements than a u64 holds")
     return n

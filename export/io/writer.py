@@ -8,12 +8,16 @@ Use inside `atomic_output_dir` so an interrupted run leaves nothing behind.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import torch
 
+from export.errors import CheckpointError
+from export.io.paths import checkpoint_file
 from export.io.safetensors_format import SafetensorsWriter
+from export.io.tokenizer_file import TOKENIZER_JSON, check_tokenizer_json
 
 INDEX = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -75,22 +79,49 @@ class HFCheckpointWriter:
             (self.directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def copy_sidecars(src: Path, dst: Path) -> list[str]:
-    """Copy what sits beside the weights (tokenizer, generation config, remote code, cards).
+def sidecar_files(src: Path, *, follow_symlinks: bool | None = None) -> list[str]:
+    """What `copy_sidecars` copies (tokenizer, generation config, remote code, cards), checked first.
 
-    config.json and weight files are not copied: the caller writes its own.
+    config.json and weight files are not copied: the caller writes its own. Each name is a regular
+    file inside the checkpoint (`export.io.paths`); real subdirectories are walked, but a symlinked
+    directory is refused rather than copied recursively (it may lead anywhere, or loop), and a
+    tokenizer.json must load. Call it before the output exists, so a bad side file writes nothing.
     """
-    copied = []
-    for p in sorted(Path(src).iterdir()):
+    src = Path(src)
+    names: list[str] = []
+    for p in sorted(src.iterdir()):
         if p.name in REWRITTEN or p.suffix in WEIGHT_SUFFIXES or p.name.startswith("."):
             continue
-        target = Path(dst) / p.name
-        if p.is_dir():
-            shutil.copytree(p, target)
-        else:
-            shutil.copy2(p, target)
-        copied.append(p.name)
-    return copied
+        _collect(src, p.name, follow_symlinks, names)
+    if TOKENIZER_JSON in names:
+        check_tokenizer_json(src / TOKENIZER_JSON)
+    return names
+
+
+def _collect(src: Path, rel: str, follow_symlinks: bool | None, names: list[str]) -> None:
+    path = checkpoint_file(src, rel, follow_symlinks=follow_symlinks)
+    if path.is_symlink() and path.is_dir():
+        raise CheckpointError(f"{rel} is a symlink to a directory ({os.readlink(path)}); side files are "
+                              f"copied as files, never as a linked tree", src)
+    if path.is_dir():
+        for child in sorted(path.iterdir()):
+            if not child.name.startswith("."):
+                _collect(src, f"{rel}/{child.name}", follow_symlinks, names)
+    elif path.is_file():
+        names.append(rel)
+    else:
+        raise CheckpointError(f"{rel} is not a regular file", src)
+
+
+def copy_sidecars(src: Path, dst: Path, *, names: list[str] | None = None,
+                  follow_symlinks: bool | None = None) -> list[str]:
+    """Copy the side files (`names` from `sidecar_files`, or found now) as plain files into `dst`."""
+    names = sidecar_files(src, follow_symlinks=follow_symlinks) if names is None else names
+    for rel in names:
+        target = Path(dst) / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(Path(src) / rel, target)  # a link's content, never the link
+    return names
 
 
 def write_config(directory: Path, config: dict) -> None:

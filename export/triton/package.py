@@ -16,6 +16,7 @@ from typing import Any
 
 from export.errors import ExportError
 from export.io.output import check_output, output_dir, tree_bytes
+from export.io.tokenizer_file import TOKENIZER_JSON, check_tokenizer_json
 from export.triton.binary import EXPORT_ROOT
 from export.triton.render import fill, parse_model_config, pbtxt_bool
 from export.triton.server import DEPLOY_FILE
@@ -160,6 +161,8 @@ def render_repo(settings: RepoSettings, out: Path, templates: Path = TEMPLATES, 
     if settings.tokenizer_dir is None or not Path(settings.tokenizer_dir).is_dir():
         raise ExportError(f"package: the engine has no tokenizer directory ({settings.tokenizer_dir}); "
                           f"pre/postprocessing need the tokenizer files")
+    if (Path(settings.tokenizer_dir) / TOKENIZER_JSON).is_file():  # else it fails only when served
+        check_tokenizer_json(Path(settings.tokenizer_dir) / TOKENIZER_JSON)
     configs = {name: render_model(name, settings, templates) for name in MODELS}
     planned = sum(tree_bytes(templates / name) for name in MODELS)
     with output_dir(out, inputs=inputs, overwrite=overwrite, planned_bytes=planned) as tmp:

@@ -27,8 +27,10 @@ import torch
 
 from export.errors import CheckpointError, ExportError
 from export.io.output import check_output, output_dir
+from export.io.paths import check_tree, checkpoint_file
 from export.io.reader import CheckpointReader
-from export.io.safetensors_format import SafetensorsWriter, read_header, torch_dtype
+from export.io.safetensors_format import SafetensorsWriter, torch_dtype
+from export.io.tokenizer_file import TOKENIZER_JSON, check_tokenizer_json
 from export.layout import require_layout
 from export.manifest import DEFAULT_BUILD, Manifest, tree_sha256
 from export.mapping import Mapping
@@ -58,39 +60,59 @@ class ConvertResult:
     seconds: float
 
 
-def prepare(source: Path, tp: int, pp: int, dtype: str | None) -> tuple[ModelSpec, Mapping, str, CheckpointReader,
-                                                                      list[RankPlan]]:
-    """Everything that can refuse the job, before any output exists."""
+@dataclass(frozen=True)
+class Prepared:
+    """What `prepare` checked and `convert` writes from."""
+
+    spec: ModelSpec
+    mapping: Mapping
+    dtype: str
+    reader: CheckpointReader
+    plans: list[RankPlan]
+    tokenizer: list[str]  # tokenizer files to copy (empty: the source has none)
+
+
+def prepare(source: Path, tp: int, pp: int, dtype: str | None, *, follow_symlinks: bool | None = None) -> Prepared:
+    """Everything that can refuse the job, before any output exists: the config, every weight file's
+    header, the files the source names (inside it), and the tokenizer that will be copied."""
+    check_tree(source, follow_symlinks=follow_symlinks)  # config.json included; the manifest hashes every file
     spec = ModelSpec.load(source)
     mapping = Mapping(tp, pp)
     require_layout(spec, mapping, trtllm=True)
-    reader = CheckpointReader(source)
+    reader = CheckpointReader(source, follow_symlinks=follow_symlinks)
     reader.validate(spec)
     plans = plan_checkpoint(spec, mapping)
     problems = check_complete(spec, mapping, plans)
     if problems:  # a bug in the tables, not in the input
         raise AssertionError("incomplete TRT-LLM plan:\n  - " + "\n  - ".join(problems))
-    return spec, mapping, normalize_dtype(dtype or spec.dtype), reader, plans
+    tokenizer = tokenizer_files(source, follow_symlinks=follow_symlinks)
+    return Prepared(spec, mapping, normalize_dtype(dtype or spec.dtype), reader, plans, tokenizer)
 
 
 def convert(source: Path, out: Path, *, tp: int, pp: int = 1, dtype: str | None = None,
-            progress: bool = True, window_bytes: int = WINDOW_BYTES, overwrite: bool = False) -> ConvertResult:
+            progress: bool = True, window_bytes: int = WINDOW_BYTES, overwrite: bool = False,
+            follow_symlinks: bool | None = None) -> ConvertResult:
     """Write `out/` = checkpoint/ (config.json + rank{r}.safetensors), tokenizer/, manifest.json.
 
-    `out` must be new, or a previous output replaced with `overwrite` (`export.io.output`)."""
+    `out` must be new, or a previous output replaced with `overwrite` (`export.io.output`).
+    `follow_symlinks` lets links in the source lead outside it (default: only into it, or into the
+    hub cache's blobs/; see `export.io.paths`).
+    """
     source = Path(source)
     check_output(out, inputs=[source], overwrite=overwrite)
-    spec, mapping, dtype, reader, plans = prepare(source, tp, pp, dtype)
+    job = prepare(source, tp, pp, dtype, follow_symlinks=follow_symlinks)
+    spec, mapping, dtype, reader, plans = job.spec, job.mapping, job.dtype, job.reader, job.plans
+    plan_record = _fusion_plan(source, follow_symlinks)
     start = time.perf_counter()
-    planned = sum(p.nbytes(dtype) for p in plans) + _tokenizer_bytes(source)
+    planned = sum(p.nbytes(dtype) for p in plans) + sum((source / f).stat().st_size for f in job.tokenizer)
     with output_dir(out, inputs=[source], overwrite=overwrite, planned_bytes=planned) as tmp:
         ckpt = tmp / "checkpoint"
         ckpt.mkdir()
         written, digests = write_rank_files(reader, plans, ckpt, dtype, progress, window_bytes)
         write_trtllm_config(ckpt, spec, mapping, dtype)
-        tokenizer = copy_tokenizer(source, tmp / "tokenizer")
+        tokenizer = copy_tokenizer(source, tmp / "tokenizer", names=job.tokenizer)
         manifest = Manifest(source_path=str(source.resolve()), source_sha256=tree_sha256(source, digests),
-                            fusion_plan=_fusion_plan(source), tp=tp, pp=pp, dtype=dtype, tokenizer=tokenizer,
+                            fusion_plan=plan_record, tp=tp, pp=pp, dtype=dtype, tokenizer=tokenizer,
                             engines={"cpu": {"path": "checkpoint", "verified": False}}, build=default_build(spec))
         manifest.save(tmp)
     seconds = time.perf_counter() - start
@@ -98,10 +120,6 @@ def convert(source: Path, out: Path, *, tp: int, pp: int = 1, dtype: str | None 
     log.info("converted %s -> %s: %d ranks, %.3f GB read, %.3f GB written in %.2f s (%.0f MB/s read)",
              source, out, mapping.world_size, read / 1e9, written / 1e9, seconds, read / 1e6 / seconds)
     return ConvertResult(Path(out), manifest, read, written, seconds)
-
-
-def _tokenizer_bytes(source: Path) -> int:
-    return sum((source / f).stat().st_size for f in TOKENIZER_FILES if (source / f).is_file())
 
 
 def default_build(spec: ModelSpec) -> dict[str, int]:
@@ -225,10 +243,16 @@ class RawTensors:
         return self._buffers[self._turn][:nbytes]
 
     def _file(self, fname: str) -> tuple[int, int]:
+        """(fd, data_start) of a weight file, by the reader's validated header (offsets are trusted
+        only because `read_header` checked they tile the file; the file must not have changed since)."""
         if fname not in self._files:
-            path = self.reader.path / fname
-            _, _, data_start = read_header(path)
+            path = self.reader.file_path(fname)
+            data_start, size = self.reader.data_layout(fname)
             fd = os.open(path, os.O_RDONLY)
+            if os.fstat(fd).st_size != size:
+                os.close(fd)
+                raise CheckpointError(f"changed since its header was checked ({size} bytes then, "
+                                      f"{path.stat().st_size} now)", path)
             self._files[fname] = (fd, data_start)
             self._hash[fname] = (hashlib.sha256(os.pread(fd, data_start, 0)), 0)
         return self._files[fname]
@@ -290,23 +314,36 @@ def _close_quietly(w: SafetensorsWriter) -> None:
         w.close()
 
 
-def copy_tokenizer(source: Path, dst: Path) -> str | None:
-    """Copy the source's tokenizer files; None (nothing created) when it has no tokenizer."""
-    if not any((source / f).is_file() for f in TOKENIZER_CORE):
+def tokenizer_files(source: Path, *, follow_symlinks: bool | None = None) -> list[str]:
+    """The tokenizer files `copy_tokenizer` will copy, each inside the source, and tokenizer.json
+    loadable: checked here so a broken one fails `convert`, not the server that later loads it."""
+    names = [f for f in TOKENIZER_FILES if checkpoint_file(source, f, follow_symlinks=follow_symlinks).is_file()]
+    if not any(f in names for f in TOKENIZER_CORE):
+        return []
+    if TOKENIZER_JSON in names:
+        check_tokenizer_json(source / TOKENIZER_JSON)
+    return names
+
+
+def copy_tokenizer(source: Path, dst: Path, *, names: list[str] | None = None,
+                   follow_symlinks: bool | None = None) -> str | None:
+    """Copy the source's tokenizer files (`names` from `tokenizer_files`, or found now) as plain
+    files; None (nothing created) when it has no tokenizer."""
+    names = tokenizer_files(source, follow_symlinks=follow_symlinks) if names is None else names
+    if not names:
         log.warning("%s has no tokenizer (%s); serving will need one", source, " / ".join(TOKENIZER_CORE))
         return None
     dst.mkdir()
-    for f in TOKENIZER_FILES:
-        if (source / f).is_file():
-            shutil.copy2(source / f, dst / f)
+    for f in names:
+        shutil.copy2(source / f, dst / f)  # a link's content, never the link
     return dst.name
 
 
-def _fusion_plan(source: Path) -> dict | None:
-    p = source / FUSION_PLAN
+def _fusion_plan(source: Path, follow_symlinks: bool | None) -> dict | None:
+    p = checkpoint_file(source, FUSION_PLAN, follow_symlinks=follow_symlinks)
     if not p.is_file():
         return None
     try:
         return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
+    except (ValueError, UnicodeDecodeError) as e:
         raise ExportError(f"{p}: not valid JSON ({e})") from None
