@@ -9,7 +9,7 @@ the first shard and its first tensor; `commands` says which commands must refuse
 
 Every (case, command) pair runs in-process through `export.cli.main` (the function `python -m export`
 calls), which keeps the module fast; `test_real_cli_in_subprocess` runs a few rows through the real
-interpreter, and the `slow` test runs every row that way.
+interpreter.
 """
 
 from __future__ import annotations
@@ -261,9 +261,38 @@ CASES = [
     Case("symlink loop in a subdirectory", link_loop, "sub/loop is a symlink to a directory", ("fuse",)),
     Case("file symlink loop", file_loop, "notes.md is a symlink that cannot be resolved", COPYING),
     # the tokenizer is checked where it is copied
-    Case("tokenizer not JSON", tokenizer_text("{bad"), "tokenizer.json: not valid JSON", COPYING),
+    Case("tokenizer not JSON", tokenizer_text("{bad"), "tokenizer.json: not valid JSON"),
     Case("tokenizer not a tokenizer", tokenizer_text('{"model": 3}'),
-         "tokenizer.json: the tokenizers library cannot load it", COPYING),
+         "tokenizer.json: the tokenizers library cannot load it"),
+]
+
+
+def edit_config(fn: Callable[[dict], object]) -> Callable[[Path], None]:
+    def corrupt(ckpt: Path) -> None:
+        cfg = json.loads((ckpt / "config.json").read_text())
+        fn(cfg)
+        (ckpt / "config.json").write_text(json.dumps(cfg))
+    return corrupt
+
+
+def config_field(key: str, value: object) -> Callable[[Path], None]:
+    return edit_config(lambda c: c.update({key: value}))
+
+
+WITH_INSPECT = (*ALL, "inspect")
+# one config validator (ModelSpec parsing): every field typed strictly, named in the one error line
+CASES += [
+    Case("config not UTF-8", lambda c: (c / "config.json").write_bytes(b'{"hidden_size": "\xff"}'),
+         "config.json: not UTF-8", WITH_INSPECT),
+    Case("config a JSON list", lambda c: (c / "config.json").write_text("[1]"), "config.json: must hold a JSON object",
+         WITH_INSPECT),
+    Case("block attention an int", edit_config(lambda c: c["block_configs"][1].update(attention=3)),
+         "layer 1: field 'attention' = 3: must be an object", WITH_INSPECT),
+    *[Case(f"config {key} = {value!r}", config_field(key, value), f"field '{key}' = {value!r}", WITH_INSPECT)
+      for key, value in [("hidden_size", -32), ("num_attention_heads", 0), ("vocab_size", 0), ("head_dim", "8"),
+                         ("num_hidden_layers", "4"), ("rope_theta", -1), ("rope_theta", "1e4"),
+                         ("rms_norm_eps", -1), ("max_position_embeddings", -1), ("tie_word_embeddings", "false"),
+                         ("rope_scaling", "llama3"), ("attention_bias", True)]],
 ]
 
 
@@ -300,6 +329,8 @@ def argv(command: str, ckpt: Path, out: Path) -> list[str]:
         return ["fuse", str(ckpt), "--plan", str(plan), "--out", str(out)]
     if command == "generate":
         return ["generate", str(ckpt), "a b", "--max-tokens", "1"]
+    if command == "inspect":
+        return ["inspect", str(ckpt), "--tp", "2"]
     raise AssertionError(command)
 
 
@@ -337,7 +368,7 @@ def test_refused(case, command, base, tmp_path, capsys):
     check_refused(rc, capsys.readouterr().err, expect, tmp_path / "case", before, out)
 
 
-SUBPROCESS_ROWS = ("overlapping offsets", "header a list", "index names ../", "tokenizer not JSON")
+SUBPROCESS_ROWS = ("overlapping offsets", "header a list", "index names ../", "tokenizer not JSON", "config a JSON list")
 
 
 def run_cli(args: list[str]) -> subprocess.CompletedProcess:
@@ -359,15 +390,6 @@ def _subprocess_check(case: Case, command: str, base: Path, tmp_path: Path) -> N
                                                 and p.values[1] == "convert"]
                          + [p for p in PAIRS if p.values[0].name == "header a list" and p.values[1] == "fuse"])
 def test_real_cli_in_subprocess(case, command, base, tmp_path):
-    _subprocess_check(case, command, base, tmp_path)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(("case", "command"), PAIRS)
-def test_every_case_in_subprocess(case, command, base, tmp_path, request):
-    """Every row through the real interpreter (~2 s each): only when asked for, with `-m slow`."""
-    if "slow" not in (request.config.getoption("markexpr") or "").replace("not slow", ""):
-        pytest.skip("a subprocess per row: run with -m slow")
     _subprocess_check(case, command, base, tmp_path)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from export.errors import ExportError
+from export.io.tokenizer_file import TOKENIZER_JSON, check_tokenizer_json
 from export.runtime.sampling import SamplingParams
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -30,6 +31,8 @@ def load_tokenizer(ckpt: Path, tokenizer: Path | None = None) -> Any:
     dirs = [Path(tokenizer)] if tokenizer else tokenizer_dirs(ckpt)
     for d in dirs:
         if any((d / f).is_file() for f in TOKENIZER_FILES):
+            if (d / TOKENIZER_JSON).is_file():  # a broken one is one clear line, not a traceback
+                check_tokenizer_json(d / TOKENIZER_JSON)
             try:
                 with warnings.catch_warnings():  # it reads config.json only to pick a class; a legacy
                     # `rope_scaling` key there draws transformers 5's deprecation warning on every run

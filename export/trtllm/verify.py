@@ -67,10 +67,11 @@ def _same_model(a: ModelSpec, b: ModelSpec) -> list[str]:
 def verify(engine_dir: Path, against: Path, *, tol: float = 1e-4, threads: int = 1) -> VerifyResult:
     """Compare logits, record the outcome in the manifest (`engines.cpu`), return it."""
     from export.runtime.engine import Engine
+    from export.runtime.sources import open_source
 
     engine_dir, against = Path(engine_dir), Path(against)
     manifest = Manifest.load(engine_dir)
-    source_spec = ModelSpec.load(against)
+    source_spec = open_source(against)[0]  # the reference's config and weight headers, checked before any run
     start = time.perf_counter()
     with Engine.start(engine_dir / manifest.checkpoint, dtype="float32", threads=threads) as eng:
         differs = _same_model(eng.spec, source_spec)
