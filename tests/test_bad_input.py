@@ -35,7 +35,8 @@ from tests.conftest import ROPE, ffn_only, full, write_tokenizer
 REPO = Path(__file__).resolve().parents[1]
 INDEX = "model.safetensors.index.json"
 SHARD = "model-00001-of-00002.safetensors"
-ALL = ("convert", "fuse", "generate")  # the commands that read a source checkpoint's weights
+ALL = ("convert", "fuse", "generate", "analyze", "verify")  # the commands that read a source checkpoint's weights
+WITH_TOKENIZER = ("convert", "fuse", "generate", "analyze")  # ...and its tokenizer (verify compares logits only)
 COPYING = ("convert", "fuse")  # the commands that copy its tokenizer / side files
 
 
@@ -261,9 +262,9 @@ CASES = [
     Case("symlink loop in a subdirectory", link_loop, "sub/loop is a symlink to a directory", ("fuse",)),
     Case("file symlink loop", file_loop, "notes.md is a symlink that cannot be resolved", COPYING),
     # the tokenizer is checked where it is copied
-    Case("tokenizer not JSON", tokenizer_text("{bad"), "tokenizer.json: not valid JSON"),
+    Case("tokenizer not JSON", tokenizer_text("{bad"), "tokenizer.json: not valid JSON", WITH_TOKENIZER),
     Case("tokenizer not a tokenizer", tokenizer_text('{"model": 3}'),
-         "tokenizer.json: the tokenizers library cannot load it"),
+         "tokenizer.json: the tokenizers library cannot load it", WITH_TOKENIZER),
 ]
 
 
@@ -309,6 +310,14 @@ def base(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def engine(base, tmp_path_factory) -> Path:
+    """A valid engine converted from `base`: `verify` checks each corrupted source against it."""
+    out = tmp_path_factory.mktemp("engine") / "e"
+    assert main(["convert", str(base), "--tp", "1", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
 def snapshot(root: Path) -> dict[str, bytes | str]:
     """Every entry under the case directory, links as their targets (not followed)."""
     out: dict[str, bytes | str] = {}
@@ -320,7 +329,7 @@ def snapshot(root: Path) -> dict[str, bytes | str]:
     return out
 
 
-def argv(command: str, ckpt: Path, out: Path) -> list[str]:
+def argv(command: str, ckpt: Path, out: Path, engine: Path | None = None) -> list[str]:
     if command == "convert":
         return ["convert", str(ckpt), "--tp", "1", "--out", str(out), "--no-progress"]
     if command == "fuse":
@@ -331,6 +340,12 @@ def argv(command: str, ckpt: Path, out: Path) -> list[str]:
         return ["generate", str(ckpt), "a b", "--max-tokens", "1"]
     if command == "inspect":
         return ["inspect", str(ckpt), "--tp", "2"]
+    if command == "analyze":
+        text = ckpt.parent / "calib.txt"
+        text.write_text("a b " * 200)
+        return ["analyze", str(ckpt), "--calib", str(text), "--tokens", "64", "--seq-len", "16", "--out", str(out)]
+    if command == "verify":  # a valid engine, checked against the corrupted source
+        return ["verify", str(engine), "--against", str(ckpt)]
     raise AssertionError(command)
 
 
@@ -357,18 +372,19 @@ PAIRS = [pytest.param(c, cmd, id=f"{c.name}-{cmd}") for c in CASES for cmd in c.
 
 
 @pytest.mark.parametrize(("case", "command"), PAIRS)
-def test_refused(case, command, base, tmp_path, capsys):
+def test_refused(case, command, base, engine, tmp_path, capsys):
     ckpt, expect = prepared(case, base, tmp_path / "case")
     out = tmp_path / "out" / "result"
     (tmp_path / "out").mkdir()
-    args = argv(command, ckpt, out)
+    args = argv(command, ckpt, out, engine)
     before = snapshot(tmp_path / "case")
     capsys.readouterr()
     rc = main(args)
     check_refused(rc, capsys.readouterr().err, expect, tmp_path / "case", before, out)
 
 
-SUBPROCESS_ROWS = ("overlapping offsets", "header a list", "index names ../", "tokenizer not JSON", "config a JSON list")
+SUBPROCESS_ROWS = ("overlapping offsets", "header a list", "index names ../", "tokenizer not JSON",
+                   "config a JSON list")
 
 
 def run_cli(args: list[str]) -> subprocess.CompletedProcess:
@@ -376,11 +392,11 @@ def run_cli(args: list[str]) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def _subprocess_check(case: Case, command: str, base: Path, tmp_path: Path) -> None:
+def _subprocess_check(case: Case, command: str, base: Path, engine: Path, tmp_path: Path) -> None:
     ckpt, expect = prepared(case, base, tmp_path / "case")
     out = tmp_path / "out" / "result"
     (tmp_path / "out").mkdir()
-    args = argv(command, ckpt, out)
+    args = argv(command, ckpt, out, engine)
     before = snapshot(tmp_path / "case")
     r = run_cli(args)
     check_refused(r.returncode, r.stderr, expect, tmp_path / "case", before, out)
@@ -389,8 +405,8 @@ def _subprocess_check(case: Case, command: str, base: Path, tmp_path: Path) -> N
 @pytest.mark.parametrize(("case", "command"), [p for p in PAIRS if p.values[0].name in SUBPROCESS_ROWS
                                                 and p.values[1] == "convert"]
                          + [p for p in PAIRS if p.values[0].name == "header a list" and p.values[1] == "fuse"])
-def test_real_cli_in_subprocess(case, command, base, tmp_path):
-    _subprocess_check(case, command, base, tmp_path)
+def test_real_cli_in_subprocess(case, command, base, engine, tmp_path):
+    _subprocess_check(case, command, base, engine, tmp_path)
 
 
 # ---- what must keep working ---------------------------------------------------------------------

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from export.errors import ExportError
+from export.io.tokenizer_file import check_tokenizer_json
 from export.mapping import Mapping
 from export.spec import ModelSpec
 
@@ -50,6 +51,7 @@ def find_tokenizer(*paths: str | Path):
         for p in (Path(base) / "tokenizer.json", Path(base) / "tokenizer" / "tokenizer.json"):
             tried.append(str(p))
             if p.is_file():
+                check_tokenizer_json(p)  # a broken file is one clear line, not a traceback
                 return Tokenizer.from_file(str(p))
     raise ExportError("no tokenizer.json found (looked at " + ", ".join(tried) + "); pass --tokenizer DIR")
 
