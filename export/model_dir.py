@@ -8,6 +8,7 @@ Only config files are read here (no torch), so `inspect` stays fast.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from export.spec import ModelSpec
@@ -30,6 +31,24 @@ def is_trtllm_checkpoint(path: Path) -> bool:
         return "architecture" in json.loads(cfg.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False
+
+
+def hf_checkpoint(path: str | Path) -> Path:
+    """The HF checkpoint a command that rewrites weights (convert, fuse) reads: the path itself, or
+    for an `engines/NAME` directory the HF checkpoint it was converted from (its manifest's
+    `source_path`), so every command takes an engine directory where a checkpoint is expected."""
+    path = Path(path)
+    if not ((path / "manifest.json").is_file() and (path / "checkpoint").is_dir()):
+        return path
+    from export.errors import ExportError
+    from export.manifest import Manifest
+
+    source = Path(Manifest.load(path).source_path)
+    if not (source / "config.json").is_file():
+        raise ExportError(f"{path} is an engine directory; its HF source {source} (manifest.json source_path) "
+                          f"is gone: pass the HF checkpoint itself")
+    print(f"{path} is an engine directory: reading the HF checkpoint it came from, {source}", file=sys.stderr)
+    return source
 
 
 def load_spec(path: str | Path) -> ModelSpec:

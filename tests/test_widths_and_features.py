@@ -76,3 +76,28 @@ def test_inspect_accepts_an_engine_dir(tmp_path):
                                        capture_output=True, text=True).stdout)
     assert rep["parameters"] == direct["parameters"] and rep["layers"] == direct["layers"]
     assert torch.tensor(rep["rank_weight_bytes"]).tolist() == direct["rank_weight_bytes"]
+
+
+def test_convert_fuse_and_plan_take_an_engine_dir(tmp_path):
+    """Where a checkpoint is expected, an engines/NAME directory stands for the HF checkpoint it came from."""
+    from export.trtllm.convert import convert
+    from tests.conftest import write_tokenizer
+
+    spec = ModelSpec(hidden=64, heads=4, head_dim=16, vocab=50,
+                     layers=(full(2, 256), *[ffn_only(256)] * 3, full(2, 256)), dtype="float32")
+    src = write_random_checkpoint(tmp_path / "src", spec, seed=5)
+    write_tokenizer(src)
+    eng = convert(src, tmp_path / "eng", tp=2, progress=False).out
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "export", *map(str, args)], capture_output=True, text=True)
+
+    r = run("plan", eng, "--out", tmp_path / "plan.json")
+    assert r.returncode == 0, r.stderr
+    r = run("fuse", eng, "--plan", tmp_path / "plan.json", "--out", tmp_path / "fused")
+    assert r.returncode == 0 and "reading the HF checkpoint it came from" in r.stderr, r.stderr
+    r = run("convert", eng, "--tp", "1", "--out", tmp_path / "eng1", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "eng1/manifest.json").read_text())["source_path"] == str(src.resolve())
+    r = run("convert", "--dry-run", eng, "--tp", "2", "--summary")
+    assert r.returncode == 0, r.stderr

@@ -33,19 +33,21 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from export.mapping import Mapping
 
     if args.dry_run is not None:
-        from export.spec import ModelSpec
+        from export.model_dir import load_spec
         from export.trtllm.dryrun import dry_run, format_dry_run
 
         config = args.dry_run or args.source
         if not config:
             raise ExportError("--dry-run needs a config.json (or a checkpoint directory)")
-        rep = dry_run(ModelSpec.load(config), Mapping(args.tp, args.pp), args.dtype)
+        rep = dry_run(load_spec(config), Mapping(args.tp, args.pp), args.dtype)
         print(json.dumps(rep, indent=1) if args.json else format_dry_run(rep, tensors=not args.summary))
         return 0 if not rep["problems"] else 1
     if not args.source or not args.out:
         raise ExportError("convert needs a source checkpoint and --out engines/NAME (or --dry-run CONFIG)")
     from export.io.output import check_output
+    from export.model_dir import hf_checkpoint
 
+    args.source = hf_checkpoint(args.source)
     check_output(args.out, inputs=[args.source], overwrite=args.overwrite)  # refuse before torch is even imported
     from export.trtllm.convert import convert
 

@@ -59,9 +59,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     check_output_file(args.out, inputs=[args.ckpt, args.matrix], overwrite=args.overwrite)  # before the imports
     from export.fusion.plan import propose_plan
-    from export.spec import ModelSpec
+    from export.model_dir import load_spec
 
-    spec = ModelSpec.load(args.ckpt)
+    spec = load_spec(args.ckpt)
     matrix = _load_matrix(args.matrix) if args.matrix else None
     plan = propose_plan(spec, _plan_options(args), matrix)
     plan.save(args.out)
@@ -110,7 +110,9 @@ def _fuse_args(p: argparse.ArgumentParser) -> None:
 @with_args(_fuse_args)
 def _cmd_fuse(args: argparse.Namespace) -> int:
     from export.io.output import check_output
+    from export.model_dir import hf_checkpoint
 
+    args.ckpt = hf_checkpoint(args.ckpt)
     check_output(args.out, inputs=[args.ckpt, args.plan], overwrite=args.overwrite)  # before torch is imported
     from export.fusion.fuse import fuse_checkpoint
     from export.fusion.plan import FusionPlan
