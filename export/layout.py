@@ -35,7 +35,7 @@ def check_layout(spec: ModelSpec, mapping: Mapping) -> list[str]:
     """What every target needs (the cpu engine runs any layout that passes): tp divides what it
     splits, and every pipeline stage gets at least one layer. pp need not divide the layer count:
     stages follow TRT-LLM's uneven split (`Mapping.pp_layers`)."""
-    problems = check_tp(spec, mapping.tp)
+    problems = check_tp(spec, mapping.tp, mapping.embedding_shard)
     if mapping.pp > spec.num_layers:
         problems.append(f"pp={mapping.pp} is more stages than the {spec.num_layers} layers")
     return problems
@@ -111,7 +111,7 @@ def rank_pieces(spec: ModelSpec, mapping: Mapping, rank: int) -> list[Piece]:
     if spec.tie_embeddings:
         refs.append(lm_head_ref(spec))
     tp_rank = mapping.tp_rank(rank)
-    return [Piece(r, shard_for(spec, r, tp_rank, mapping.tp))
+    return [Piece(r, shard_for(spec, r, tp_rank, mapping.tp, mapping.embedding_shard))
             for r in refs if on_rank(r, spec, mapping, rank)]
 
 

@@ -14,6 +14,11 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pp", type=int, default=1,
                    help="pipeline-parallel size (TRT-LLM's uneven split; each stage needs a full-attention layer)")
     p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: the source's)")
+    p.add_argument("--parallel-embedding", action="store_true",
+                   help="split the embedding across tp ranks (TRT-LLM use_parallel_embedding) instead of a whole "
+                        "copy per rank: saves (tp-1)/tp of it per rank, costs one collective per forward pass")
+    p.add_argument("--embedding-sharding-dim", type=int, choices=(0, 1), default=0,
+                   help="with --parallel-embedding: 0 splits vocab rows (all-reduce), 1 hidden columns (all-gather)")
     p.add_argument("--out", help="output engine directory, e.g. engines/NAME")
     p.add_argument("--dry-run", nargs="?", const="", metavar="CONFIG", default=None,
                    help="print per-rank tensor names, shapes and bytes from config.json alone; write nothing")
@@ -28,6 +33,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from export.errors import ExportError
     from export.mapping import Mapping
 
+    embedding = args.embedding_sharding_dim if args.parallel_embedding else None
     if args.dry_run is not None:
         from export.spec import ModelSpec
         from export.trtllm.dryrun import dry_run, format_dry_run
@@ -35,14 +41,15 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         config = args.dry_run or args.source
         if not config:
             raise ExportError("--dry-run needs a config.json (or a checkpoint directory)")
-        rep = dry_run(ModelSpec.load(config), Mapping(args.tp, args.pp), args.dtype)
+        rep = dry_run(ModelSpec.load(config), Mapping(args.tp, args.pp, embedding_shard=embedding), args.dtype)
         print(json.dumps(rep, indent=1) if args.json else format_dry_run(rep, tensors=not args.summary))
         return 0 if not rep["problems"] else 1
     if not args.source or not args.out:
         raise ExportError("convert needs a source checkpoint and --out engines/NAME (or --dry-run CONFIG)")
     from export.trtllm.convert import convert
 
-    res = convert(args.source, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype, progress=not args.no_progress)
+    res = convert(args.source, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype, progress=not args.no_progress,
+                  embedding_shard=embedding)
     m = res.manifest
     print(f"wrote {res.out}: checkpoint/ ({m.tp * m.pp} rank files, tp={m.tp} pp={m.pp}, {m.dtype}), "
           f"tokenizer/ {'copied' if m.tokenizer else 'absent (source has none)'}, manifest.json")

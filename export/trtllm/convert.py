@@ -58,11 +58,11 @@ class ConvertResult:
     seconds: float
 
 
-def prepare(source: Path, tp: int, pp: int, dtype: str | None) -> tuple[ModelSpec, Mapping, str, CheckpointReader,
-                                                                      list[RankPlan]]:
+def prepare(source: Path, tp: int, pp: int, dtype: str | None, embedding_shard: int | None = None
+            ) -> tuple[ModelSpec, Mapping, str, CheckpointReader, list[RankPlan]]:
     """Everything that can refuse the job, before any output exists."""
     spec = ModelSpec.load(source)
-    mapping = Mapping(tp, pp)
+    mapping = Mapping(tp, pp, embedding_shard=embedding_shard)
     require_layout(spec, mapping, trtllm=True)
     reader = CheckpointReader(source)
     reader.validate(spec)
@@ -74,10 +74,14 @@ def prepare(source: Path, tp: int, pp: int, dtype: str | None) -> tuple[ModelSpe
 
 
 def convert(source: Path, out: Path, *, tp: int, pp: int = 1, dtype: str | None = None,
-            progress: bool = True, window_bytes: int = WINDOW_BYTES) -> ConvertResult:
-    """Write `out/` = checkpoint/ (config.json + rank{r}.safetensors), tokenizer/, manifest.json."""
+            progress: bool = True, window_bytes: int = WINDOW_BYTES,
+            embedding_shard: int | None = None) -> ConvertResult:
+    """Write `out/` = checkpoint/ (config.json + rank{r}.safetensors), tokenizer/, manifest.json.
+
+    `embedding_shard` 0 or 1 splits the embedding across the tp ranks (TRT-LLM's
+    `use_parallel_embedding` with that `embedding_sharding_dim`) instead of repeating it."""
     source = Path(source)
-    spec, mapping, dtype, reader, plans = prepare(source, tp, pp, dtype)
+    spec, mapping, dtype, reader, plans = prepare(source, tp, pp, dtype, embedding_shard)
     start = time.perf_counter()
     with atomic_output_dir(out) as tmp:
         ckpt = tmp / "checkpoint"
