@@ -141,9 +141,11 @@ def evaluate(spec: ModelSpec, opt: Option, gpu: GPU, *, seq_len: int, batch: int
 def rank_key(row: dict[str, Any]) -> tuple:
     """Fits, then serves --batch sequences of --seq-len (over all replicas), then fewest pipeline
     stages (each adds a hand-off per token, and in-flight batching needs pp micro-batches to keep
-    them busy), then the most concurrent sequences on all the GPUs, then the fewest sync points."""
-    return (not row["fits"], not row["meets_batch"], row["pp"], -row["total_sequences"],
-            row["sync_points_per_token"], row["shortfall_bytes"])
+    them busy), then the most concurrent sequences on all the GPUs, then the fewest sync points.
+    Layouts that do not fit come last, the smallest shortfall first."""
+    if not row["fits"]:
+        return (1, 0, row["shortfall_bytes"], row["pp"], 0, 0)
+    return (0, not row["meets_batch"], row["pp"], -row["total_sequences"], row["sync_points_per_token"], 0)
 
 
 def plan_deployment(spec: ModelSpec, gpu: GPU, *, gpus: int, nodes: int = 1, seq_len: int, batch: int = 1,
@@ -242,7 +244,7 @@ def format_plan(rep: dict[str, Any], spec: ModelSpec, *, top: int = 12, source: 
     lines.append("")
     chosen = rep["chosen"]
     if chosen is None:
-        best = min(rows, key=lambda r: r["shortfall_bytes"]) if rows else None
+        best = rows[0] if rows else None
         lines.append(f"DOES NOT FIT on {rep['gpus_per_node'] * rep['nodes']} x {rep['gpu']}"
                      + (f": the closest layout ({best['label']}) is short by {human_bytes(best['shortfall_bytes'])} "
                         f"per GPU ({best['why']})" if best else ": no layout divides this model"))
