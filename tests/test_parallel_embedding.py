@@ -117,3 +117,18 @@ def test_cli_flags(source, tmp_path, capsys):
     assert main(["convert", str(source), "--tp", "2", "--parallel-embedding", "--embedding-sharding-dim", "1",
                  "--out", str(out), "--no-progress"]) == 0
     assert json.loads((out / "checkpoint" / "config.json").read_text())["embedding_sharding_dim"] == 1
+
+
+def test_runtime_issues_one_more_collective_per_forward(source, tmp_path):
+    """What the ranks issue is what `layout.sync_points_per_token` reports: + 1 at the lookup."""
+    from export.layout import sync_points_per_token
+    from export.runtime.engine import Engine
+
+    eng_dir = convert(source, tmp_path / "e", tp=2, progress=False, embedding_shard=0).out
+    spec = hetero_spec()
+    with Engine.start(eng_dir) as eng:
+        before = eng.stats()
+        eng.logits([[5, 17, 98, 2], [97, 50, 49, 1]])  # ids on both ranks' rows, the last ones included
+        issued = [a["tp_collectives"] - b["tp_collectives"] for a, b in zip(eng.stats(), before, strict=True)]
+    assert issued == [sync_points_per_token(spec, Mapping(2, embedding_shard=0))] * 2
+    assert issued[0] == spec.sync_points_per_token() + 1
