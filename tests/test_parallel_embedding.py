@@ -88,6 +88,7 @@ def test_dry_run_and_inspect_show_the_saving():
     for a, b in zip(whole["ranks"], split["ranks"], strict=True):
         assert a["bytes"] - b["bytes"] == saved and b["bytes"] == b["inspect_bytes"]
         assert b["bytes"] == rank_bytes(spec, Mapping(4, embedding_shard=0), b["rank"])
+    assert split["rank_bytes_saved"] == saved and whole["rank_bytes_saved"] == 0
 
 
 @pytest.mark.parametrize("tp,pp,dim", [(2, 1, 0), (4, 1, 0), (2, 2, 0), (2, 1, 1)])
@@ -112,7 +113,8 @@ def spec_vocab() -> int:
 def test_cli_flags(source, tmp_path, capsys):
     assert main(["convert", "--dry-run", str(source / "config.json"), "--tp", "4", "--summary",
                  "--parallel-embedding"]) == 0
-    assert "match `inspect`" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "match `inspect`" in out and "parallel embedding (sharding dim 0): the largest rank file is" in out
     out = tmp_path / "e"
     assert main(["convert", str(source), "--tp", "2", "--parallel-embedding", "--embedding-sharding-dim", "1",
                  "--out", str(out), "--no-progress"]) == 0
