@@ -111,8 +111,8 @@ def evaluate(spec: ModelSpec, opt: Option, gpu: GPU, *, seq_len: int, batch: int
     weights = [rank_bytes(spec, m, r, "bfloat16", fp8_linear=opt.fp8_weights) for r in m.ranks()]
     kv = [rank_kv_bytes_per_token(spec, m, r, "bfloat16", fp8=opt.fp8_kv) for r in m.ranks()]
     free = [gpu.memory - w - reserve for w in weights]
-    tokens = min(int(kv_fraction * f) // k if f > 0 else 0 for f, k in zip(free, kv, strict=True) if k) \
-        if any(kv) else 0
+    # every rank caches every token for its own layers: the layout holds what its tightest rank holds
+    tokens = min((max(int(kv_fraction * f), 0) // k for f, k in zip(free, kv, strict=True) if k), default=0)
     worst = max(m.ranks(), key=lambda r: weights[r])
     seqs = tokens // seq_len
     replicas = total_gpus // m.world_size
@@ -130,8 +130,8 @@ def evaluate(spec: ModelSpec, opt: Option, gpu: GPU, *, seq_len: int, batch: int
                    why=f"weights {human_bytes(weights[worst])} + reserve {human_bytes(reserve)} exceed the "
                        f"{human_bytes(gpu.memory)} GPU by {human_bytes(-min(free))}")
     elif seqs < 1:
-        need = seq_len * max(kv)
-        row.update(fits=False, meets_batch=False, shortfall_bytes=int(need / kv_fraction) - min(free),
+        short = max(seq_len * k / kv_fraction - f for f, k in zip(free, kv, strict=True))
+        row.update(fits=False, meets_batch=False, shortfall_bytes=max(1, int(short)),
                    why=f"room for {tokens:,} KV tokens per rank: not one sequence of {seq_len}")
     else:
         row.update(fits=True, meets_batch=seqs * replicas >= batch, shortfall_bytes=0, why="")

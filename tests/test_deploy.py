@@ -87,6 +87,16 @@ def test_weights_over_the_gpu_do_not_fit_with_the_shortfall(ultra):
     assert {r["weights"] for r in rep["options"]} == {"bf16"}  # no FP8 tensor cores on an A100
 
 
+def test_weights_fit_but_not_one_sequence(ultra):
+    from export.deploy import GPU
+    mib = 1 << 20
+    gpu = GPU("tight", by_hand(ultra, 8) + RESERVE + 100 * mib, True)
+    row = evaluate(ultra, Option(Mapping(8), False, False), gpu, seq_len=8192, batch=1,
+                   reserve=RESERVE, kv_fraction=0.9, total_gpus=8)
+    assert not row["fits"] and "not one sequence of 8192" in row["why"]
+    assert row["shortfall_bytes"] == int(8192 * (32 << 10) / 0.9 - 100 * mib)  # 256 MiB of KV, at 0.9
+
+
 def test_ranked_tables_h100_chooses_fp8_h200_fits_bf16(ultra):
     h100 = plan_deployment(ultra, GPUS["h100-80gb"], gpus=8, seq_len=8192, batch=16)
     assert h100["chosen"]["weights"] == "fp8" and (h100["chosen"]["tp"], h100["chosen"]["pp"]) == (8, 1)
