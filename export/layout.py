@@ -35,7 +35,7 @@ def check_layout(spec: ModelSpec, mapping: Mapping) -> list[str]:
     """What every target needs (the cpu engine runs any layout that passes): tp divides what it
     splits, and every pipeline stage gets at least one layer. pp need not divide the layer count:
     stages follow TRT-LLM's uneven split (`Mapping.pp_layers`)."""
-    problems = check_tp(spec, mapping.tp)
+    problems = check_tp(spec, mapping.tp, mapping.embedding_shard)
     if mapping.pp > spec.num_layers:
         problems.append(f"pp={mapping.pp} is more stages than the {spec.num_layers} layers")
     return problems
@@ -111,13 +111,31 @@ def rank_pieces(spec: ModelSpec, mapping: Mapping, rank: int) -> list[Piece]:
     if spec.tie_embeddings:
         refs.append(lm_head_ref(spec))
     tp_rank = mapping.tp_rank(rank)
-    return [Piece(r, shard_for(spec, r, tp_rank, mapping.tp))
+    return [Piece(r, shard_for(spec, r, tp_rank, mapping.tp, mapping.embedding_shard))
             for r in refs if on_rank(r, spec, mapping, rank)]
 
 
-def rank_bytes(spec: ModelSpec, mapping: Mapping, rank: int, dtype: str | None = None) -> int:
+# The linear layers ModelOpt's FP8 recipe quantizes (weights stored 1 byte/param); the embedding,
+# the norms and lm_head (in `exclude_modules`) stay in the checkpoint dtype.
+FP8_ROLES = frozenset({Role.Q, Role.K, Role.V, Role.O, Role.GATE, Role.UP, Role.DOWN,
+                       Role.LINEAR_ATTN, Role.LINEAR_FFN})
+
+
+def rank_bytes(spec: ModelSpec, mapping: Mapping, rank: int, dtype: str | None = None, *,
+               fp8_linear: bool = False) -> int:
+    """The rank file's weight bytes; `fp8_linear` sizes an FP8 checkpoint (the quantized linears
+    at 1 byte per weight; their per-tensor float32 scales, 8 bytes a linear, are left out)."""
     per = DTYPE_BYTES[normalize_dtype(dtype or spec.dtype)]
-    return sum(p.numel() for p in rank_pieces(spec, mapping, rank)) * per
+    return sum(p.numel() * (1 if fp8_linear and p.ref.role in FP8_ROLES else per)
+               for p in rank_pieces(spec, mapping, rank))
+
+
+def sync_points_per_token(spec: ModelSpec, mapping: Mapping) -> int:
+    """What one token's forward pass waits on at this layout: the tp collectives
+    (`ModelSpec.sync_points_per_token`, plus the lookup's collective when the embedding is split;
+    none at tp 1) and a stage hand-off between consecutive pipeline stages."""
+    tp = spec.sync_points_per_token() + int(mapping.parallel_embedding) if mapping.tp > 1 else 0
+    return tp + mapping.pp - 1
 
 
 def rank_kv_heads(spec: ModelSpec, mapping: Mapping, rank: int) -> dict[int, int]:
@@ -128,7 +146,9 @@ def rank_kv_heads(spec: ModelSpec, mapping: Mapping, rank: int) -> dict[int, int
             for i in spec.attention_layers() if i in stage}
 
 
-def rank_kv_bytes_per_token(spec: ModelSpec, mapping: Mapping, rank: int, dtype: str | None = None) -> int:
-    """K and V the rank caches per token (what the runtime's KVCache allocates per position)."""
-    per = DTYPE_BYTES[normalize_dtype(dtype or spec.dtype)]
+def rank_kv_bytes_per_token(spec: ModelSpec, mapping: Mapping, rank: int, dtype: str | None = None, *,
+                            fp8: bool = False) -> int:
+    """K and V the rank caches per token (what the runtime's KVCache allocates per position);
+    `fp8` sizes TRT-LLM's FP8 KV cache (`kv_cache_quant_algo` FP8: 1 byte per value)."""
+    per = 1 if fp8 else DTYPE_BYTES[normalize_dtype(dtype or spec.dtype)]
     return sum(2 * heads * spec.head_dim * per for heads in rank_kv_heads(spec, mapping, rank).values())

@@ -2,21 +2,38 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from export.errors import ExportError
+
+EMBEDDING_SHARDS = (None, 0, 1)
 
 
 @dataclass(frozen=True)
 class Mapping:
-    """`rank = pp_rank * tp + tp_rank`, as TRT-LLM numbers its `rank{r}.safetensors` files."""
+    """`rank = pp_rank * tp + tp_rank`, as TRT-LLM numbers its `rank{r}.safetensors` files.
+
+    `embedding_shard` is TRT-LLM's `use_parallel_embedding` + `embedding_sharding_dim`: None keeps
+    the whole embedding on every tp rank (TRT-LLM's default), 0 splits its vocab rows, 1 its hidden
+    columns. It says how one tensor is laid out in the rank files, not where ranks run, so it takes
+    no part in equality: a runtime asked for tp=2 pp=1 runs a checkpoint written either way, and
+    takes the split from the checkpoint's own mapping (`RankWeights.mapping`).
+    """
 
     tp: int = 1
     pp: int = 1
+    embedding_shard: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.tp < 1 or self.pp < 1:
             raise ExportError(f"tp and pp must be >= 1 (got tp={self.tp}, pp={self.pp})")
+        if self.embedding_shard not in EMBEDDING_SHARDS:
+            raise ExportError(f"embedding sharding dim must be 0 (vocab) or 1 (hidden), got {self.embedding_shard}")
+
+    @property
+    def parallel_embedding(self) -> bool:
+        """The embedding is split (and looked up with one more collective): only at tp > 1."""
+        return self.embedding_shard is not None and self.tp > 1
 
     @property
     def world_size(self) -> int:

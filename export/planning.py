@@ -85,6 +85,9 @@ def plan_report(spec: ModelSpec, mapping: Mapping, dtype: str | None = None) -> 
     trtllm = check_trtllm_stages(spec, mapping)
     per_rank = ([rank_bytes(spec, mapping, r, dtype) for r in mapping.ranks()] if not problems
                 else None)
+    split = Mapping(mapping.tp, mapping.pp, embedding_shard=0)  # what --parallel-embedding would hold
+    per_rank_split = ([rank_bytes(spec, split, r, dtype) for r in split.ranks()]
+                      if not problems and mapping.tp > 1 and mapping.embedding_shard is None else None)
     return {
         "architecture": spec.architecture,
         "hidden_size": spec.hidden, "num_attention_heads": spec.heads, "head_dim": spec.head_dim,
@@ -106,6 +109,7 @@ def plan_report(spec: ModelSpec, mapping: Mapping, dtype: str | None = None) -> 
         "targets": {"cpu": {"ok": not problems, "problems": problems},
                     "trtllm": {"ok": not problems and not trtllm, "problems": problems + trtllm}},
         "rank_weight_bytes": per_rank,
+        "rank_weight_bytes_parallel_embedding": per_rank_split,
         "stages": stage_report(spec, mapping, dtype) if not problems else None,
         "layer_runs": [{"first": r.first, "last": r.last, "layer": r.label} for r in layer_runs(spec)],
     }
@@ -152,6 +156,11 @@ def format_report(rep: dict[str, Any]) -> str:
     sizes = rep["rank_weight_bytes"]
     lines.append(f"per-rank weights         {human_bytes(max(sizes))} max, "
                  f"{human_bytes(sum(sizes))} total ({rep['dtype']})")
+    if rep.get("rank_weight_bytes_parallel_embedding"):
+        split = rep["rank_weight_bytes_parallel_embedding"]
+        lines.append(f"  --parallel-embedding   {human_bytes(max(split))} max per rank: saves "
+                     f"{human_bytes(max(sizes) - max(split))} on each rank holding the embedding "
+                     "(one more collective per forward pass, at the lookup)")
     lines.append("divisibility             ok: tp divides heads, kv heads and every FFN width")
     if trt["ok"]:
         lines.append("trtllm-build             ok: every pipeline stage has a full-attention layer")

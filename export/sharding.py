@@ -4,7 +4,8 @@ The TRT-LLM writer slices full tensors with these rules and the reference runtim
 rank's slice with the very same rules, so a layout bug shows up as a logits mismatch.
 Conventions follow TRT-LLM's DeciLM converter: q by heads, k/v by kv heads with duplication when
 tp exceeds a layer's kv heads, o_proj/down_proj row-parallel (dim 1), gate/up column-parallel
-(dim 0), lm_head zero-padded to a multiple of tp then split on dim 0, embedding and norms whole.
+(dim 0), lm_head zero-padded to a multiple of tp then split on dim 0, norms whole, and the
+embedding whole unless vocab-parallel (TRT-LLM's `use_parallel_embedding`; see `embedding_shard`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from export.tensors import Role, TensorRef, model_tensors
 
 COLUMN = {Role.GATE, Role.UP, Role.LINEAR_ATTN, Role.LINEAR_FFN}
 ROW = {Role.O, Role.DOWN}
-REPLICATED = {Role.EMBED, Role.ATTN_NORM, Role.FFN_NORM, Role.FINAL_NORM}
+REPLICATED = {Role.ATTN_NORM, Role.FFN_NORM, Role.FINAL_NORM}
 
 
 @dataclass(frozen=True)
@@ -82,9 +83,32 @@ def _even(size: int, rank: int, tp: int, dim: int) -> Shard:
     return Shard(dim, rank * n, (rank + 1) * n)
 
 
-def shard_for(spec: ModelSpec, ref: TensorRef, rank: int, tp: int) -> Shard:
-    """The piece of `ref` that tensor-parallel rank `rank` of `tp` holds."""
+def _vocab_rows(vocab: int, rank: int, tp: int, dim: int = 0) -> Shard:
+    """`ceil(vocab / tp)` rows per rank, the last rank's tail zero-padded (lm_head, and the
+    vocab-split embedding)."""
+    rows = padded_vocab(vocab, tp) // tp
+    start, stop = min(rank * rows, vocab), min((rank + 1) * rows, vocab)
+    return Shard(dim, start, stop, rows - (stop - start))
+
+
+def embedding_shard(spec: ModelSpec, ref: TensorRef, rank: int, tp: int, dim: int | None) -> Shard:
+    """TRT-LLM's vocab-parallel embedding (`layers/embedding.py` `Embedding`): dim 0 gives each rank
+    `ceil(vocab / tp)` rows (the parameter's shape; its lookup zeroes ids outside the rank's rows and
+    all-reduces), the last rank zero-padded as TRT-LLM's GPT converters pad (`pad_vocab_size`);
+    dim 1 gives each rank `hidden // tp` columns (lookup, then all-gather on the last dim)."""
+    if dim is None or tp == 1:
+        return Shard(None)
+    if dim == 0:
+        return _vocab_rows(ref.shape[0], rank, tp)
+    return _even(ref.shape[1], rank, tp, 1)
+
+
+def shard_for(spec: ModelSpec, ref: TensorRef, rank: int, tp: int, embedding: int | None = None) -> Shard:
+    """The piece of `ref` that tensor-parallel rank `rank` of `tp` holds; `embedding` is the
+    embedding's sharding dim (None: whole on every rank, TRT-LLM's default)."""
     role = ref.role
+    if role is Role.EMBED:
+        return embedding_shard(spec, ref, rank, tp, embedding)
     if tp == 1 or role in REPLICATED:
         return Shard(None)
     if role is Role.Q:
@@ -98,10 +122,7 @@ def shard_for(spec: ModelSpec, ref: TensorRef, rank: int, tp: int) -> Shard:
     if role in ROW:
         return _even(ref.shape[1], rank, tp, 1)
     if role is Role.LM_HEAD:
-        rows = padded_vocab(ref.shape[0], tp) // tp
-        start = min(rank * rows, ref.shape[0])
-        stop = min((rank + 1) * rows, ref.shape[0])
-        return Shard(0, start, stop, rows - (stop - start))
+        return _vocab_rows(ref.shape[0], rank, tp)
     raise AssertionError(f"no sharding rule for role {role}")
 
 
@@ -119,9 +140,11 @@ def take(source: Any, shard: Shard, full_shape: tuple[int, ...]) -> torch.Tensor
     return piece
 
 
-def check_tp(spec: ModelSpec, tp: int) -> list[str]:
+def check_tp(spec: ModelSpec, tp: int, embedding: int | None = None) -> list[str]:
     """Every reason `tp` cannot split this model, naming the layer at fault."""
     problems: list[str] = []
+    if embedding == 1 and spec.hidden % tp:
+        problems.append(f"tp={tp} does not divide hidden_size={spec.hidden} (embedding sharding dim 1)")
     if spec.heads % tp:
         problems.append(f"tp={tp} does not divide num_attention_heads={spec.heads}")
     if spec.hidden % tp and any(r.role in (Role.LINEAR_ATTN, Role.LINEAR_FFN) for r in model_tensors(spec)):

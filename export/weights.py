@@ -53,6 +53,7 @@ class HFRankWeights:
         ref = lm_head_ref(self.spec) if role is Role.LM_HEAD else find_ref(self.spec, role, layer)
         if not on_rank(ref, self.spec, self.mapping, self.rank):
             raise KeyError(f"rank {self.rank} holds no {role.value} of layer {layer}")
-        shard = shard_for(self.spec, ref, self.mapping.tp_rank(self.rank), self.mapping.tp)
+        shard = shard_for(self.spec, ref, self.mapping.tp_rank(self.rank), self.mapping.tp,
+                          self.mapping.embedding_shard)
         t = self.reader.read(ref, shard)
         return t.to(self.dtype) if self.dtype is not None else t

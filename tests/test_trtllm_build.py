@@ -69,6 +69,9 @@ def test_bench_measure_machinery_on_a_tiny_model(tmp_path):
     assert row["copy"]["bytes_written"] == row["source_bytes"]
     assert row["convert"]["bytes_read"] > 0 and row["convert"]["peak_rss_bytes"] > row["copy"]["peak_rss_bytes"]
     assert row["ratio"] > 0 and not (tmp_path / "work" / "s-convert").exists()
+    # the split embedding is written once, not tp times: (tp - 1) copies fewer, zero padding aside
+    assert row["written_bytes_saved_pe"] == 128 * 64 * 4 * (2 - 1) and row["ratio_pe"] > 0
     rep = {"tp": 2, "sizes": [row], "peak_rss_growth_bytes": 0, "min_ratio": row["ratio"],
-           "min_written_ratio": row["written_ratio"], "target_ratio": 0.7}
-    assert "convert --tp 2 vs plain copy" in format_report(rep)
+           "min_ratio_pe": row["ratio_pe"], "min_written_ratio": row["written_ratio"], "target_ratio": 0.7}
+    text = format_report(rep)
+    assert "convert --tp 2 vs plain copy" in text and "--parallel-embedding (split)" in text

@@ -28,7 +28,8 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json-out", type=Path, default=None, help="also write the JSON report here")
 
 
-@bench("convert", "convert --tp 4 GB/s vs a plain copy of the same files, and peak RSS at two model sizes", _args)
+@bench("convert", "convert --tp 4 GB/s (embedding whole, and --parallel-embedding) vs a plain copy of the same "
+                  "files, and peak RSS at two model sizes", _args)
 def _bench_convert(args: argparse.Namespace) -> int:
     from export.io.atomic import atomic_write_text
     from export.trtllm.bench import bench_convert, format_report

@@ -18,6 +18,11 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output engine directory, e.g. engines/NAME (new, or ours with --overwrite)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out if it is a previous output of this toolkit (anything else is refused)")
+    p.add_argument("--parallel-embedding", action="store_true",
+                   help="split the embedding across tp ranks (TRT-LLM use_parallel_embedding) instead of a whole "
+                        "copy per rank: saves (tp-1)/tp of it per rank, costs one collective per forward pass")
+    p.add_argument("--embedding-sharding-dim", type=int, choices=(0, 1), default=0,
+                   help="with --parallel-embedding: 0 splits vocab rows (all-reduce), 1 hidden columns (all-gather)")
     p.add_argument("--dry-run", nargs="?", const="", metavar="CONFIG", default=None,
                    help="print per-rank tensor names, shapes and bytes from config.json alone; write nothing")
     p.add_argument("--summary", action="store_true", help="with --dry-run: per-rank totals only")
@@ -32,6 +37,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from export.errors import ExportError
     from export.mapping import Mapping
 
+    embedding = args.embedding_sharding_dim if args.parallel_embedding else None
     if args.dry_run is not None:
         from export.model_dir import load_spec
         from export.trtllm.dryrun import dry_run, format_dry_run
@@ -39,7 +45,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         config = args.dry_run or args.source
         if not config:
             raise ExportError("--dry-run needs a config.json (or a checkpoint directory)")
-        rep = dry_run(load_spec(config), Mapping(args.tp, args.pp), args.dtype)
+        rep = dry_run(load_spec(config), Mapping(args.tp, args.pp, embedding_shard=embedding), args.dtype)
         print(json.dumps(rep, indent=1) if args.json else format_dry_run(rep, tensors=not args.summary))
         return 0 if not rep["problems"] else 1
     if not args.source or not args.out:
@@ -52,7 +58,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from export.trtllm.convert import convert
 
     res = convert(args.source, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype, progress=not args.no_progress,
-                  overwrite=args.overwrite, follow_symlinks=args.follow_symlinks)
+                  overwrite=args.overwrite, follow_symlinks=args.follow_symlinks, embedding_shard=embedding)
     m = res.manifest
     if args.json:
         print(json.dumps({"out": str(res.out), "tp": m.tp, "pp": m.pp, "dtype": m.dtype, "tokenizer": m.tokenizer,

@@ -6,7 +6,8 @@ replacement or nothing. No-op sublayers have no parameters and no KV cache. Para
 created on the meta device and then replaced by the tensors `RankWeights` returns (already
 sharded by `export.sharding`), so weights exist once. Under TP: one all-reduce after each
 attention and each FFN, an all-gather after linear replacements (column-parallel,
-gather_output as in TRT-LLM) and after the vocab-parallel lm_head.
+gather_output as in TRT-LLM) and after the vocab-parallel lm_head; with a split embedding, one
+more at the lookup (an all-reduce for vocab rows, an all-gather for hidden columns).
 """
 
 from __future__ import annotations
@@ -94,7 +95,18 @@ class Decoder(nn.Module):
 
     # ---- the public pieces -----------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.w(Role.EMBED))
+        """The lookup as TRT-LLM's `functional.embedding` does it for the rank's piece: whole; vocab
+        rows (ids outside this rank's rows give zeros, then an all-reduce: one non-zero term per
+        id, so the sum is exact); or hidden columns (all-gathered on the last dim)."""
+        w = self.w(Role.EMBED)
+        if not self.mapping.parallel_embedding:
+            return F.embedding(input_ids, w)
+        if self.mapping.embedding_shard == 1:
+            return self._all_gather(F.embedding(input_ids, w))
+        local = input_ids - self.tp_rank * w.shape[0]
+        owned = (local >= 0) & (local < w.shape[0])
+        x = F.embedding(torch.where(owned, local, 0), w) * owned.unsqueeze(-1).to(w.dtype)
+        return self._all_reduce(x)
 
     def block(self, i: int, h: torch.Tensor, positions: torch.Tensor | None = None,
               cache: KVCache | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:

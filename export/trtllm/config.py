@@ -34,7 +34,11 @@ def trtllm_config(spec: ModelSpec, mapping: Mapping, dtype: str) -> dict[str, An
         "max_position_embeddings": spec.max_position_embeddings, "rotary_base": spec.rope_theta,
         "rotary_scaling": _rotary_scaling(spec.rope_scaling),
         "mapping": mapping.to_trtllm(), "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
-        "use_parallel_embedding": False, "embedding_sharding_dim": 0,
+        # read by every TRT-LLM model, DeciLM included: `PretrainedModel.__post_init__` runs
+        # `optimize_model(use_parallel_embedding=...)`, whose `parallelize_embedding` rebuilds each
+        # Embedding with tp_size/tp_rank/sharding_dim before the rank file is loaded
+        "use_parallel_embedding": mapping.parallel_embedding,
+        "embedding_sharding_dim": mapping.embedding_shard if mapping.parallel_embedding else 0,
         "layer_configs": spec.to_trtllm_layer_configs(),
     }
 
@@ -71,7 +75,11 @@ def parse_trtllm_config(cfg: dict[str, Any], where: str = "config") -> tuple[Mod
     if problems:
         raise ConfigError(f"{where}: " + "; ".join(problems))
     m = cfg["mapping"]
-    mapping = Mapping(int(m.get("tp_size", 1)), int(m.get("pp_size", 1)))
+    dim = cfg.get("embedding_sharding_dim", 0)
+    if cfg.get("use_parallel_embedding") and dim not in (0, 1):
+        raise ConfigError(f"{where}: embedding_sharding_dim is {dim!r}; TRT-LLM accepts 0 (vocab) or 1 (hidden)")
+    mapping = Mapping(int(m.get("tp_size", 1)), int(m.get("pp_size", 1)),
+                      embedding_shard=dim if cfg.get("use_parallel_embedding") else None)
     if m.get("world_size", mapping.world_size) != mapping.world_size:
         raise ConfigError(f"{where}: mapping.world_size {m['world_size']} != tp_size * pp_size")
     heads = cfg["num_attention_heads"]

@@ -72,12 +72,13 @@ class Prepared:
     tokenizer: list[str]  # tokenizer files to copy (empty: the source has none)
 
 
-def prepare(source: Path, tp: int, pp: int, dtype: str | None, *, follow_symlinks: bool | None = None) -> Prepared:
+def prepare(source: Path, tp: int, pp: int, dtype: str | None, *, follow_symlinks: bool | None = None,
+            embedding_shard: int | None = None) -> Prepared:
     """Everything that can refuse the job, before any output exists: the config, every weight file's
     header, the files the source names (inside it), and the tokenizer that will be copied."""
     check_tree(source, follow_symlinks=follow_symlinks)  # config.json included; the manifest hashes every file
     spec = ModelSpec.load(source)
-    mapping = Mapping(tp, pp)
+    mapping = Mapping(tp, pp, embedding_shard=embedding_shard)
     require_layout(spec, mapping, trtllm=True)
     reader = CheckpointReader(source, follow_symlinks=follow_symlinks)
     reader.validate(spec)
@@ -91,16 +92,18 @@ def prepare(source: Path, tp: int, pp: int, dtype: str | None, *, follow_symlink
 
 def convert(source: Path, out: Path, *, tp: int, pp: int = 1, dtype: str | None = None,
             progress: bool = True, window_bytes: int = WINDOW_BYTES, overwrite: bool = False,
-            follow_symlinks: bool | None = None) -> ConvertResult:
+            follow_symlinks: bool | None = None, embedding_shard: int | None = None) -> ConvertResult:
     """Write `out/` = checkpoint/ (config.json + rank{r}.safetensors), tokenizer/, manifest.json.
 
     `out` must be new, or a previous output replaced with `overwrite` (`export.io.output`).
     `follow_symlinks` lets links in the source lead outside it (default: only into it, or into the
-    hub cache's blobs/; see `export.io.paths`).
+    hub cache's blobs/; see `export.io.paths`). `embedding_shard` 0 or 1 splits the embedding across
+    the tp ranks (TRT-LLM's `use_parallel_embedding` with that `embedding_sharding_dim`) instead of
+    repeating it.
     """
     source = Path(source)
     check_output(out, inputs=[source], overwrite=overwrite)
-    job = prepare(source, tp, pp, dtype, follow_symlinks=follow_symlinks)
+    job = prepare(source, tp, pp, dtype, follow_symlinks=follow_symlinks, embedding_shard=embedding_shard)
     spec, mapping, dtype, reader, plans = job.spec, job.mapping, job.dtype, job.reader, job.plans
     plan_record = _fusion_plan(source, follow_symlinks)
     start = time.perf_counter()

@@ -25,7 +25,11 @@ def dry_run(spec: ModelSpec, mapping: Mapping, dtype: str | None = None) -> dict
         ranks.append({"rank": plan.rank, "tp_rank": mapping.tp_rank(plan.rank), "pp_rank": mapping.pp_rank(plan.rank),
                       "file": f"rank{plan.rank}.safetensors", "tensors": tensors, "bytes": plan.nbytes(dtype),
                       "inspect_bytes": rank_bytes(spec, mapping, plan.rank, dtype)})
+    whole = Mapping(mapping.tp, mapping.pp)  # the embedding on every tp rank, TRT-LLM's default
+    saved = max(rank_bytes(spec, whole, r, dtype) for r in whole.ranks()) - max(r["bytes"] for r in ranks)
     return {"tp": mapping.tp, "pp": mapping.pp, "dtype": dtype, "problems": problems,
+            "parallel_embedding": mapping.parallel_embedding, "embedding_sharding_dim": mapping.embedding_shard,
+            "rank_bytes_saved": saved,
             "config": trtllm_config(spec, mapping, dtype), "ranks": ranks,
             "total_bytes": sum(r["bytes"] for r in ranks)}
 
@@ -41,6 +45,10 @@ def format_dry_run(rep: dict[str, Any], tensors: bool = True) -> str:
     lines.append(f"total {rep['total_bytes']:,} bytes ({human_bytes(rep['total_bytes'])}, {rep['dtype']}) over "
                  f"{len(rep['ranks'])} ranks at tp={rep['tp']} pp={rep['pp']}; every split divides; per-rank bytes "
                  + ("match `inspect`" if ok else "DO NOT match `inspect`: " + "; ".join(rep["problems"])))
+    if rep.get("parallel_embedding"):
+        lines.append(f"parallel embedding (sharding dim {rep['embedding_sharding_dim']}): the largest rank file is "
+                     f"{rep['rank_bytes_saved']:,} bytes ({human_bytes(rep['rank_bytes_saved'])}) smaller than with "
+                     "the whole embedding on every tp rank; one more collective per forward pass")
     return "\n".join(lines)
 
 

@@ -154,7 +154,8 @@ def expected_shapes(spec: ModelSpec, mapping: Mapping, rank: int) -> dict[str, t
     stage = mapping.pp_layers(spec.num_layers, mapping.pp_rank(rank))
     out: dict[str, tuple[int, ...]] = {}
     if mapping.is_first_stage(rank):
-        out["transformer.vocab_embedding.weight"] = (spec.vocab, h)
+        emb = {None: (spec.vocab, h), 0: (padded_vocab(spec.vocab, tp) // tp, h), 1: (spec.vocab, h // tp)}
+        out["transformer.vocab_embedding.weight"] = emb[mapping.embedding_shard if tp > 1 else None]
     for i, g in enumerate(stage):
         lay, pre = spec.layers[g], f"transformer.layers.{i}."
         if lay.attention.kind is AttentionKind.FULL:
