@@ -26,7 +26,7 @@ from export.cli import build_parser
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 RUN = {"inspect", "plan", "fuse", "convert", "generate", "verify", "clean", "plan-deployment"}
-VALUES = {"N": "2", "M": "2", "T": "0.7", "W": "1024", "HOST:PORT": "127.0.0.1:8001"}
+VALUES = {"N": "2", "M": "2", "T": "0.7", "W": "1024", "L": "512", "B": "4", "HOST:PORT": "127.0.0.1:8001"}
 PLACEHOLDER = re.compile(r"\b[A-Z][A-Z0-9_]*(?:/[A-Z0-9_]+)?\b|\.\.\.|<\w+>|\[|\{")
 
 
