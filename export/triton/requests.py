@@ -7,6 +7,7 @@ while the server keeps serving.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -63,8 +64,10 @@ def check_output_len(max_tokens: Any, input_len: int, limits: Limits) -> int:
 
 def check_sampling(temperature: Any, top_k: Any, top_p: Any) -> None:
     """The same rules `export.runtime.sampling.SamplingParams` needs, reported by input name."""
-    if temperature is not None and not (float(temperature) >= 0.0):
+    if temperature is not None and not (float(temperature) >= 0.0):  # NaN too
         raise RequestError(f"temperature must be >= 0 (got {temperature})")
+    if temperature is not None and math.isinf(float(temperature)):
+        raise RequestError(f"temperature must be finite (got {temperature})")
     if top_k is not None and int(top_k) < 0:
         raise RequestError(f"top_k must be >= 0 (got {top_k})")
     if top_p is not None and not (0.0 < float(top_p) <= 1.0):
