@@ -112,7 +112,7 @@ class TritonPythonModel:
                 self._stop(rid)
                 sender.send(flags=final)
                 return
-            req = self.pipeline.engine_request(inputs, self.max_seq_len)
+            req = self.pipeline.engine_request(inputs, self.max_seq_len, self.engine.spec.vocab)
             with self.lock:
                 for n in names:
                     self.stops.setdefault(n, []).append(stop)
