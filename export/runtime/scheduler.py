@@ -178,8 +178,8 @@ class Scheduler:
             return {"running": len(self._running), "waiting": len(self._waiting),
                     "kv_tokens": sum(r.kv_tokens for r in self._running), "steps": self.steps}
 
-    def close(self) -> None:
-        """Fail what is still queued or running, stop the driver."""
+    def close(self, reason: str = "engine closed while the request was running") -> None:
+        """Fail what is still queued or running (with `reason`), stop the driver."""
         with self._cv:
             self._closed = True
             self._cv.notify_all()
@@ -187,7 +187,7 @@ class Scheduler:
             self._thread.join(timeout=60)
         with self._cv:
             for r in [*self._waiting, *self._running]:
-                self._fail(r, ExportError("engine closed while the request was running"))
+                self._fail(r, ExportError(reason))
             self._waiting.clear()
             self._running.clear()
 

@@ -239,6 +239,22 @@ def engine_outputs(step: Step, key: int) -> dict[str, np.ndarray]:
             "request_key": np.array([[key]], dtype=np.int64)}
 
 
+IN_BAND_PREFIX = "bls-"  # request ids of the BLS's engine requests
+
+
+def wants_in_band_errors(request_id: str, requested: Any) -> bool:
+    """Errors go in-band (`error_outputs`) to the BLS only: other clients ask for every output by
+    default, and must see an error response."""
+    return request_id.startswith(IN_BAND_PREFIX) and "error_message" in list(requested)
+
+
+def error_outputs(message: str) -> dict[str, np.ndarray]:
+    """The cpu engine's in-band error: a final response with `error_message` (for the BLS, whose
+    decoupled response iterator drops error responses in Triton 2.51)."""
+    return {"error_message": np.array([[message.encode("utf-8")]], dtype=object),
+            "is_final": np.array([[True]], dtype=bool)}
+
+
 def stop_id(key: int) -> str:
     """The request id under which the cpu engine also registers the request with this key.
 
@@ -256,6 +272,7 @@ __all__ = [
     "decode_text",
     "engine_outputs",
     "engine_request",
+    "error_outputs",
     "load_tokenizer",
     "postprocess",
     "preprocess",
