@@ -25,6 +25,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -33,7 +34,8 @@ from pathlib import Path
 from types import TracebackType
 
 from export.errors import ExportError
-from export.triton.binary import ServerBinary, find_tritonserver
+from export.triton.binary import EXPORT_ROOT, ServerBinary, find_tritonserver
+from export.triton.reaper import READY, STOPPING
 
 log = logging.getLogger(__name__)
 DEPLOY_FILE = "triton_deploy.json"   # written by `package`: flavour, world size, engine dir
@@ -65,6 +67,7 @@ class ServerHandle:
     log_path: Path
     work_dir: Path
     shm_prefix: str = ""
+    reaper: subprocess.Popen | None = None
 
     @property
     def http_url(self) -> str:
@@ -89,6 +92,8 @@ class ServerHandle:
         from export.triton.procs import tree_pids
 
         pids = tree_pids(self.process.pid) if self.alive() else []
+        with contextlib.suppress(OSError):
+            (self.work_dir / STOPPING).touch()  # the reaper: this shutdown is asked for, not a dead stub
         if self.alive():
             _signal_group(self.process.pid, signal.SIGTERM)
             try:
@@ -100,7 +105,18 @@ class ServerHandle:
         shutil.rmtree(self.work_dir, ignore_errors=True)
         remove_shm(self.shm_prefix)
         _remove_runtime_dirs(pids)
+        self._stop_reaper()
         return code
+
+    def _stop_reaper(self) -> None:
+        """The reaper exits by itself once the server is gone (after the same cleanup); wait for it."""
+        if self.reaper is None:
+            return
+        try:
+            self.reaper.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.reaper.kill()
+            self.reaper.wait()
 
     def shm_regions(self) -> list[Path]:
         """This server's python-backend shared-memory regions now."""
@@ -234,16 +250,27 @@ def start_server(repo: str | Path, *, host: str = "127.0.0.1", http_port: int = 
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=binary.env, cwd=work_dir,
                                 preexec_fn=_die_with_parent)
-    handle = ServerHandle(proc, host, *ports, log_path=log_path, work_dir=work_dir, shm_prefix=prefix)
+    handle = ServerHandle(proc, host, *ports, log_path=log_path, work_dir=work_dir, shm_prefix=prefix,
+                          reaper=_start_reaper(proc.pid, prefix, work_dir))
     try:
         wait_ready(handle, timeout)
         _private_shm(prefix)  # before any request can put a prompt there
+        (work_dir / READY).touch()  # the reaper watches the stubs from now on
     except BaseException:
         text = handle.log_text()
         handle.stop()
         _keep_log(text)
         raise
     return handle
+
+
+def _start_reaper(server: int, shm_prefix: str, work_dir: Path) -> subprocess.Popen:
+    """`export.triton.reaper` in its own session: it cleans up after a kill -9 of the launcher, of the
+    server or of a stub (see its module doc)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(EXPORT_ROOT), os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-m", "export.triton.reaper", "--server", str(server), "--launcher", str(os.getpid()),
+           "--shm-prefix", shm_prefix, "--work-dir", str(work_dir)]
+    return subprocess.Popen(cmd, cwd=EXPORT_ROOT, env=env, start_new_session=True, stdin=subprocess.DEVNULL)
 
 
 def _clean_stale_work_dirs() -> None:
