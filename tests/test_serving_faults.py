@@ -51,6 +51,17 @@ def test_stale_shm_regions_of_a_dead_launcher_are_removed(tmp_path, monkeypatch)
     assert not gone.exists() and mine.exists() and other.exists()
 
 
+def test_the_reaper_stays_light():
+    """The reaper must act within a poll, not after importing torch (seconds on a busy host)."""
+    from export.runtime.backends import TMP_PREFIX
+
+    assert srv.RUNTIME_TMP_PREFIX == TMP_PREFIX
+    code = "import sys, export.triton.reaper, export.triton.server, export.triton.procs; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == "False", out.stderr
+
+
 def test_server_command_uses_the_launchers_shm_prefix(tmp_path):
     binary = srv.ServerBinary(Path("/x/tritonserver"), bundled=True, backend_dir=tmp_path)
     cmd = srv.server_command(binary, tmp_path, host="127.0.0.1", http_port=1, grpc_port=2, metrics_port=3,

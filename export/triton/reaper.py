@@ -89,7 +89,11 @@ def watch(args: argparse.Namespace) -> str:
 
     seen: set[int] = set()
     known_stubs: set[int] = set()
+    work = Path(args.work_dir)
+    stopping = False
     while True:
+        # read before the server's state: the launcher removes the work dir once the server is gone
+        stopping = stopping or (work / STOPPING).exists() or not work.exists()
         if os.getppid() != args.launcher or not alive(args.launcher):
             return "launcher gone"
         if not alive(args.server):
@@ -97,9 +101,9 @@ def watch(args: argparse.Namespace) -> str:
         tree = tree_pids(args.server)
         seen.update(tree)
         died = {p for p in known_stubs if not alive(p)}
-        if died and not (Path(args.work_dir) / STOPPING).exists():
+        if died and not stopping and alive(args.server):
             return f"python stub {min(died)} died"
-        if (Path(args.work_dir) / READY).exists():
+        if (work / READY).exists():
             known_stubs |= stubs(args.server, tree)
         args.seen = seen
         time.sleep(POLL_S)

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 DEPLOY_FILE = "triton_deploy.json"   # written by `package`: flavour, world size, engine dir
 ERROR_LINE = re.compile(r"^E\d{4} |failed to load|error:|Error|Traceback", re.IGNORECASE)
 NOISE = re.compile(r"CudaDriverHelper|NVML|DCGM|cuda", re.IGNORECASE)  # a CPU host's expected complaints
+RUNTIME_TMP_PREFIX = "export-runtime-"  # = export.runtime.backends.TMP_PREFIX (not imported: that pulls in torch)
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "ffx"  # + launcher pid + "x" + random hex: python-backend shm regions of our servers
 
@@ -136,10 +137,8 @@ def _signal_group(pgid: int, sig: int) -> None:
 
 def _remove_runtime_dirs(pids: list[int]) -> None:
     """The rendezvous/log dirs `export.runtime.backends` made in these (now stopped) processes."""
-    from export.runtime.backends import TMP_PREFIX
-
     for pid in pids:
-        for d in Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}{pid}-*"):
+        for d in Path(tempfile.gettempdir()).glob(f"{RUNTIME_TMP_PREFIX}{pid}-*"):
             shutil.rmtree(d, ignore_errors=True)
 
 
