@@ -287,3 +287,37 @@ def test_shared_memory_regions_are_private(deployment):
     assert regions, "no python-backend shm regions found under the server's prefix"
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in regions}
     assert all(m == 0o600 for m in modes.values()), modes
+
+
+def stub_threads(server, model: str) -> int:
+    """Threads of `model`'s python stub now."""
+    from pathlib import Path
+
+    from export.triton.procs import tree_pids
+
+    (pid,) = [p for p in tree_pids(server.process.pid)
+              if f"/{model}/1/model.py" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+    return len(list(Path(f"/proc/{pid}/task").iterdir()))
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_an_engine_error_ends_the_bls_stream_and_leaves_no_thread(deployment, reference, stream):
+    """An engine error (the cpu engine refuses bad_words) now reaches the BLS in-band and ends its
+    stream, with no thread left behind. Triton 2.51's response iterator delivered such an error when
+    it was the first response; mid-stream it was dropped and the BLS hung (reproduced by the killed
+    worker in test_serving_faults.py)."""
+    import time
+
+    _, server = deployment
+    before = stub_threads(server, "tensorrt_llm_bls")
+    for _ in range(3):
+        start = time.monotonic()
+        with pytest.raises(QueryError, match="bad_words: not supported by the cpu engine"):
+            query(Request(PROMPTS[0], max_tokens=8, bad_words=("fox",), stream=stream), url=server.grpc_url,
+                  model="tensorrt_llm_bls", timeout=30)
+        assert time.monotonic() - start < 10
+    deadline = time.monotonic() + 5
+    while stub_threads(server, "tensorrt_llm_bls") > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stub_threads(server, "tensorrt_llm_bls") <= before
+    good(server, reference)
