@@ -12,15 +12,16 @@ inside the python-backend stub); `finalize` closes them.
 
 Errors: every request gets exactly one final response. The BLS (its request ids start with
 pipeline.IN_BAND_PREFIX, and it requests `error_message`) gets an error as a normal final response
-carrying that output, because
-Triton 2.51's BLS response iterator drops error responses of a decoupled model (measured: with the
-final flag on the error the BLS waited forever, without it the stream looked complete).
+carrying that output, because Triton 2.51's BLS response iterator drops a decoupled model's error
+responses mid-stream (measured: with the final flag on the error the BLS waited forever, without it
+the stream looked complete).
 
 Health: a watchdog sees a TP worker exit within HEALTH_POLL_S. The engine cannot serve again (its
 TP group is broken), so the model fails every running and waiting request with the reason, answers
 new ones UNAVAILABLE, and SIGTERMs tritonserver: readiness goes false at once and the server exits,
 so an orchestrator routes traffic elsewhere and restarts it (a python model cannot make 2.51's
-readiness false any other way).
+readiness false any other way). If this stub itself dies, the reaper of `export.triton.server`
+does the same.
 """
 
 import contextlib

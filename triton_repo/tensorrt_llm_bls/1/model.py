@@ -29,10 +29,10 @@ ROUTES = {"text_input": ("QUERY", None), "max_tokens": ("REQUEST_OUTPUT_LEN", No
           "end_id": ("END_ID", None), "pad_id": ("PAD_ID", None), "top_k": ("RUNTIME_TOP_K", "runtime_top_k"),
           "top_p": ("RUNTIME_TOP_P", "runtime_top_p"), "temperature": ("TEMPERATURE", "temperature"),
           "seed": (None, "seed"), "stream": (None, "streaming")}
-# preprocessing output -> engine input
 POLL_S = 0.1   # how often a waiting stream looks at its client's cancel flag and at shutdown
 DRAIN_S = 2.0  # after a cancel, how long the engine gets to confirm the stop before the stream ends anyway
 END = object()  # the pump's "no more responses"
+# preprocessing output -> engine input
 PRE_TO_ENGINE = {"INPUT_ID": "input_ids", "REQUEST_INPUT_LEN": "input_lengths",
                  "REQUEST_OUTPUT_LEN": "request_output_len", "OUT_END_ID": "end_id", "OUT_PAD_ID": "pad_id",
                  "STOP_WORDS_IDS": "stop_words_list", "BAD_WORDS_IDS": "bad_words_list"}
