@@ -116,3 +116,94 @@ def test_tp2_concurrent_streams_equal_the_single_request_runs(ckpt, eng):
             t.join(timeout=120)
         wait_for(lambda: e.scheduler.load()["running"] == 0)
     assert got == want
+
+
+# ---- per-request fault isolation -------------------------------------------------------------
+BATCH = [[3 + i, 17, 40 + 5 * i, 8][: 1 + i % 4] for i in range(8)]
+POISON = 5  # the row (request) the injected faults hit
+
+
+class Inject:
+    """A real engine's step function with one fault added: the request whose prompt is `prompt`
+    gets NaN logits from its `after`-th output on (0 = its prefill), or its prefill raises."""
+
+    def __init__(self, call, prompt: list[int], after: int = 0, raise_in_prefill: bool = False) -> None:
+        self.call, self.prompt, self.after, self.raise_in_prefill = call, tuple(prompt), after, raise_in_prefill
+        self.slot: int | None = None
+        self.outputs = 0
+
+    def __call__(self, cmd):
+        from export.runtime.steps import Decode, Prefill
+
+        if isinstance(cmd, Prefill) and self.prompt in cmd.seqs:
+            if self.raise_in_prefill:
+                raise RuntimeError("index out of range in self")  # what an out-of-range embedding raises
+            self.slot = cmd.slots[cmd.seqs.index(self.prompt)]
+        logits = self.call(cmd)
+        slots = cmd.slots if isinstance(cmd, Prefill | Decode) else ()
+        if self.slot in slots and (isinstance(cmd, Decode) or self.prompt in cmd.seqs):
+            if self.outputs >= self.after:
+                logits = logits.clone()
+                logits[slots.index(self.slot)] = float("nan")
+            self.outputs += 1
+        return logits
+
+
+def run_batch(eng: Engine, inject: Inject, params: SamplingParams) -> tuple[list[list[int]], list[str | None]]:
+    """The 8 prompts submitted together (one batch) through `inject`; tokens and error text per request."""
+    real = eng.scheduler.call
+    eng.scheduler.call = inject
+    try:
+        handles = eng.scheduler.submit_many(BATCH, params)
+        outs, errors = [], []
+        for h in handles:
+            toks: list[int] = []
+            err = None
+            try:
+                for step in h:
+                    toks += step
+            except ExportError as e:
+                err = str(e)
+            outs.append(toks)
+            errors.append(err)
+        wait_for(lambda: eng.scheduler.load()["running"] == 0)
+    finally:
+        eng.scheduler.call = real
+    return outs, errors
+
+
+@pytest.mark.parametrize("fault", ["nan at prefill", "nan mid-decode", "prefill raises"])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_a_failing_row_fails_only_its_request(eng, fault, sampled):
+    params = SamplingParams(max_tokens=10, temperature=0.9, seed=11) if sampled else SamplingParams(max_tokens=10)
+    want = [alone(eng, p, params) for p in BATCH]
+    inject = Inject(eng.scheduler.call, BATCH[POISON], after=0 if fault == "nan at prefill" else 4,
+                    raise_in_prefill=fault == "prefill raises")
+    outs, errors = run_batch(eng, inject, params)
+    others = [i for i in range(len(BATCH)) if i != POISON]
+    assert [outs[i] for i in others] == [want[i] for i in others]  # the other 7 finish with the reference
+    assert all(errors[i] is None for i in others)
+    expected = "index out of range" if fault == "prefill raises" else "non-finite logits"
+    assert errors[POISON] is not None and expected in errors[POISON]
+    if fault == "nan mid-decode":
+        assert outs[POISON] == want[POISON][:4]  # its tokens before the fault, then the error
+    # the engine is healthy afterwards: every slot free, the next batch is exact
+    assert eng.scheduler.load()["running"] == 0
+    assert alone(eng, BATCH[POISON], params) == want[POISON]
+
+
+@pytest.mark.parametrize("tiny", [1e-38, 1e-44])
+def test_tiny_temperature_is_greedy_and_harms_nobody(eng, tiny):
+    """A tiny temperature used to make logits / T overflow to inf, and the NaN failed the whole batch."""
+    greedy = SamplingParams(max_tokens=8)
+    want = [alone(eng, p, greedy) for p in PROMPTS]
+    handles = [eng.submit(p, SamplingParams(max_tokens=8, temperature=tiny if i == 1 else 0.0))
+               for i, p in enumerate(PROMPTS)]
+    assert [[t for s in h for t in s] for h in handles] == want
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=float("nan")), dict(temperature=float("inf")),
+                                 dict(top_p=float("nan"))])
+def test_non_finite_sampling_settings_are_refused(bad):
+    with pytest.raises(ExportError, match="bad sampling parameters"):
+        SamplingParams(**bad)

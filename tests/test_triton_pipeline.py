@@ -168,3 +168,64 @@ def test_engine_request_validation():
         engine_request({**ok, "input_ids": np.array([[5], [6]], dtype=np.int32)}, 16)
     with pytest.raises(RequestError, match=r"max_tokens 40 exceeds the limit 13"):
         engine_request({**ok, "request_output_len": np.array([[40]], dtype=np.int32)}, 16)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ({"input_lengths": np.array([[-1]], dtype=np.int32)}, r"input_lengths: -1 is outside \[1, 3\]"),
+    ({"input_lengths": np.array([[0]], dtype=np.int32)}, r"input_lengths: 0 is outside \[1, 3\]"),
+    ({"input_lengths": np.array([[10**6]], dtype=np.int32)}, r"input_lengths: 1000000 is outside \[1, 3\]"),
+    ({"input_ids": np.array([[5, -5, 7]], dtype=np.int32)}, r"input_ids: token id -5 outside the vocabulary \[0, 100"),
+    ({"input_ids": np.array([[5, 100, 7]], dtype=np.int32)}, r"input_ids: token id 100 outside the vocabulary"),
+])
+def test_raw_engine_tensors_are_checked_against_their_shape_and_vocabulary(override, message):
+    """input_lengths -1 used to drop the last prompt token silently, 10^6 was accepted."""
+    ok = {"input_ids": np.array([[5, 6, 7]], dtype=np.int32), "input_lengths": np.array([[3]], dtype=np.int32),
+          "request_output_len": np.array([[4]], dtype=np.int32)}
+    assert engine_request(ok, 16, vocab=100).prompt == [5, 6, 7]
+    with pytest.raises(RequestError, match=message):
+        engine_request({**ok, **override}, 16, vocab=100)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ({"TOKENS_BATCH": np.array([[[5, -5]]], dtype=np.int32)}, r"TOKENS_BATCH: token id -5 outside the vocabulary"),
+    ({"TOKENS_BATCH": np.array([[[5, 10**6]]], dtype=np.int32)}, r"TOKENS_BATCH: token id 1000000 outside"),
+    ({"SEQUENCE_LENGTH": np.array([[3]], dtype=np.int32)}, r"SEQUENCE_LENGTH: 3 is outside \[0, 2\]"),
+    ({"SEQUENCE_LENGTH": np.array([[-1]], dtype=np.int32)}, r"SEQUENCE_LENGTH: -1 is outside \[0, 2\]"),
+    ({"GENERATED_IDS": np.array([[7, -5]], dtype=np.int32)}, r"GENERATED_IDS: token id -5 outside"),
+])
+def test_postprocess_checks_lengths_and_ids(tok, override, message):
+    """id -5 used to fail in the tokenizer with `number too small to fit in target type`."""
+    ok = {"TOKENS_BATCH": np.array([[[5, 6]]], dtype=np.int32), "SEQUENCE_LENGTH": np.array([[2]], dtype=np.int32),
+          "GENERATED_IDS": np.array([[5, 6]], dtype=np.int32), "IS_FINAL": np.array([[True]])}
+    assert postprocess(tok, ok)["NUM_OUTPUT_TOKENS"].tolist() == [[2]]
+    with pytest.raises(RequestError, match=message):
+        postprocess(tok, {**ok, **override})
+
+
+def test_an_oversized_prompt_is_refused_before_tokenizing(tok):
+    """8 MB used to be tokenized (13 s) before the length check; now its size is checked first."""
+    import time
+
+    huge = inputs(QUERY=np.array([[b"a" * (8 << 20)]], dtype=object))
+    start = time.perf_counter()
+    with pytest.raises(RequestError, match=r"text_input: 8388608 bytes exceed the limit of 512 bytes"):
+        preprocess(tok, huge, LIMITS)
+    assert time.perf_counter() - start < 0.05
+    with pytest.raises(RequestError, match=r"exceed the limit of 100 bytes"):
+        preprocess(tok, inputs(QUERY=np.array([["é" * 51]], dtype=object)), Limits(32, 48, max_input_bytes=100))
+
+
+def test_request_integers_must_fit_triton_int32():
+    """Triton turns HTTP JSON max_tokens 4294967301 into INT32 5 before any model sees it (measured
+    in test_triton_server.py); our client refuses it instead of being served 5 tokens."""
+    from export.errors import ExportError
+    from export.triton.client import Request
+
+    with pytest.raises(ExportError, match=r"max_tokens 4294967301 does not fit Triton's INT32 input "
+                                          r"\(the server would see 5\)"):
+        Request("hi", max_tokens=4294967301)
+    with pytest.raises(ExportError, match=r"end_id -2147483649 does not fit"):
+        Request("hi", end_id=-2**31 - 1)
+    with pytest.raises(ExportError, match="seed -1 does not fit"):
+        Request("hi", seed=-1)
+    assert Request("hi", max_tokens=2**31 - 1).fields()["max_tokens"] == 2**31 - 1

@@ -89,6 +89,14 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def dead_ranks(self) -> list[tuple[int, int | None]]:
+        """(rank, exit code) of every worker process that has exited; [] in-process.
+
+        Cheap (a waitpid per rank) and lock-free, so a watchdog can ask while a step runs: a TP
+        group with a dead rank cannot serve again, and whoever hosts the engine should say so."""
+        return [(rank, p.returncode) for rank, p in enumerate(getattr(self.backend, "procs", []))
+                if p.poll() is not None]
+
     def _call(self, cmd: Any) -> Any:
         """Run a step on every rank; the leader's reply. The scheduler's driver and `logits`/`stats`
         callers interleave whole commands."""

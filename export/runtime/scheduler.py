@@ -11,6 +11,11 @@ Admission needs a free slot (at most `max_batch` sequences run) and room under t
 prompt plus max_tokens of every running request, in tokens); the rest wait, first come first
 served. At most `max_queue` requests may wait (including those accepted but not yet admitted at
 the next step); beyond that `submit` raises `BusyError` at once.
+
+Faults stay with the request they belong to: a row whose logits cannot be sampled (or any other
+error while handling one request's output) fails that request alone, and the batch goes on; a
+batched prefill that fails is retried one request at a time, so only the request that fails alone
+gets the error. Only a step that fails for the whole batch (a rank died) fails every request in it.
 """
 
 from __future__ import annotations
@@ -173,8 +178,8 @@ class Scheduler:
             return {"running": len(self._running), "waiting": len(self._waiting),
                     "kv_tokens": sum(r.kv_tokens for r in self._running), "steps": self.steps}
 
-    def close(self) -> None:
-        """Fail what is still queued or running, stop the driver."""
+    def close(self, reason: str = "engine closed while the request was running") -> None:
+        """Fail what is still queued or running (with `reason`), stop the driver."""
         with self._cv:
             self._closed = True
             self._cv.notify_all()
@@ -182,7 +187,7 @@ class Scheduler:
             self._thread.join(timeout=60)
         with self._cv:
             for r in [*self._waiting, *self._running]:
-                self._fail(r, ExportError("engine closed while the request was running"))
+                self._fail(r, ExportError(reason))
             self._waiting.clear()
             self._running.clear()
 
@@ -219,8 +224,7 @@ class Scheduler:
         decoding = [r for r in self._running if r not in admitted and not r.done]
         if admitted:
             self._reserve(admitted)
-            logits = self.call(Prefill(tuple(r.slot for r in admitted), tuple(tuple(r.prompt) for r in admitted)))
-            self._emit(admitted, logits)
+            self._prefill(admitted)
         if decoding:
             logits = self.call(Decode(tuple(r.slot for r in decoding), tuple(r.generated[-1] for r in decoding)))
             self._emit(decoding, logits)
@@ -239,16 +243,43 @@ class Scheduler:
             self.call(Reserve(slots, max_len))
             self._reserved = (slots, max_len)
 
+    def _prefill(self, admitted: list[_Request]) -> None:
+        """One batched prefill; if it fails, each request alone (the cache lengths of a failed
+        prefill are untouched, and `Free` resets them anyway), so a request that cannot be
+        prefilled fails by itself. A failure of every single prefill (a rank died) propagates."""
+        try:
+            self._emit(admitted, self.call(Prefill(tuple(r.slot for r in admitted),
+                                                   tuple(tuple(r.prompt) for r in admitted))))
+            return
+        except Exception:
+            if len(admitted) == 1:
+                raise
+        self.call(Free(tuple(r.slot for r in admitted)))  # type: ignore[arg-type]
+        errors: list[Exception] = []
+        for req in admitted:
+            try:
+                self._emit([req], self.call(Prefill((req.slot,), (tuple(req.prompt),))))  # type: ignore[arg-type]
+            except Exception as e:
+                errors.append(e)
+                self._fail(req, _request_error(e))
+        if len(errors) == len(admitted):
+            raise errors[0]
+
     def _emit(self, reqs: list[_Request], logits: Any) -> None:
         """Sample each row with its own request's settings and hand the token over (a backend may
-        answer with any array torch can wrap, e.g. numpy from another runtime)."""
+        answer with any array torch can wrap, e.g. numpy from another runtime). A row that fails
+        fails its request only; it is freed with the finished ones at the end of the step."""
         logits = torch.as_tensor(logits)
         for row, req in enumerate(reqs):
-            if req.cancelled:
+            if req.cancelled or req.done:
                 continue  # it leaves at the next step; nothing more reaches its consumer
-            tok = sample(logits[row:row + 1], req.params, req.gen)[0]
-            req.generated.append(tok)
-            reason = req.finish_reason()
+            try:
+                tok = sample(logits[row:row + 1], req.params, req.gen)[0]
+                req.generated.append(tok)
+                reason = req.finish_reason()
+            except Exception as e:  # this row's fault: the other rows of the batch go on
+                self._fail(req, _request_error(e))
+                continue
             if reason:
                 req.done = True
             req.out.put(Output([tok], reason is not None, reason))
@@ -283,3 +314,8 @@ class Scheduler:
         if failed:
             with contextlib.suppress(Exception):
                 self.call(Free(tuple(r.slot for r in failed)))  # type: ignore[arg-type]
+
+
+def _request_error(e: Exception) -> ExportError:
+    """The error one request ends with, naming what failed for it."""
+    return e if isinstance(e, ExportError) else ExportError(f"request failed: {type(e).__name__}: {e}")

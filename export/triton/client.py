@@ -40,6 +40,18 @@ class Request:
     bad_words: tuple[str, ...] = ()
     stream: bool = True
 
+    def __post_init__(self) -> None:
+        """Integers must fit the wire type: Triton converts HTTP JSON numbers to the input's INT32
+        before any model sees them, wrapping modulo 2**32 (max_tokens 4294967301 arrives as 5 and is
+        served), and numpy wraps the same way for gRPC; so the range is checked here, client-side."""
+        for name in ("max_tokens", "top_k", "end_id", "pad_id"):
+            value = getattr(self, name)
+            if value is not None and not -2**31 <= int(value) < 2**31:
+                raise ExportError(f"{name} {value} does not fit Triton's INT32 input (the server would see "
+                                  f"{(int(value) + 2**31) % 2**32 - 2**31})")
+        if self.seed is not None and not 0 <= int(self.seed) < 2**64:
+            raise ExportError(f"seed {self.seed} does not fit Triton's UINT64 input")
+
     def fields(self) -> dict[str, Any]:
         """Ensemble inputs by name, absent ones left out."""
         out = {"text_input": self.prompt, "max_tokens": self.max_tokens, "stream": self.stream,

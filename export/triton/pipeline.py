@@ -16,8 +16,11 @@ from export.triton.detok import text_delta
 from export.triton.requests import (
     Limits,
     RequestError,
+    check_ids,
+    check_length,
     check_output_len,
     check_sampling,
+    check_text_bytes,
     decode_text,
     scalar,
     split_word_list,
@@ -49,6 +52,7 @@ def preprocess(tokenizer: Any, inputs: Arrays, limits: Limits,
     query = inputs.get("QUERY")
     if query is None:
         raise RequestError("text_input: required input is missing")
+    check_text_bytes(query, "text_input", limits.input_bytes)  # before decoding or tokenizing anything
     texts = [row[0] for row in text_rows(query, "text_input")]
     end_default, pad_default = default_ids(tokenizer)
     rows, out_lens, ends, pads = [], [], [], []
@@ -79,17 +83,25 @@ def preprocess(tokenizer: Any, inputs: Arrays, limits: Limits,
 
 
 def postprocess(tokenizer: Any, inputs: Arrays, skip_special_tokens: bool = True) -> dict[str, np.ndarray]:
-    """TOKENS_BATCH [B, beam, T] -> OUTPUT [B, 1]; incremental when GENERATED_IDS is given."""
+    """TOKENS_BATCH [B, beam, T] -> OUTPUT [B, 1]; incremental when GENERATED_IDS is given.
+    Lengths must lie within the tensor and ids within the tokenizer's vocabulary (RequestError)."""
     tokens = np.asarray(inputs["TOKENS_BATCH"])
+    if tokens.ndim != 3:
+        raise RequestError(f"TOKENS_BATCH: expected [batch, beam, tokens], got shape {list(tokens.shape)}")
     lengths = np.asarray(inputs["SEQUENCE_LENGTH"]).reshape(tokens.shape[0], -1)
     generated, final = inputs.get("GENERATED_IDS"), inputs.get("IS_FINAL")
+    vocab = len(tokenizer)
     texts, counts = [], []
     for b in range(tokens.shape[0]):
-        new = tokens[b, 0, :int(lengths[b, 0])].tolist()
+        new = tokens[b, 0, :check_length(lengths[b, 0], "SEQUENCE_LENGTH", tokens.shape[2], 0)].tolist()
+        check_ids(new, "TOKENS_BATCH", vocab)
         if generated is None:  # TensorRT-LLM's own engine: each response decoded alone
             text = tokenizer.decode(new, skip_special_tokens=skip_special_tokens)
         else:
             all_ids = np.asarray(generated)[b].tolist()
+            check_ids(all_ids, "GENERATED_IDS", vocab)
+            if len(all_ids) < len(new):
+                raise RequestError(f"GENERATED_IDS: {len(all_ids)} ids, fewer than the {len(new)} new ones")
             is_final = bool(scalar(final, "IS_FINAL", True, b))
             text = text_delta(tokenizer, all_ids, len(all_ids) - len(new), is_final, skip_special_tokens)
         texts.append(text.encode("utf-8"))
@@ -128,16 +140,19 @@ class Step:
     final: bool
 
 
-def engine_request(inputs: Arrays, max_seq_len: int) -> EngineRequest:
-    """The `tensorrt_llm` inputs of one request (batch 1, as TensorRT-LLM's in-flight batcher requires)."""
+def engine_request(inputs: Arrays, max_seq_len: int, vocab: int | None = None) -> EngineRequest:
+    """The `tensorrt_llm` inputs of one request (batch 1, as TensorRT-LLM's in-flight batcher requires).
+    `input_lengths` must lie within `input_ids` and the prompt's ids within `vocab` (when given)."""
     ids = inputs.get("input_ids")
     if ids is None:
         raise RequestError("input_ids: required input is missing")
     ids = np.asarray(ids)
     if ids.ndim == 2 and ids.shape[0] != 1:
         raise RequestError(f"input_ids: the engine takes one sequence per request, got batch {ids.shape[0]}")
-    length = int(scalar(inputs.get("input_lengths"), "input_lengths", ids.shape[-1]))
+    width = ids.shape[-1] if ids.ndim else 1
+    length = check_length(scalar(inputs.get("input_lengths"), "input_lengths", width), "input_lengths", width)
     prompt = ids.reshape(-1)[:length].tolist()
+    check_ids(prompt, "input_ids", vocab)
     n = check_output_len(scalar(inputs.get("request_output_len"), "request_output_len"), len(prompt),
                          Limits(max_seq_len, max_seq_len))
     temperature = scalar(inputs.get("temperature"), "temperature", 0.0)
@@ -224,6 +239,22 @@ def engine_outputs(step: Step, key: int) -> dict[str, np.ndarray]:
             "request_key": np.array([[key]], dtype=np.int64)}
 
 
+IN_BAND_PREFIX = "bls-"  # request ids of the BLS's engine requests
+
+
+def wants_in_band_errors(request_id: str, requested: Any) -> bool:
+    """Errors go in-band (`error_outputs`) to the BLS only: other clients ask for every output by
+    default, and must see an error response."""
+    return request_id.startswith(IN_BAND_PREFIX) and "error_message" in list(requested)
+
+
+def error_outputs(message: str) -> dict[str, np.ndarray]:
+    """The cpu engine's in-band error: a final response with `error_message` (for the BLS, whose
+    decoupled response iterator drops error responses in Triton 2.51)."""
+    return {"error_message": np.array([[message.encode("utf-8")]], dtype=object),
+            "is_final": np.array([[True]], dtype=bool)}
+
+
 def stop_id(key: int) -> str:
     """The request id under which the cpu engine also registers the request with this key.
 
@@ -241,6 +272,7 @@ __all__ = [
     "decode_text",
     "engine_outputs",
     "engine_request",
+    "error_outputs",
     "load_tokenizer",
     "postprocess",
     "preprocess",

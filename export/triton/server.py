@@ -4,6 +4,12 @@ The server runs in its own process group (python-backend stubs and the engine's 
 its descendants), so stopping it signals the whole group; a parent-death signal stops it even if
 the launcher itself is killed. `start_server` returns only once every model is ready, or raises
 with the server's own load error.
+
+State on disk is private and is cleaned up: the server starts with umask 077 and the python
+backend's shared-memory regions (which hold prompt text) are made 0600 once it is up; every region
+carries this launcher's prefix (`ffx<launcher pid>x<random>r<rank>_`), so `stop` removes them and a
+later `start_server` removes those of launchers that are gone (a `kill -9` leaves them behind). A
+failed start keeps its log in a new 0600 file made by `mkstemp` (never an existing path or link).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -27,12 +34,16 @@ from pathlib import Path
 from types import TracebackType
 
 from export.errors import ExportError
-from export.triton.binary import ServerBinary, find_tritonserver
+from export.triton.binary import EXPORT_ROOT, ServerBinary, find_tritonserver
+from export.triton.reaper import READY, STOPPING
 
 log = logging.getLogger(__name__)
 DEPLOY_FILE = "triton_deploy.json"   # written by `package`: flavour, world size, engine dir
 ERROR_LINE = re.compile(r"^E\d{4} |failed to load|error:|Error|Traceback", re.IGNORECASE)
 NOISE = re.compile(r"CudaDriverHelper|NVML|DCGM|cuda", re.IGNORECASE)  # a CPU host's expected complaints
+RUNTIME_TMP_PREFIX = "export-runtime-"  # = export.runtime.backends.TMP_PREFIX (not imported: that pulls in torch)
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "ffx"  # + launcher pid + "x" + random hex: python-backend shm regions of our servers
 
 
 class ServerError(ExportError):
@@ -56,6 +67,8 @@ class ServerHandle:
     metrics_port: int
     log_path: Path
     work_dir: Path
+    shm_prefix: str = ""
+    reaper: subprocess.Popen | None = None
 
     @property
     def http_url(self) -> str:
@@ -75,7 +88,13 @@ class ServerHandle:
             return ""
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM the group (models finalize, engines close their workers), SIGKILL what remains."""
+        """SIGTERM the group (models finalize, engines close their workers), SIGKILL what remains,
+        then remove what the tree left on disk (shm regions, the engines' /tmp/export-runtime-* dirs)."""
+        from export.triton.procs import tree_pids
+
+        pids = tree_pids(self.process.pid) if self.alive() else []
+        with contextlib.suppress(OSError):
+            (self.work_dir / STOPPING).touch()  # the reaper: this shutdown is asked for, not a dead stub
         if self.alive():
             _signal_group(self.process.pid, signal.SIGTERM)
             try:
@@ -85,7 +104,24 @@ class ServerHandle:
         _signal_group(self.process.pid, signal.SIGKILL)  # stragglers (stubs, workers) in the group
         code = self.process.wait()
         shutil.rmtree(self.work_dir, ignore_errors=True)
+        remove_shm(self.shm_prefix)
+        _remove_runtime_dirs(pids)
+        self._stop_reaper()
         return code
+
+    def _stop_reaper(self) -> None:
+        """The reaper exits by itself once the server is gone (after the same cleanup); wait for it."""
+        if self.reaper is None:
+            return
+        try:
+            self.reaper.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.reaper.kill()
+            self.reaper.wait()
+
+    def shm_regions(self) -> list[Path]:
+        """This server's python-backend shared-memory regions now."""
+        return shm_regions(self.shm_prefix)
 
     def __enter__(self) -> ServerHandle:
         return self
@@ -99,9 +135,58 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
+def _remove_runtime_dirs(pids: list[int]) -> None:
+    """The rendezvous/log dirs `export.runtime.backends` made in these (now stopped) processes."""
+    for pid in pids:
+        for d in Path(tempfile.gettempdir()).glob(f"{RUNTIME_TMP_PREFIX}{pid}-*"):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def shm_regions(prefix: str) -> list[Path]:
+    return sorted(SHM_DIR.glob(f"{prefix}*")) if prefix else []
+
+
+def remove_shm(prefix: str) -> None:
+    """Unlink the regions of a stopped server (the python backend leaves them after any unclean exit)."""
+    for p in shm_regions(prefix):
+        with contextlib.suppress(OSError):
+            p.unlink()
+
+
+def _private_shm(prefix: str) -> None:
+    """0600 for the regions the python backend made (it sets 0644 itself whatever the umask)."""
+    for p in shm_regions(prefix):
+        with contextlib.suppress(OSError):
+            p.chmod(0o600)
+
+
+def _clean_stale_shm() -> None:
+    """Regions left by servers whose launcher is gone (pid in the prefix no longer exists)."""
+    for p in SHM_DIR.glob(f"{SHM_PREFIX}*x*"):
+        try:
+            pid = int(p.name[len(SHM_PREFIX):].split("x", 1)[0])
+        except ValueError:
+            continue
+        if not _pid_alive(pid):
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _die_with_parent() -> None:
-    """preexec: new session (own process group) and SIGTERM when the launcher dies (Linux)."""
+    """preexec: new session (own process group), SIGTERM when the launcher dies (Linux), and umask
+    077 so what the server and its models create (shm regions, logs, temp dirs) is private."""
     os.setsid()
+    os.umask(0o077)
     with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
@@ -112,14 +197,15 @@ def read_deploy(repo: Path) -> dict:
 
 
 def server_command(binary: ServerBinary, repo: Path, *, host: str, http_port: int, grpc_port: int,
-                   metrics_port: int, world_size: int = 1) -> list[str]:
+                   metrics_port: int, world_size: int = 1, shm_prefix: str | None = None) -> list[str]:
     """One tritonserver, or an MPMD mpirun with one server per rank (launch_triton_server.py's leader mode)."""
+    shm_prefix = shm_prefix or new_shm_prefix()
     def one(rank: int) -> list[str]:
         args = [str(binary.path), f"--model-repository={repo}", f"--http-address={host}",
                 f"--http-port={http_port}", f"--grpc-address={host}", f"--grpc-port={grpc_port}",
                 f"--metrics-address={host}", f"--metrics-port={metrics_port}",
                 "--disable-auto-complete-config", "--exit-timeout-secs=10",
-                f"--backend-config=python,shm-region-prefix-name=ffx{os.getpid()}{uuid.uuid4().hex[:6]}r{rank}_"]
+                f"--backend-config=python,shm-region-prefix-name={shm_prefix}r{rank}_"]
         if binary.backend_dir is not None:
             args.append(f"--backend-directory={binary.backend_dir}")
         if rank > 0:
@@ -139,6 +225,10 @@ def server_command(binary: ServerBinary, repo: Path, *, host: str, http_port: in
     return cmd[:-1]
 
 
+def new_shm_prefix() -> str:
+    return f"{SHM_PREFIX}{os.getpid()}x{uuid.uuid4().hex[:6]}"
+
+
 def start_server(repo: str | Path, *, host: str = "127.0.0.1", http_port: int = 0, grpc_port: int = 0,
                  metrics_port: int = 0, timeout: float = 300.0) -> ServerHandle:
     """Start tritonserver on `repo` and wait until every model is ready; port 0 picks a free port."""
@@ -146,26 +236,40 @@ def start_server(repo: str | Path, *, host: str = "127.0.0.1", http_port: int = 
     if not repo.is_dir():
         raise ExportError(f"{repo}: no such model repository")
     _clean_stale_work_dirs()
+    _clean_stale_shm()
     work_dir = Path(tempfile.mkdtemp(prefix=f"tritonserver-{os.getpid()}-"))
     binary = find_tritonserver(work_dir)
     ports = [p or free_port(host) for p in (http_port, grpc_port, metrics_port)]
     deploy = read_deploy(repo)
+    prefix = new_shm_prefix()
     cmd = server_command(binary, repo, host=host, http_port=ports[0], grpc_port=ports[1],
-                         metrics_port=ports[2], world_size=int(deploy.get("world_size", 1)))
+                         metrics_port=ports[2], world_size=int(deploy.get("world_size", 1)), shm_prefix=prefix)
     log_path = work_dir / "tritonserver.log"
     log.info("starting %s on %s (http %d, grpc %d, metrics %d)", binary.describe(), host, *ports)
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=binary.env, cwd=work_dir,
                                 preexec_fn=_die_with_parent)
-    handle = ServerHandle(proc, host, *ports, log_path=log_path, work_dir=work_dir)
+    handle = ServerHandle(proc, host, *ports, log_path=log_path, work_dir=work_dir, shm_prefix=prefix,
+                          reaper=_start_reaper(proc.pid, prefix, work_dir))
     try:
         wait_ready(handle, timeout)
+        _private_shm(prefix)  # before any request can put a prompt there
+        (work_dir / READY).touch()  # the reaper watches the stubs from now on
     except BaseException:
         text = handle.log_text()
         handle.stop()
         _keep_log(text)
         raise
     return handle
+
+
+def _start_reaper(server: int, shm_prefix: str, work_dir: Path) -> subprocess.Popen:
+    """`export.triton.reaper` in its own session: it cleans up after a kill -9 of the launcher, of the
+    server or of a stub (see its module doc)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(EXPORT_ROOT), os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-m", "export.triton.reaper", "--server", str(server), "--launcher", str(os.getpid()),
+           "--shm-prefix", shm_prefix, "--work-dir", str(work_dir)]
+    return subprocess.Popen(cmd, cwd=EXPORT_ROOT, env=env, start_new_session=True, stdin=subprocess.DEVNULL)
 
 
 def _clean_stale_work_dirs() -> None:
@@ -183,11 +287,16 @@ def _clean_stale_work_dirs() -> None:
             pass
 
 
-def _keep_log(text: str) -> None:
-    """The work dir is gone after a failed start; keep the full log where the user can read it."""
-    path = Path(tempfile.gettempdir()) / f"tritonserver-failed-{os.getpid()}.log"
-    path.write_text(text)
-    log.error("full tritonserver log: %s", path)
+def _keep_log(text: str) -> Path:
+    """The work dir is gone after a failed start; keep the full log where the user can read it.
+
+    A new file by mkstemp (O_CREAT | O_EXCL, mode 0600): a planted file or symlink at a predictable
+    name cannot make the launcher (often root) overwrite another file."""
+    fd, name = tempfile.mkstemp(prefix="tritonserver-failed-", suffix=".log")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    log.error("full tritonserver log: %s", name)
+    return Path(name)
 
 
 def wait_ready(handle: ServerHandle, timeout: float) -> None:

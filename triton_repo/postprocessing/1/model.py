@@ -41,6 +41,9 @@ class TritonPythonModel:
                 continue
             try:
                 out = self.pipeline.postprocess(self.tokenizer, inputs, self.skip)
+            except self.pipeline.RequestError as e:  # ids outside the vocabulary, lengths outside the tensor
+                responses.append(self.stub.error(pb_utils, str(e)))
+                continue
             except Exception as e:  # a decoding failure belongs to this request only
                 responses.append(self.stub.error(pb_utils, str(e), None))
                 continue

@@ -28,7 +28,10 @@ class TritonPythonModel:
 
         self.pipeline, self.stub = pipeline, stub
         self.tokenizer = pipeline.load_tokenizer(p["tokenizer_dir"])
-        self.limits = pipeline.Limits(int(p["max_input_len"]), int(p["max_seq_len"]))
+        # max_input_bytes (optional parameter; default max_input_len x requests.BYTES_PER_TOKEN): a prompt
+        # over it is refused before it is decoded or tokenized
+        self.limits = pipeline.Limits(int(p["max_input_len"]), int(p["max_seq_len"]),
+                                      int(p.get("max_input_bytes", "0") or 0))
         self.add_special = p.get("add_special_tokens", "true").lower() == "true"
 
     def execute(self, requests):

@@ -9,16 +9,32 @@ ensemble's client does: every response carries `request_key`, and pipeline.stop_
 request id this request answers to). A full wait queue answers "engine busy" (UNAVAILABLE).
 At tp x pp > 1 `Engine.start` launches the worker processes with subprocess (multiprocessing does not work
 inside the python-backend stub); `finalize` closes them.
+
+Errors: every request gets exactly one final response. The BLS (its request ids start with
+pipeline.IN_BAND_PREFIX, and it requests `error_message`) gets an error as a normal final response
+carrying that output, because Triton 2.51's BLS response iterator drops a decoupled model's error
+responses mid-stream (measured: with the final flag on the error the BLS waited forever, without it
+the stream looked complete).
+
+Health: a watchdog sees a TP worker exit within HEALTH_POLL_S. The engine cannot serve again (its
+TP group is broken), so the model fails every running and waiting request with the reason, answers
+new ones UNAVAILABLE, and SIGTERMs tritonserver: readiness goes false at once and the server exits,
+so an orchestrator routes traffic elsewhere and restarts it (a python model cannot make 2.51's
+readiness false any other way). If this stub itself dies, the reaper of `export.triton.server`
+does the same.
 """
 
 import contextlib
 import itertools
 import json
+import os
+import signal
 import sys
 import threading
 
 import triton_python_backend_utils as pb_utils
 
+HEALTH_POLL_S = 0.5  # how often the watchdog looks at the engine's worker processes
 INPUTS = ("input_ids", "input_lengths", "request_output_len", "end_id", "pad_id", "stop_words_list",
           "bad_words_list", "temperature", "runtime_top_k", "runtime_top_p", "seed", "streaming", "stop")
 
@@ -68,7 +84,32 @@ class TritonPythonModel:
         self.stops = {}  # request id -> events of its running requests (the `stop` input sets them)
         self.keys = itertools.count(1)  # each request's key: postprocessing stops it by pipeline.stop_id(key)
         self.stopping = threading.Event()
+        self.down = None  # why the engine cannot serve, once it cannot
         self.metrics = self._start_metrics()
+        self.watchdog = threading.Thread(target=self._watch, name="engine-health", daemon=True)
+        self.watchdog.start()
+
+    def _watch(self):
+        """Within HEALTH_POLL_S of a worker's death: fail its requests and stop the server (see module doc)."""
+        while not self.stopping.wait(HEALTH_POLL_S):
+            dead = self.engine.dead_ranks()
+            if dead:
+                rank, code = dead[0]
+                self._go_down(f"engine is down: TP worker rank {rank} exited (code {code})")
+                return
+
+    def _go_down(self, why):
+        with self.lock:
+            if self.down is not None:
+                return
+            self.down = why
+        pb_utils.Logger.log_error(f"tensorrt_llm: {why}; failing its requests and stopping tritonserver "
+                                  f"so that readiness goes false")
+        self.engine.scheduler.close(why)  # running and waiting requests end with this error now
+        parent = os.getppid()
+        with contextlib.suppress(OSError), open(f"/proc/{parent}/comm") as f:
+            if f.read().strip() == "tritonserver":
+                os.kill(parent, signal.SIGTERM)
 
     def _start_metrics(self):
         """The scheduler's load as gauges on Triton's metrics endpoint (`cpu_engine_scheduler{state=...}`)."""
@@ -90,6 +131,9 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for request in requests:
+            if self.down is not None:
+                self._error(request.get_response_sender(), request, self.down, "UNAVAILABLE")
+                continue
             t = threading.Thread(target=self._serve, args=(request,), daemon=True)
             self.threads.add(t)
             t.start()
@@ -112,7 +156,7 @@ class TritonPythonModel:
                 self._stop(rid)
                 sender.send(flags=final)
                 return
-            req = self.pipeline.engine_request(inputs, self.max_seq_len)
+            req = self.pipeline.engine_request(inputs, self.max_seq_len, self.engine.spec.vocab)
             with self.lock:
                 for n in names:
                     self.stops.setdefault(n, []).append(stop)
@@ -125,11 +169,11 @@ class TritonPythonModel:
                         return
             sender.send(flags=final)
         except self.pipeline.RequestError as e:
-            sender.send(self.stub.error(pb_utils, str(e)), flags=final)
+            self._error(sender, request, str(e))
         except self.BusyError as e:
-            sender.send(self.stub.error(pb_utils, str(e), "UNAVAILABLE"), flags=final)
+            self._error(sender, request, str(e), "UNAVAILABLE")
         except Exception as e:  # an engine failure ends this request, not the server
-            sender.send(self.stub.error(pb_utils, f"engine error: {type(e).__name__}: {e}", None), flags=final)
+            self._error(sender, request, f"engine error: {type(e).__name__}: {e}", None)
         finally:
             self.threads.discard(threading.current_thread())
             with self.lock:
@@ -138,6 +182,14 @@ class TritonPythonModel:
                         self.stops[n].remove(stop)
                         if not self.stops[n]:
                             del self.stops[n]
+
+    def _error(self, sender, request, msg, code="INVALID_ARG"):
+        """The request's final response is this error: in-band for the BLS (see module doc)."""
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        if self.pipeline.wants_in_band_errors(request.request_id(), request.requested_output_names()):
+            sender.send(self.stub.response(pb_utils, self.pipeline.error_outputs(msg)), flags=final)
+        else:
+            sender.send(self.stub.error(pb_utils, msg, code), flags=final)
 
     def finalize(self):
         self.stopping.set()
