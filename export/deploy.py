@@ -201,7 +201,7 @@ def commands(rep: dict[str, Any], row: dict[str, Any], source: str = "SRC", name
     if row["weights"] == row["kv_cache"] == "bf16":
         return [f"python -m export convert {source} --tp {tp} --pp {pp} --dtype bf16{pe} --out engines/{name}",
                 f"python -m export build engines/{name} --max-seq-len {seq} --max-batch-size {batch}",
-                f"python -m export package engines/{name} --out triton_repo --backend trtllm "
+                f"python -m export package engines/{name} --out repo/{name} --backend trtllm "
                 f"--max-batch-size {batch} --kv-cache-fraction {rep['kv_fraction']:g}",
                 serve]
     qformat = "fp8" if row["weights"] == "fp8" else "full_prec"
