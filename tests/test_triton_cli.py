@@ -66,10 +66,12 @@ def repo(tmp_path_factory) -> Path:
     return root / "repo"
 
 
-def test_serve_query_then_ctrl_c_leaves_nothing_behind(repo):
+def test_serve_query_then_ctrl_c_leaves_nothing_behind(repo, tmp_path):
     http, grpc, metrics = free_port(), free_port(), free_port()
+    log_file = tmp_path / "triton.log"
+    log_file.write_text("an earlier run\n")
     serve = subprocess.Popen(export_cmd("serve", str(repo), "--http-port", str(http), "--grpc-port", str(grpc),
-                                        "--metrics-port", str(metrics)),
+                                        "--metrics-port", str(metrics), "--log-file", str(log_file), "-v"),
                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)
     try:
@@ -85,10 +87,16 @@ def test_serve_query_then_ctrl_c_leaves_nothing_behind(repo):
         assert single.returncode == 0 and single.stdout == streamed.stdout
         bad = run("query", "x", "--url", f"127.0.0.1:{grpc}", "--max-tokens", "0")
         assert bad.returncode == 2 and "max_tokens must be >= 1" in bad.stderr
+        as_json = run("query", "héllo 中文", "--url", f"127.0.0.1:{grpc}", "--max-tokens", "8", "--json")
+        assert as_json.returncode == 0, as_json.stderr
+        assert json.loads(as_json.stdout)["text"] + "\n" == streamed.stdout
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10).read().decode()
         assert 'nv_inference_request_success{model="ensemble"' in text
         serve.send_signal(signal.SIGINT)
         assert serve.wait(timeout=60) == 0
+        log = log_file.read_text()  # appended to, never replaced; -v showed the same lines on stderr
+        assert log.startswith("an earlier run\n") and "Started GRPCInferenceService" in log
+        assert "Started GRPCInferenceService" in serve.stderr.read()
         deadline = time.monotonic() + 10
         while any(alive(p) for p in tree) and time.monotonic() < deadline:
             time.sleep(0.2)
