@@ -111,6 +111,27 @@ def test_a_model_that_fails_to_load_is_reported_with_the_servers_error(repo, tmp
     broken = tmp_path / "broken"
     shutil.copytree(repo / "preprocessing", broken / "preprocessing")
     cfg = broken / "preprocessing/config.pbtxt"
-    cfg.write_text(cfg.read_text().replace(str(repo.parent / "engines/tiny/tokenizer"), str(tmp_path / "nowhere")))
+    text = cfg.read_text()
+    assert 'string_value: "tensorrt_llm/engine/tokenizer"' in text  # relative to the repository (see the move test)
+    cfg.write_text(text.replace('"tensorrt_llm/engine/tokenizer"', f'"{tmp_path / "nowhere"}"'))
     with pytest.raises(ServerError, match=r"(?s)preprocessing.*no tokenizer\.json"):
         start_server(broken, timeout=120)
+
+
+def test_a_moved_repository_serves_without_its_engine_dir(tmp_path):
+    """The repository holds what its python models read (engine/: hard links, or copies across
+    filesystems) and names it relative to itself: moved elsewhere, with engines/NAME gone, it serves."""
+    engine_dir = make_engine_dir(tmp_path, tp=1)
+    r = run("package", str(engine_dir), "--out", str(tmp_path / "repo"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["repo"] == str(tmp_path / "repo")
+    for cfg in (tmp_path / "repo").glob("*/config.pbtxt"):
+        assert str(engine_dir) not in cfg.read_text(), cfg
+    moved = tmp_path / "elsewhere" / "deployed"
+    moved.parent.mkdir()
+    (tmp_path / "repo").rename(moved)
+    engine_dir.rename(tmp_path / "engines" / "gone")
+    with start_server(moved, timeout=240) as server:
+        res = run("query", "the quick", "--url", server.grpc_url, "--max-tokens", "4", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["tokens"] == 4
