@@ -27,6 +27,19 @@ def test_version():
     assert out.returncode == 0 and out.stdout.strip() == f"python -m export {__version__}"
 
 
+def test_query_without_a_server_is_one_clear_error_every_time():
+    """No traceback from the gRPC stream's race ("the stream is no longer in valid state")."""
+    from export.triton.server import free_port
+
+    port = free_port()
+    for protocol in ("grpc", "grpc", "grpc", "http"):
+        out = subprocess.run([sys.executable, "-m", "export", "query", "hi", "--url", f"127.0.0.1:{port}",
+                              "--protocol", protocol], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.startswith("error: cannot reach") and "Traceback" not in out.stderr
+        assert "refused" in out.stderr.lower()
+
+
 def test_every_flag_has_help_and_every_default_is_shown():
     missing, hidden = [], []
     for name, sp in _subparsers().items():

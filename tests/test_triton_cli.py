@@ -66,10 +66,12 @@ def repo(tmp_path_factory) -> Path:
     return root / "repo"
 
 
-def test_serve_query_then_ctrl_c_leaves_nothing_behind(repo):
+def test_serve_query_then_ctrl_c_leaves_nothing_behind(repo, tmp_path):
     http, grpc, metrics = free_port(), free_port(), free_port()
+    log_file = tmp_path / "triton.log"
+    log_file.write_text("an earlier run\n")
     serve = subprocess.Popen(export_cmd("serve", str(repo), "--http-port", str(http), "--grpc-port", str(grpc),
-                                        "--metrics-port", str(metrics)),
+                                        "--metrics-port", str(metrics), "--log-file", str(log_file), "-v"),
                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)
     try:
@@ -85,10 +87,16 @@ def test_serve_query_then_ctrl_c_leaves_nothing_behind(repo):
         assert single.returncode == 0 and single.stdout == streamed.stdout
         bad = run("query", "x", "--url", f"127.0.0.1:{grpc}", "--max-tokens", "0")
         assert bad.returncode == 2 and "max_tokens must be >= 1" in bad.stderr
+        as_json = run("query", "héllo 中文", "--url", f"127.0.0.1:{grpc}", "--max-tokens", "8", "--json")
+        assert as_json.returncode == 0, as_json.stderr
+        assert json.loads(as_json.stdout)["text"] + "\n" == streamed.stdout
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10).read().decode()
         assert 'nv_inference_request_success{model="ensemble"' in text
         serve.send_signal(signal.SIGINT)
         assert serve.wait(timeout=60) == 0
+        log = log_file.read_text()  # appended to, never replaced; -v showed the same lines on stderr
+        assert log.startswith("an earlier run\n") and "Started GRPCInferenceService" in log
+        assert "Started GRPCInferenceService" in serve.stderr.read()
         deadline = time.monotonic() + 10
         while any(alive(p) for p in tree) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -103,6 +111,27 @@ def test_a_model_that_fails_to_load_is_reported_with_the_servers_error(repo, tmp
     broken = tmp_path / "broken"
     shutil.copytree(repo / "preprocessing", broken / "preprocessing")
     cfg = broken / "preprocessing/config.pbtxt"
-    cfg.write_text(cfg.read_text().replace(str(repo.parent / "engines/tiny/tokenizer"), str(tmp_path / "nowhere")))
+    text = cfg.read_text()
+    assert 'string_value: "tensorrt_llm/engine/tokenizer"' in text  # relative to the repository (see the move test)
+    cfg.write_text(text.replace('"tensorrt_llm/engine/tokenizer"', f'"{tmp_path / "nowhere"}"'))
     with pytest.raises(ServerError, match=r"(?s)preprocessing.*no tokenizer\.json"):
         start_server(broken, timeout=120)
+
+
+def test_a_moved_repository_serves_without_its_engine_dir(tmp_path):
+    """The repository holds what its python models read (engine/: hard links, or copies across
+    filesystems) and names it relative to itself: moved elsewhere, with engines/NAME gone, it serves."""
+    engine_dir = make_engine_dir(tmp_path, tp=1)
+    r = run("package", str(engine_dir), "--out", str(tmp_path / "repo"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["repo"] == str(tmp_path / "repo")
+    for cfg in (tmp_path / "repo").glob("*/config.pbtxt"):
+        assert str(engine_dir) not in cfg.read_text(), cfg
+    moved = tmp_path / "elsewhere" / "deployed"
+    moved.parent.mkdir()
+    (tmp_path / "repo").rename(moved)
+    engine_dir.rename(tmp_path / "engines" / "gone")
+    with start_server(moved, timeout=240) as server:
+        res = run("query", "the quick", "--url", server.grpc_url, "--max-tokens", "4", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["tokens"] == 4

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +20,7 @@ def _package_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="model repository to write (new, or ours with --overwrite)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out if it is a previous output of this toolkit (anything else is refused)")
+    p.add_argument("--json", action="store_true", help="print the repository and its request limits as JSON")
     p.add_argument("--backend", choices=("cpu", "onnx", "trtllm"), default="cpu",
                    help="engine model: cpu = reference runtime on the python backend; onnx = the same python model "
                         "running engines/NAME/onnx with ONNX Runtime; trtllm = tensorrtllm backend")
@@ -48,8 +51,14 @@ def _cmd_package(args: argparse.Namespace) -> int:
                        batching_strategy=args.batching_strategy, gpu_device_ids=args.gpu_device_ids,
                        engine_queue_limit=args.engine_queue_limit, kv_cache_tokens=args.kv_cache_tokens,
                        runtime_dtype=args.runtime_dtype, overwrite=args.overwrite)
+    build = Manifest.load(args.engine_dir).build
+    if args.json:
+        print(json.dumps({"repo": str(out), "backend": args.backend, "seconds": round(time.perf_counter() - t, 3),
+                          "max_input_len": int(build["max_input_len"]), "max_seq_len": int(build["max_seq_len"]),
+                          "max_batch_size": args.max_batch_size or int(build["max_batch_size"])}, indent=2))
+        return 0
     print(f"packaged {args.backend} model repository at {out} ({time.perf_counter() - t:.2f} s)")
-    print(limits_summary(Manifest.load(args.engine_dir).build, args.max_batch_size))
+    print(limits_summary(build, args.max_batch_size))
     return 0
 
 
@@ -68,6 +77,11 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpc-port", type=int, default=8001, help="KServe v2 gRPC (streaming)")
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the models to load")
+    p.add_argument("--log-file", type=Path, default=None,
+                   help="append tritonserver's own log to this file (default: kept only while it runs, and "
+                        "its errors shown if it fails to start)")
+    p.add_argument("-v", "--verbose", action="store_true", dest="show_log",
+                   help="show tritonserver's log on stderr as it is written")
 
 
 @command("serve", "run tritonserver on a model repository until Ctrl-C (no process left behind)")
@@ -81,7 +95,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _term)
     t = time.perf_counter()
     server = start_server(args.repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-                          metrics_port=args.metrics_port, timeout=args.timeout)
+                          metrics_port=args.metrics_port, timeout=args.timeout, log_file=args.log_file)
+    if args.show_log:
+        follow_log(server)
     try:
         print(f"tritonserver ready in {time.perf_counter() - t:.1f} s: http {server.http_url}, "
               f"grpc {server.grpc_url}, metrics {server.host}:{server.metrics_port} (Ctrl-C stops)", flush=True)
@@ -96,8 +112,32 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         server.stop()
 
 
+def follow_log(server: object) -> threading.Thread:
+    """Copy what tritonserver writes to its log onto stderr, from where this run's output starts."""
+    def run() -> None:
+        pos = server.log_offset  # type: ignore[attr-defined]
+        while True:
+            try:
+                with open(server.log_path, "rb") as f:  # type: ignore[attr-defined]
+                    f.seek(pos)
+                    chunk = f.read()
+            except OSError:  # the work dir (and its log) went with the server
+                return
+            if chunk:
+                sys.stderr.write(chunk.decode(errors="replace"))
+                sys.stderr.flush()
+                pos += len(chunk)
+            elif not server.alive():  # type: ignore[attr-defined]
+                return
+            time.sleep(0.2)
+
+    t = threading.Thread(target=run, name="tritonserver-log", daemon=True)
+    t.start()
+    return t
+
+
 def _query_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt")
+    p.add_argument("prompt", help="the prompt text")
     p.add_argument("--url", default=None, help="host:port (default 127.0.0.1:8001 grpc / :8000 http)")
     p.add_argument("--protocol", choices=("grpc", "http"), default="grpc",
                    help="grpc: streamed tokens (decoupled model); http: one /generate reply")
@@ -112,6 +152,7 @@ def _query_args(p: argparse.ArgumentParser) -> None:
                    help="token id that ends generation (default: the tokenizer's end-of-sequence)")
     p.add_argument("--stop-word", action="append", default=[], dest="stop_words",
                    help="stop when this text is generated (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the text and timings as one JSON object")
 
 
 @command("query", "send a prompt to a served model (gRPC stream or HTTP generate); print text, TTFT, tokens/s")
@@ -123,7 +164,11 @@ def _cmd_query(args: argparse.Namespace) -> int:
                   top_p=args.top_p, seed=args.seed, end_id=args.end_id, stop_words=tuple(args.stop_words),
                   stream=args.stream)
     res = query(req, url=args.url, protocol=args.protocol, model=args.model,
-                on_text=lambda s: print(s, end="", flush=True))
+                on_text=None if args.json else (lambda s: print(s, end="", flush=True)))
+    if args.json:
+        print(json.dumps({"text": res.text, "tokens": res.tokens, "ttft_s": res.ttft_s,
+                          "tokens_per_s": res.tokens_per_s, "total_s": round(res.total_s, 4)}, indent=2))
+        return 0
     print()
     print(res.summary(), file=sys.stderr)
     return 0

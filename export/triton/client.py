@@ -160,6 +160,7 @@ class StreamSession:
         self._in_flight = False  # a request whose final response has not arrived
         self._events: queue.Queue = queue.Queue()
         self._client = grpcclient.InferenceServerClient(url)
+        _check_reachable(self._client, url)
         self._client.start_stream(callback=lambda result, error: self._events.put((result, error)))
 
     def infer(self, inputs: list, on_text: Callable[[str], None] | None = None) -> QueryResult:
@@ -169,7 +170,12 @@ class StreamSession:
         rid = str(self._sent)
         result, start = QueryResult(), time.perf_counter()
         self._in_flight = True
-        self._client.async_stream_infer(self.model, inputs, request_id=rid, enable_empty_final_response=True)
+        try:
+            self._client.async_stream_infer(self.model, inputs, request_id=rid, enable_empty_final_response=True)
+        except Exception as e:  # InferenceServerException: the stream broke (the server went away); the
+            self._in_flight = False  # callback queued the reason, if it gave one
+            reason = self._events.get_nowait()[1] if not self._events.empty() else e
+            raise QueryError(f"cannot send to {self.model} at {self.url}: {_message(reason)}") from None
         while True:
             try:
                 res, err = self._events.get(timeout=self.timeout)
@@ -177,7 +183,7 @@ class StreamSession:
                 raise QueryError(f"no response from {self.model} at {self.url} within {self.timeout:.0f}s") from None
             if err is not None:  # requests go one at a time, so an error is this request's
                 self._in_flight = False  # an error response is the request's last
-                raise QueryError(f"{self.model}: {err.message() if hasattr(err, 'message') else err}")
+                raise QueryError(f"{self.model}: {_message(err)}")
             response = res.get_response()
             if response.id != rid:
                 raise QueryError(f"{self.model}: a response for request {response.id!r} arrived "
@@ -210,6 +216,22 @@ class StreamSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _message(err: object) -> str:
+    """An InferenceServerException's own text (its str() carries a prefix and the gRPC status)."""
+    return " ".join(str(err.message() if hasattr(err, "message") else err).split())
+
+
+def _check_reachable(client: Any, url: str) -> None:
+    """Ask once before streaming: an unreachable server otherwise surfaces as a race between the
+    stream's callback and the send ("the stream is no longer in valid state"), not as its cause."""
+    try:
+        live = client.is_server_live()
+    except Exception as e:  # InferenceServerException: connection refused, DNS, TLS...
+        raise QueryError(f"cannot reach a Triton server at {url}: {_message(e)}") from None
+    if not live:
+        raise QueryError(f"the Triton server at {url} is not live")
 
 
 def _query_http(request: Request, url: str, model: str, on_text: Callable[[str], None],

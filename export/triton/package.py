@@ -9,6 +9,7 @@ runtime on engines/NAME/checkpoint, on the python backend). Every value comes fr
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -149,10 +150,14 @@ def render_model(name: str, settings: RepoSettings, templates: Path = TEMPLATES)
     return text
 
 
-def render_repo(settings: RepoSettings, out: Path, templates: Path = TEMPLATES, *, overwrite: bool = False) -> Path:
+def render_repo(settings: RepoSettings, out: Path, templates: Path = TEMPLATES, *, overwrite: bool = False,
+                bundle: bool = False) -> Path:
     """Write the repository atomically: every config rendered and parsed before anything lands.
 
-    The repository may not overlap what it points at (engine, checkpoint, tokenizer) nor the templates."""
+    The repository may not overlap what it points at (engine, checkpoint, tokenizer) nor the templates.
+    With `bundle`, the engine files the python models read (tokenizer, checkpoint, ONNX graph) are
+    placed inside the repository under `engine/` and the configs name them relative to it, so the
+    repository can be moved or mounted elsewhere."""
     settings.check()
     inputs = [templates, settings.tokenizer_dir, settings.checkpoint_dir, settings.engine_dir]
     check_output(out, inputs=inputs, overwrite=overwrite)
@@ -163,14 +168,18 @@ def render_repo(settings: RepoSettings, out: Path, templates: Path = TEMPLATES, 
                           f"pre/postprocessing need the tokenizer files")
     if (Path(settings.tokenizer_dir) / TOKENIZER_JSON).is_file():  # else it fails only when served
         check_tokenizer_json(Path(settings.tokenizer_dir) / TOKENIZER_JSON)
-    configs = {name: render_model(name, settings, templates) for name in MODELS}
-    planned = sum(tree_bytes(templates / name) for name in MODELS)
+    trees = bundled_trees(settings) if bundle else {}
+    rendered = relocated(settings) if bundle else settings
+    configs = {name: render_model(name, rendered, templates) for name in MODELS}
+    planned = sum(tree_bytes(templates / name) for name in MODELS) + _copy_bytes(trees, Path(out))
     with output_dir(out, inputs=inputs, overwrite=overwrite, planned_bytes=planned) as tmp:
         for name, text in configs.items():
             skip = SKIPPED.get((settings.backend, name), ())
             shutil.copytree(templates / name, tmp / name,
                             ignore=shutil.ignore_patterns("config*.pbtxt", "__pycache__", *skip))
             (tmp / name / "config.pbtxt").write_text(text)
+        for rel, src in trees.items():
+            link_tree(src, tmp / rel)
         deploy = {"backend": settings.backend, "world_size": settings.world_size,
                   "settings": {k: v for k, v in settings.values().items() if "extra" not in k}}
         (tmp / DEPLOY_FILE).write_text(json.dumps(deploy, indent=2) + "\n")
@@ -190,7 +199,53 @@ def package_repo(engine_dir: str | Path, out: str | Path, *, backend: str = "cpu
     settings = settings_from_manifest(Path(engine_dir), backend, **overrides)
     if backend == "cpu" and not (settings.checkpoint_dir and settings.checkpoint_dir.is_dir()):
         raise ExportError(f"{engine_dir}: checkpoint directory {settings.checkpoint_dir} is missing (run `convert`)")
-    return render_repo(settings, Path(out), overwrite=overwrite)
+    return render_repo(settings, Path(out), overwrite=overwrite, bundle=settings.backend == "cpu")
+
+
+BUNDLE = Path("tensorrt_llm", "engine")  # in the engine model's directory (a repository subdir would be a model)
+
+
+def bundled_trees(settings: RepoSettings) -> dict[Path, Path]:
+    """Repository-relative destination -> the engine file or directory it comes from."""
+    trees = {BUNDLE / "tokenizer": Path(settings.tokenizer_dir)}  # type: ignore[arg-type]
+    if settings.checkpoint_dir is not None:
+        engine = Path(settings.checkpoint_dir).parent
+        trees[BUNDLE / "checkpoint"] = Path(settings.checkpoint_dir)
+        trees[BUNDLE / "manifest.json"] = engine / "manifest.json"
+        if settings.runtime == "onnx":  # the onnx runtime finds engines/NAME/onnx beside checkpoint/
+            trees[BUNDLE / "onnx"] = engine / "onnx"
+    return trees
+
+
+def relocated(settings: RepoSettings) -> RepoSettings:
+    """The settings the configs are rendered with: the bundled paths, relative to the repository
+    (`export.triton.stub.resolve_paths` makes them absolute where the repository is loaded)."""
+    return replace(settings, tokenizer_dir=BUNDLE / "tokenizer",
+                   checkpoint_dir=BUNDLE / "checkpoint" if settings.checkpoint_dir is not None else None)
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """Hard links where `src` and `dst` share a filesystem (no bytes copied; the repository keeps
+    the files it was packaged with even when engines/NAME is later replaced), else copies."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.is_file():
+        try:
+            os.link(src, dst)
+        except OSError:  # another filesystem, or links not allowed there
+            shutil.copy2(src, dst)
+        return
+    dst.mkdir()
+    for child in sorted(src.iterdir()):
+        if child.is_symlink():
+            raise ExportError(f"{child}: a symlink inside the engine directory; package copies plain files only")
+        link_tree(child, dst / child.name)
+
+
+def _copy_bytes(trees: dict[Path, Path], out: Path) -> int:
+    """What bundling copies rather than links: everything, when the engine is on another filesystem."""
+    parent = next((p for p in [out.absolute(), *out.absolute().parents] if p.exists()), Path("/"))
+    return sum(tree_bytes(src) if src.is_dir() else src.stat().st_size
+               for src in trees.values() if src.stat().st_dev != parent.stat().st_dev)
 
 
 def _require_onnx(engine_dir: Path) -> None:

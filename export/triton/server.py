@@ -32,6 +32,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 from export.errors import ExportError
 from export.triton.binary import EXPORT_ROOT, ServerBinary, find_tritonserver
@@ -69,6 +70,7 @@ class ServerHandle:
     work_dir: Path
     shm_prefix: str = ""
     reaper: subprocess.Popen | None = None
+    log_offset: int = 0  # where this run's output starts in log_path (a --log-file is appended to)
 
     @property
     def http_url(self) -> str:
@@ -83,7 +85,9 @@ class ServerHandle:
 
     def log_text(self) -> str:
         try:
-            return self.log_path.read_text(errors="replace")
+            with open(self.log_path, "rb") as f:
+                f.seek(self.log_offset)
+                return f.read().decode(errors="replace")
         except FileNotFoundError:
             return ""
 
@@ -230,8 +234,11 @@ def new_shm_prefix() -> str:
 
 
 def start_server(repo: str | Path, *, host: str = "127.0.0.1", http_port: int = 0, grpc_port: int = 0,
-                 metrics_port: int = 0, timeout: float = 300.0) -> ServerHandle:
-    """Start tritonserver on `repo` and wait until every model is ready; port 0 picks a free port."""
+                 metrics_port: int = 0, timeout: float = 300.0, log_file: str | Path | None = None) -> ServerHandle:
+    """Start tritonserver on `repo` and wait until every model is ready; port 0 picks a free port.
+
+    Its output goes to `log_file` (appended to, created 0600, never through a symlink) when given,
+    else to a file in its work dir that goes with it."""
     repo = Path(repo).resolve()
     if not repo.is_dir():
         raise ExportError(f"{repo}: no such model repository")
@@ -244,13 +251,14 @@ def start_server(repo: str | Path, *, host: str = "127.0.0.1", http_port: int = 
     prefix = new_shm_prefix()
     cmd = server_command(binary, repo, host=host, http_port=ports[0], grpc_port=ports[1],
                          metrics_port=ports[2], world_size=int(deploy.get("world_size", 1)), shm_prefix=prefix)
-    log_path = work_dir / "tritonserver.log"
+    log_path = Path(log_file).absolute() if log_file else work_dir / "tritonserver.log"
     log.info("starting %s on %s (http %d, grpc %d, metrics %d)", binary.describe(), host, *ports)
-    with open(log_path, "wb") as out:
+    with _open_log(log_path) as out:
+        offset = out.tell()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=binary.env, cwd=work_dir,
                                 preexec_fn=_die_with_parent)
     handle = ServerHandle(proc, host, *ports, log_path=log_path, work_dir=work_dir, shm_prefix=prefix,
-                          reaper=_start_reaper(proc.pid, prefix, work_dir))
+                          reaper=_start_reaper(proc.pid, prefix, work_dir), log_offset=offset)
     try:
         wait_ready(handle, timeout)
         _private_shm(prefix)  # before any request can put a prompt there
@@ -261,6 +269,15 @@ def start_server(repo: str | Path, *, host: str = "127.0.0.1", http_port: int = 
         _keep_log(text)
         raise
     return handle
+
+
+def _open_log(path: Path) -> BinaryIO:
+    """Append-only, never following a planted symlink; a new file is 0600 (it holds request errors)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        raise ExportError(f"{path}: cannot write the server log there ({e.strerror})") from None
+    return os.fdopen(fd, "ab")
 
 
 def _start_reaper(server: int, shm_prefix: str, work_dir: Path) -> subprocess.Popen:

@@ -8,9 +8,22 @@ module importable there.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
+
+REPO_PATHS = ("tokenizer_dir", "checkpoint_dir")  # parameters `package` writes relative to the repository
+
+
+def resolve_paths(params: dict[str, str], args: dict[str, str]) -> dict[str, str]:
+    """The model's parameters with repository-relative paths made absolute against the repository
+    it was loaded from (`args["model_repository"]` is the model's own directory in the python
+    backend), so a packaged repository can be moved or mounted anywhere."""
+    model_dir = args["model_repository"]
+    root = os.path.dirname(model_dir) if os.path.basename(model_dir) == args.get("model_name") else model_dir
+    return {k: os.path.join(root, v) if k in REPO_PATHS and v and not os.path.isabs(v) else v
+            for k, v in params.items()}
 
 
 def gather(pb: Any, request: Any, names: tuple[str, ...]) -> dict[str, np.ndarray | None]:

@@ -18,7 +18,9 @@ def _params(args):
     params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
     if params["export_root"] not in sys.path:
         sys.path.insert(0, params["export_root"])
-    return params
+    from export.triton.stub import resolve_paths
+
+    return resolve_paths(params, args)
 
 
 class TritonPythonModel:
