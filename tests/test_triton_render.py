@@ -94,7 +94,10 @@ def test_package_cpu_from_manifest(engine_dir, tmp_path):
         parse_model_config((repo / name / "config.pbtxt").read_text(), name, expect_name=name)
         assert (repo / name / "1").is_dir()
     engine = parse_model_config((repo / "tensorrt_llm/config.pbtxt").read_text(), "e")
-    assert params(engine)["checkpoint_dir"] == str(engine_dir / "checkpoint") and params(engine)["tp"] == "2"
+    # relative to the repository (issue 20: relocatable), the bundled files hard links of the engine's
+    assert params(engine)["checkpoint_dir"] == "tensorrt_llm/engine/checkpoint" and params(engine)["tp"] == "2"
+    for f in (engine_dir / "checkpoint").iterdir():
+        assert (repo / "tensorrt_llm/engine/checkpoint" / f.name).stat().st_ino == f.stat().st_ino
     assert (repo / "tensorrt_llm/1/model.py").is_file() and not list(repo.rglob("config.cpu.pbtxt"))
     assert json.loads((repo / DEPLOY_FILE).read_text())["world_size"] == 1
 
