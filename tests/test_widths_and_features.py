@@ -32,6 +32,11 @@ def test_a_width_no_ffn_mult_expresses_is_written_as_intermediate_size(tmp_path)
     again = ModelSpec.load(tmp_path / "f")
     assert again.layers == res.after.layers and again.layers[1].ffn.width == 384
     CheckpointReader(tmp_path / "f").validate(again)
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"groups": [[1, 2]]}))
+    r = subprocess.run([sys.executable, "-m", "export", "fuse", str(src), "--plan", str(plan), "--out",
+                        str(tmp_path / "g")], capture_output=True, text=True)
+    assert r.returncode == 0 and "TensorRT-LLM's PyTorch backend reads ffn_mult only" in r.stderr, r.stderr
 
 
 def test_onnx_builds_a_llama_whose_width_is_not_a_multiple_of_256(tmp_path):

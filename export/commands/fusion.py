@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 
 from export.cli import command, with_args
@@ -127,6 +128,11 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
           f"{len(r.after.ffn_layers())}, sync points per token {r.before.sync_points_per_token()} -> "
           f"{r.after.sync_points_per_token()}")
     print(f"wrote {r.out} ({r.bytes_written / 2**20:.1f} MiB in {r.seconds:.2f} s, norm={args.norm})")
+    odd = [i for i, lay in enumerate(r.after.layers) if lay.ffn.width is not None and lay.ffn.ffn_mult is None]
+    if odd:  # TRT-LLM's PyTorch nemotron_nas computes widths from ffn_mult alone
+        print(f"note: no ffn_mult gives the FFN width of layer(s) {odd}, so config.json says intermediate_size "
+              f"there: vLLM, this toolkit and the TRT-LLM engine path (`convert`) read it; TensorRT-LLM's PyTorch "
+              f"backend reads ffn_mult only", file=sys.stderr)
     return 0
 
 
