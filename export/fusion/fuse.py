@@ -69,7 +69,9 @@ def fused_layer(spec: ModelSpec, group: Group) -> Layer:
     """Attention no-op plus one FFN of the summed width (its config says an ffn_mult that gives
     exactly that width, or the width itself where no ffn_mult can)."""
     width = group.fused_width
-    return Layer(Attention(AttentionKind.NOOP), FFN(FFNKind.SWIGLU, width, ffn_mult_for(width, spec.hidden)))
+    gated = spec.layers[group.ffn_layers[0]].ffn.gated  # a plain MLP group fuses into a plain MLP
+    return Layer(Attention(AttentionKind.NOOP),
+                 FFN(FFNKind.SWIGLU, width, ffn_mult_for(width, spec.hidden), gated=gated))
 
 
 def fused_layout(spec: ModelSpec, groups: list[Group],
@@ -164,7 +166,7 @@ def _producer(reader: CheckpointReader, ref: TensorRef, src: int | Group | None,
             Role.DOWN: lambda: _concat(reader, src, spec.hidden, dtype),
         }
         return fused[ref.role]()
-    name = HF_NAMES[ref.role].format(l=src) if ref.layer is not None else reader.hf_name(ref)
+    name = ref.at(src).hf_name if ref.layer is not None else reader.hf_name(ref)
     return _copy(reader, name, ref.shape, dtype)
 
 

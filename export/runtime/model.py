@@ -43,6 +43,7 @@ class Decoder(nn.Module):
     def __init__(self, spec: ModelSpec, mapping: Mapping, rank: int, dtype: torch.dtype = torch.float32,
                  group: dist.ProcessGroup | None = None) -> None:
         super().__init__()
+        spec.refuse_unsupported("the CPU reference runtime", plain_mlp=False)
         require_layout(spec, mapping)
         self.spec, self.mapping, self.rank, self.group, self.dtype = spec, mapping, rank, group, dtype
         self.tp, self.tp_rank = mapping.tp, mapping.tp_rank(rank)
@@ -152,6 +153,8 @@ class Decoder(nn.Module):
 
     def _swiglu(self, i: int, h: torch.Tensor) -> torch.Tensor:
         x = rms_norm(h, self.w(Role.FFN_NORM, i), self.spec.norm_eps)
+        if not self.spec.layers[i].ffn.gated:  # Puzzletron's `gated: false`: down(silu(up(x)))
+            return self._all_reduce(F.linear(F.silu(F.linear(x, self.w(Role.UP, i))), self.w(Role.DOWN, i)))
         act = F.silu(F.linear(x, self.w(Role.GATE, i))) * F.linear(x, self.w(Role.UP, i))
         return self._all_reduce(F.linear(act, self.w(Role.DOWN, i)))
 
