@@ -7,7 +7,7 @@ from typing import Any
 
 from export.layout import check_layout, check_trtllm_stages, layer_span, rank_bytes, rank_kv_bytes_per_token
 from export.mapping import Mapping
-from export.spec import TRTLLM_STAGE, AttentionKind, FFNKind, ModelSpec
+from export.spec import CPU_RUNS, CPU_STAGE, TRTLLM_STAGE, AttentionKind, FFNKind, ModelSpec
 from export.tensors import parameter_count
 
 
@@ -81,8 +81,8 @@ def stage_report(spec: ModelSpec, mapping: Mapping, dtype: str) -> list[dict[str
 
 def plan_report(spec: ModelSpec, mapping: Mapping, dtype: str | None = None) -> dict[str, Any]:
     dtype = dtype or spec.dtype
-    problems = check_layout(spec, mapping) + spec.unsupported("the CPU reference runtime", plain_mlp=False)
-    trtllm = check_trtllm_stages(spec, mapping) + spec.unsupported(TRTLLM_STAGE, parallel=False)
+    problems = check_layout(spec, mapping) + spec.unsupported(CPU_STAGE, **CPU_RUNS)
+    trtllm = check_trtllm_stages(spec, mapping) + spec.unsupported(TRTLLM_STAGE)
     per_rank = ([rank_bytes(spec, mapping, r, dtype) for r in mapping.ranks()] if not problems
                 else None)
     return {

@@ -132,5 +132,7 @@ def check_tp(spec: ModelSpec, tp: int) -> list[str]:
             problems.append(f"layer {i}: tp={tp} and {kv} kv heads: neither divides the other")
         if lay.ffn.width is not None and lay.ffn.width % tp:
             problems.append(f"layer {i}: tp={tp} does not divide FFN width {lay.ffn.width}")
+        problems += [f"layer {i} parallel_blocks.{k}: tp={tp} does not divide FFN width {b.ffn.width}"
+                     for k, b in enumerate(lay.branches) if b.ffn.width is not None and b.ffn.width % tp]
     return problems
 

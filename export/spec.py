@@ -21,6 +21,9 @@ from export.fields import MISSING, Fields, is_int, is_number
 DECILM = "DeciLMForCausalLM"
 # TRT-LLM's nemotron_nas has no parallel blocks and builds every MLP as a GatedMLP.
 TRTLLM_STAGE = "TensorRT-LLM's nemotron_nas (GatedMLP FFNs only, no parallel blocks)"
+CPU_STAGE = "the CPU reference runtime"
+# What the CPU runtime runs: plain MLPs, and parallel blocks of attention-free MLP branches.
+CPU_RUNS = {"plain_mlp": False, "ffn_only_parallel_ok": True}
 LLAMA = "LlamaForCausalLM"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
@@ -243,14 +246,23 @@ class ModelSpec:
         return sum(2 * lay.attention.kv_heads * self.head_dim * per  # type: ignore[operator]
                    for lay in subs if lay.attention.kind is AttentionKind.FULL)
 
-    def unsupported(self, stage: str, *, parallel: bool = True, plain_mlp: bool = True) -> list[str]:
-        """One line per layer `stage` cannot express (a `parallel_blocks` layer, a non-gated MLP),
-        naming the layer and the field, so no stage silently treats them as something else."""
+    def unsupported(self, stage: str, *, parallel: bool = True, plain_mlp: bool = True,
+                    ffn_only_parallel_ok: bool = False) -> list[str]:
+        """One line per layer `stage` cannot express (a `parallel_blocks` layer, or with
+        `ffn_only_parallel_ok` only one whose branches are not all attention-free FFNs; a non-gated
+        MLP), naming the layer and the field, so no stage silently treats them as something else."""
         problems = []
         for i, lay in enumerate(self.layers):
             if parallel and lay.is_parallel:
-                problems.append(f"layer {i}: field 'parallel_blocks' ({len(lay.branches)} branches, "
-                                f"{lay.short()}): {stage} does not support parallel blocks")
+                odd = [k for k, b in enumerate(lay.branches)
+                       if b.has_attention or b.ffn.kind is FFNKind.LINEAR]
+                if not ffn_only_parallel_ok:
+                    problems.append(f"layer {i}: field 'parallel_blocks' ({len(lay.branches)} branches, "
+                                    f"{lay.short()}): {stage} does not support parallel blocks")
+                elif odd:
+                    problems.append(f"layer {i}: field 'parallel_blocks' ({lay.short()}): branch {odd[0]} "
+                                    f"({lay.branches[odd[0]].short()}) has attention or a linear FFN; {stage} "
+                                    f"runs only parallel blocks of attention-free MLP branches")
             for k, sub in enumerate(lay.branches or (lay,)):
                 if plain_mlp and sub.ffn.kind is FFNKind.SWIGLU and not sub.ffn.gated:
                     where = f"layer {i}" + (f" parallel_blocks.{k}" if lay.branches else "")
@@ -258,9 +270,9 @@ class ModelSpec:
                                     f"{stage} supports only gated (SwiGLU) FFNs")
         return problems
 
-    def refuse_unsupported(self, stage: str, *, parallel: bool = True, plain_mlp: bool = True) -> None:
+    def refuse_unsupported(self, stage: str, **what: bool) -> None:
         """`unsupported` as one ConfigError (the first problem, and how many more)."""
-        problems = self.unsupported(stage, parallel=parallel, plain_mlp=plain_mlp)
+        problems = self.unsupported(stage, **what)
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise ConfigError(problems[0] + more)

@@ -306,10 +306,12 @@ def test_parallel_blocks_are_read_named_and_shown(tmp_path, capsys):
     assert not any(n.startswith("model.layers.1.mlp") for n in names)
     src = checkpoint(tmp_path, cfg)
     CheckpointReader(src).validate(spec)  # no "unexpected tensor ...parallel_blocks..."
-    assert main(["inspect", str(src), "--target", "cpu"]) == 2  # the cpu engine does not run it yet
+    assert main(["inspect", str(src), "--target", "cpu"]) == 0  # the cpu engine runs it
     out = capsys.readouterr().out
     assert "parallel blocks          layer 1: 2 branches (-/F768 + -/F512) on one input, summed: 1 sync" in out
-    assert "layer 1: field 'parallel_blocks'" in out
+    assert "layer 1: field 'parallel_blocks'" in out  # ... and TRT-LLM cannot (trtllm-build FAILS)
+    assert main(["inspect", str(src)]) == 2
+    capsys.readouterr()
     assert json.loads(_inspect_json(src, capsys))["parallel_layers"] == [
         {"layer": 1, "branches": ["-/F768", "-/F512"], "sync_points": 1}]
 
@@ -324,7 +326,7 @@ def test_parallel_blocks_refused_by_stages_that_cannot_run_them(tmp_path):
     spec = parse_hf_config(cfg)
     assert spec.layers[1].short() == "P[A2/F256 + -/F512]" and spec.layers[1].sync_points() == 2
     src = checkpoint(tmp_path, cfg)
-    with pytest.raises(ConfigError, match=r"layer 1: field 'parallel_blocks' .*CPU reference runtime"):
+    with pytest.raises(ConfigError, match=r"layer 1: field 'parallel_blocks' .*branch 0 \(A2/F256\) has attention"):
         load_decoder(HFRankWeights(CheckpointReader(src), spec, Mapping(), 0))
     from export.trtllm.convert import convert
     with pytest.raises(ExportError, match=r"layer 1: field 'parallel_blocks'.*TensorRT-LLM"):
@@ -367,3 +369,29 @@ def test_roles_of_a_plain_mlp_exclude_the_gate():
     spec = parse_hf_config(v1_config(plain_layer=1))
     roles = {r.role for r in model_tensors(spec) if r.layer == 1}
     assert roles == {Role.FFN_NORM, Role.UP, Role.DOWN}
+
+
+def _branch_out(x, w, layer, k, gated=True):
+    p = f"model.layers.{layer}.parallel_blocks.{k}."
+    x = _rms(x, w[p + "post_attention_layernorm.weight"])
+    up = x @ w[p + "mlp.up_proj.weight"].T
+    act = F.silu(x @ w[p + "mlp.gate_proj.weight"].T) * up if gated else F.silu(up)
+    return act @ w[p + "mlp.down_proj.weight"].T
+
+
+def test_runtime_runs_parallel_blocks_as_defined(tmp_path):
+    """DeciLMMultiDecoderLayer: sum_k branch_k(x) - (n-1) x, each branch a whole decoder layer."""
+    cfg = parallel_config()
+    cfg["block_configs"][1]["parallel_blocks"].append(block(v1_attention(None), v1_ffn(256, gated=False)))
+    spec = parse_hf_config(cfg)
+    src = checkpoint(tmp_path, cfg)
+    reader = CheckpointReader(src)
+    reader.validate(spec)
+    w = {n: reader.get(n) for n in reader.names()}
+    dec = load_decoder(HFRankWeights(reader, spec, Mapping(), 0))
+    x = torch.randn(2, 5, HIDDEN)
+    branches = [x + _branch_out(x, w, 1, k, gated=k < 2) for k in range(3)]
+    want = sum(branches) - 2 * x
+    torch.testing.assert_close(dec.block(1, x), want, rtol=1e-5, atol=1e-5)
+    logits = dec(torch.tensor([[1, 5, 7]]))
+    assert logits.shape == (1, 3, 99) and torch.isfinite(logits).all()

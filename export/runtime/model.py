@@ -23,7 +23,7 @@ from export.layout import rank_kv_heads, rank_pieces, require_layout
 from export.mapping import Mapping
 from export.runtime import rope
 from export.runtime.cache import KVCache
-from export.spec import AttentionKind, FFNKind, ModelSpec
+from export.spec import CPU_RUNS, CPU_STAGE, AttentionKind, FFNKind, ModelSpec
 from export.tensors import Role
 from export.weights import RankWeights
 
@@ -43,7 +43,7 @@ class Decoder(nn.Module):
     def __init__(self, spec: ModelSpec, mapping: Mapping, rank: int, dtype: torch.dtype = torch.float32,
                  group: dist.ProcessGroup | None = None) -> None:
         super().__init__()
-        spec.refuse_unsupported("the CPU reference runtime", plain_mlp=False)
+        spec.refuse_unsupported(CPU_STAGE, **CPU_RUNS)
         require_layout(spec, mapping)
         self.spec, self.mapping, self.rank, self.group, self.dtype = spec, mapping, rank, group, dtype
         self.tp, self.tp_rank = mapping.tp, mapping.tp_rank(rank)
@@ -51,24 +51,24 @@ class Decoder(nn.Module):
         self.is_first, self.is_last = mapping.is_first_stage(rank), mapping.is_last_stage(rank)
         self.local_heads = spec.heads // self.tp
         self.kv_local = rank_kv_heads(spec, mapping, rank)
-        self._flat: dict[tuple[Role, int | None], torch.Tensor] = {}  # plain-dict view: hot-path lookups
+        self._flat: dict[tuple, torch.Tensor] = {}  # plain-dict view: hot-path lookups
         self.params = nn.ModuleDict({GLOBAL: nn.ParameterDict()})
         for i in self.local_layers:
             self.params[str(i)] = nn.ParameterDict()
         for piece in rank_pieces(spec, mapping, rank):
-            self._store(piece.ref.role, piece.ref.layer, torch.empty(piece.shape, dtype=dtype))
+            self._store(piece.ref.role, piece.ref.layer, torch.empty(piece.shape, dtype=dtype), piece.ref.branch)
         self.inv_freq = torch.empty(0)  # set after loading (not a parameter: computed, not read)
         self.sync_count = 0  # collectives issued; bench reads it to report sync points per token
 
     # ---- parameters ----------------------------------------------------------------------
-    def _store(self, role: Role, layer: int | None, t: torch.Tensor) -> None:
+    def _store(self, role: Role, layer: int | None, t: torch.Tensor, branch: int | None = None) -> None:
         key = GLOBAL if layer is None else str(layer)
         param = nn.Parameter(t, requires_grad=False)
-        self.params[key][role.value] = param
-        self._flat[(role, layer)] = param
+        self.params[key][role.value if branch is None else f"branch{branch}_{role.value}"] = param
+        self._flat[(role, layer) if branch is None else (role, layer, branch)] = param
 
-    def w(self, role: Role, layer: int | None = None) -> torch.Tensor:
-        return self._flat[(role, layer)]
+    def w(self, role: Role, layer: int | None = None, branch: int | None = None) -> torch.Tensor:
+        return self._flat[(role, layer) if branch is None else (role, layer, branch)]
 
     @property
     def device(self) -> torch.device:
@@ -103,8 +103,25 @@ class Decoder(nn.Module):
         if positions is None:
             positions = torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1)
         lay = self.spec.layers[i]
+        if lay.branches:
+            return self._parallel_blocks(i, h)
         h = h + ATTENTION[lay.attention.kind](self, i, h, positions, cache, slots)
         return h + FFN_IMPL[lay.ffn.kind](self, i, h)
+
+    def _parallel_blocks(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """Puzzletron's `DeciLMMultiDecoderLayer`: sum_k branch_k(h) - (n-1) h, i.e.
+        h + sum_k FFN_k(norm_k(h)) for attention-free branches (all the runtime accepts). Each
+        branch's down projection is a row-parallel partial sum, so the branches share one
+        all-reduce: the one sync point this layer costs, as one wide fused FFN would."""
+        total: torch.Tensor | int = 0
+        for k, b in enumerate(self.spec.layers[i].branches):
+            if not b.has_ffn:
+                continue
+            x = rms_norm(h, self.w(Role.FFN_NORM, i, k), self.spec.norm_eps)
+            up = F.linear(x, self.w(Role.UP, i, k))
+            act = F.silu(F.linear(x, self.w(Role.GATE, i, k))) * up if b.ffn.gated else F.silu(up)
+            total = total + F.linear(act, self.w(Role.DOWN, i, k))
+        return h if isinstance(total, int) else h + self._all_reduce(total)
 
     def layers(self, h: torch.Tensor, positions: torch.Tensor | None = None,
                cache: KVCache | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
@@ -194,14 +211,15 @@ def load_decoder(weights: RankWeights, *, dtype: torch.dtype = torch.float32,
             dec._store(ref.role, None, dec.w(Role.EMBED))  # tied and whole: share, not a second copy
             continue
         try:
-            t = weights.get(ref.role, ref.layer)
+            t = (weights.get(ref.role, ref.layer) if ref.branch is None
+                 else weights.get(ref.role, ref.layer, branch=ref.branch))  # type: ignore[call-arg]
         except KeyError as e:
             problems.append(f"{where}: rank {rank} weights hold none ({e})")
             continue
         if tuple(t.shape) != piece.shape:
             problems.append(f"{where}: rank {rank} got shape {list(t.shape)}, expected {list(piece.shape)}")
             continue
-        dec._store(ref.role, ref.layer, t.to(device=device, dtype=dtype))
+        dec._store(ref.role, ref.layer, t.to(device=device, dtype=dtype), ref.branch)
     if problems:
         raise CheckpointError(problems, f"rank {rank} of tp={mapping.tp} pp={mapping.pp}")
     dec.inv_freq = rope.inv_freq(spec).to(device)
