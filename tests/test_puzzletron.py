@@ -395,3 +395,44 @@ def test_runtime_runs_parallel_blocks_as_defined(tmp_path):
     torch.testing.assert_close(dec.block(1, x), want, rtol=1e-5, atol=1e-5)
     logits = dec(torch.tensor([[1, 5, 7]]))
     assert logits.shape == (1, 3, 99) and torch.isfinite(logits).all()
+
+
+# ---- fuse --as parallel-blocks ------------------------------------------------------------------
+def test_parallel_blocks_form_equals_wide_ffn_form(tmp_path, capsys):
+    """Both representations of one fusion compute x + sum_j FFN_j(norm_j(x)): <= 1e-5 in fp32."""
+    cfg = v1_config()
+    src = checkpoint(tmp_path, cfg, seed=3)
+    (tmp_path / "plan.json").write_text(json.dumps(FusionPlan([(1, 3)]).to_json()))
+    assert main(["fuse", str(src), "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "par"),
+                 "--as", "parallel-blocks"]) == 0
+    assert "one parallel-blocks layer of 3 branches" in capsys.readouterr().out
+    wide = fuse_checkpoint(src, FusionPlan([(1, 3)]), tmp_path / "wide", progress=False)
+    par_spec = ModelSpec.load(tmp_path / "par")
+    lay = par_spec.layers[1]
+    assert lay.is_parallel and [b.ffn.width for b in lay.branches] == [256, 768, 512]
+    assert par_spec.num_layers == wide.after.num_layers
+    assert par_spec.sync_points_per_token() == wide.after.sync_points_per_token()
+    written = read_config_json(tmp_path / "par")
+    assert_same_schema({k: v for k, v in written.items()}, cfg)
+    assert [b["ffn"] for b in written["block_configs"][1]["parallel_blocks"]] == \
+        [cfg["block_configs"][i]["ffn"] for i in (1, 2, 3)]
+    # weights copied unchanged under the branch prefix
+    a, b = CheckpointReader(src), CheckpointReader(tmp_path / "par")
+    assert torch.equal(a.get("model.layers.3.mlp.down_proj.weight"),
+                       b.get("model.layers.1.parallel_blocks.2.mlp.down_proj.weight"))
+    par = load_decoder(HFRankWeights(b, par_spec, Mapping(), 0))
+    wid = load_decoder(HFRankWeights(CheckpointReader(tmp_path / "wide"), wide.after, Mapping(), 0))
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    torch.testing.assert_close(par(ids), wid(ids), rtol=1e-5, atol=1e-5)
+    x = torch.randn(1, 4, HIDDEN)
+    assert (par.block(1, x) - wid.block(1, x)).abs().max() <= 1e-5
+
+
+def test_parallel_blocks_form_refused_where_the_source_cannot_load_it(tmp_path):
+    src = checkpoint(tmp_path, released_config())
+    with pytest.raises(ExportError, match="released: its DeciLM code has no parallel blocks"):
+        fuse_checkpoint(src, FusionPlan([(1, 2)]), tmp_path / "out", progress=False, form="parallel-blocks")
+    with pytest.raises(ExportError, match="--norm last"):
+        fuse_checkpoint(src, FusionPlan([(1, 2)]), tmp_path / "out", progress=False, form="parallel-blocks",
+                        norm="last")
+    assert not (tmp_path / "out").exists()

@@ -53,6 +53,19 @@ class NormMode(StrEnum):
     LAST = "last"
 
 
+class FusedForm(StrEnum):
+    """How a fused group is written (docs/fusion.md, "two representations").
+
+    WIDE: one wide FFN (Theorem 3.1: gate/up stacked, down concatenated), what the released
+    Ultra config and TRT-LLM's nemotron_nas run. PARALLEL: Puzzletron's `parallel_blocks`, one
+    layer whose branches are the members' FFN blocks, unchanged (no concatenation, no folding),
+    run in parallel on one input and summed: the same function, exactly, in the source's weights.
+    """
+
+    WIDE = "wide-ffn"
+    PARALLEL = "parallel-blocks"
+
+
 @dataclass(frozen=True)
 class FuseResult:
     out: Path
@@ -65,17 +78,21 @@ class FuseResult:
 
 
 # ---- the new layer list ------------------------------------------------------------------
-def fused_layer(spec: ModelSpec, group: Group) -> Layer:
+def fused_layer(spec: ModelSpec, group: Group, form: FusedForm = FusedForm.WIDE) -> Layer:
     """Attention no-op plus one FFN of the summed width (its config says an ffn_mult that gives
-    exactly that width, or the width itself where no ffn_mult can)."""
+    exactly that width, or the width itself where no ffn_mult can); or, as `parallel-blocks`, a
+    parallel layer whose branches are the members' own attention-free FFN blocks."""
+    if form is FusedForm.PARALLEL:
+        return Layer(Attention(AttentionKind.NOOP), FFN(FFNKind.NOOP),
+                     tuple(spec.layers[i] for i in group.ffn_layers))
     width = group.fused_width
     gated = spec.layers[group.ffn_layers[0]].ffn.gated  # a plain MLP group fuses into a plain MLP
     return Layer(Attention(AttentionKind.NOOP),
                  FFN(FFNKind.SWIGLU, width, ffn_mult_for(width, spec.hidden), gated=gated))
 
 
-def fused_layout(spec: ModelSpec, groups: list[Group],
-                 keep_layer_count: bool = False) -> tuple[list[Layer], list[int | Group | None]]:
+def fused_layout(spec: ModelSpec, groups: list[Group], keep_layer_count: bool = False,
+                 form: FusedForm = FusedForm.WIDE) -> tuple[list[Layer], list[int | Group | None]]:
     """(new layers, where each comes from: an old layer index, a group, or None for an empty block).
 
     A group's fused block sits at the group's first index; the rest of its range is dropped, or
@@ -90,7 +107,7 @@ def fused_layout(spec: ModelSpec, groups: list[Group],
             layers.append(lay)
             sources.append(i)
         elif i == g.first:
-            layers.append(fused_layer(spec, g))
+            layers.append(fused_layer(spec, g, form))
             sources.append(g)
         elif keep_layer_count:
             layers.append(EMPTY)
@@ -158,6 +175,9 @@ def _norm(reader: CheckpointReader, group: Group, norm: NormMode, hidden: int, d
 def _producer(reader: CheckpointReader, ref: TensorRef, src: int | Group | None, spec: ModelSpec,
               norm: NormMode, dtype: torch.dtype) -> Chunks:
     """Where the rows of one output tensor come from."""
+    if isinstance(src, Group) and ref.branch is not None:  # parallel-blocks form: branch k is member k, as is
+        member = TensorRef(ref.role, src.ffn_layers[ref.branch], ref.shape)
+        return _copy(reader, member.hf_name, ref.shape, dtype)
     if isinstance(src, Group):
         fused: dict[Role, Callable[[], Chunks]] = {
             Role.FFN_NORM: lambda: _norm(reader, src, norm, spec.hidden, dtype),
@@ -174,17 +194,23 @@ def _producer(reader: CheckpointReader, ref: TensorRef, src: int | Group | None,
 def fuse_checkpoint(source: str | Path, plan: FusionPlan, out: str | Path, *, norm: NormMode | str = NormMode.FOLD,
                     keep_layer_count: bool = False, max_shard_bytes: int = 5 << 30,
                     progress: bool = True, dtype: str | None = None, overwrite: bool = False,
-                    inputs: Iterable[str | Path] = (), follow_symlinks: bool | None = None) -> FuseResult:
+                    inputs: Iterable[str | Path] = (), follow_symlinks: bool | None = None,
+                    form: FusedForm | str = FusedForm.WIDE) -> FuseResult:
     """Write the fused HF DeciLM checkpoint of `source` under `plan` to `out` (atomically).
 
     `dtype` (default: the source's) is the output's; every tensor is cast as it streams through.
     `out` must be new, or a previous output replaced with `overwrite`; it may not overlap `source`
     nor the further `inputs` (the plan file). Everything that can refuse the job (config, weight
     headers, side files and their links, the tokenizer) is checked before the output exists;
-    `follow_symlinks` as in `export.io.paths`.
+    `follow_symlinks` as in `export.io.paths`. `form` as in `FusedForm`: `parallel-blocks` keeps
+    every member's norm in its branch (`norm` does not apply) and needs a Puzzletron-schema source,
+    since the released DeciLM code has no parallel blocks.
     """
     t0 = time.perf_counter()
-    norm = NormMode(norm)
+    norm, form = NormMode(norm), FusedForm(form)
+    if form is FusedForm.PARALLEL and norm is NormMode.LAST:
+        raise ExportError("--norm last rewrites the group's norms for one wide FFN; --as parallel-blocks keeps "
+                          "each member's own norm in its branch (exact), so the two do not combine")
     source = Path(source)
     inputs = [source, *inputs]
     check_output(out, inputs=inputs, overwrite=overwrite)
@@ -196,7 +222,11 @@ def fuse_checkpoint(source: str | Path, plan: FusionPlan, out: str | Path, *, no
     groups = plan.resolve(spec)
     if not groups:
         raise ExportError(f"{source}: the plan has no groups: nothing to fuse, nothing written")
-    layers, sources = fused_layout(spec, groups, keep_layer_count)
+    if form is FusedForm.PARALLEL and spec.block_schema.name != "puzzletron":
+        raise ExportError(f"{source}: --as parallel-blocks writes Puzzletron's `parallel_blocks`, which this "
+                          f"source's schema ({spec.block_schema.name}: its DeciLM code has no parallel blocks) "
+                          f"cannot load; use --as wide-ffn")
+    layers, sources = fused_layout(spec, groups, keep_layer_count, form)
     new_spec = spec.with_layers(layers).with_dtype(dtype or spec.dtype)
     dtype = torch_dtype(new_spec.dtype)
     refs = model_tensors(new_spec)
@@ -211,10 +241,11 @@ def fuse_checkpoint(source: str | Path, plan: FusionPlan, out: str | Path, *, no
         bar.close()
         writer.close()
         copy_sidecars(source, tmp, names=sidecars)
-        write_fused_card(tmp, source, spec, new_spec, groups, norm.value)
+        write_fused_card(tmp, source, spec, new_spec, groups,
+                         norm.value if form is FusedForm.WIDE else "per branch (parallel-blocks)")
         write_config(tmp, new_spec.to_hf_config())
         mapping = layer_map(spec, sources)
-        _write_record(tmp, source, plan, groups, norm, keep_layer_count, mapping)
+        _write_record(tmp, source, plan, groups, norm, keep_layer_count, mapping, form)
         _check_written(tmp, new_spec)
     reader.close()
     return FuseResult(Path(out), spec, new_spec, groups, mapping, writer.total_bytes, time.perf_counter() - t0)
@@ -230,9 +261,11 @@ def _check_written(path: Path, expected: ModelSpec) -> None:
 
 
 def _write_record(path: Path, source: Path, plan: FusionPlan, groups: list[Group], norm: NormMode,
-                  keep_layer_count: bool, mapping: dict[int, int | None]) -> None:
+                  keep_layer_count: bool, mapping: dict[int, int | None],
+                  form: FusedForm = FusedForm.WIDE) -> None:
     """What was fused and how, so later stages (manifest, evaluate) need not guess."""
-    record = {"source": str(source.resolve()), "norm": norm.value, "keep_layer_count": keep_layer_count,
+    record = {"source": str(source.resolve()), "norm": norm.value, "form": form.value,
+              "keep_layer_count": keep_layer_count,
               "plan": plan.to_json(),
               "groups": [{"group": [g.first, g.last], "ffn_layers": list(g.ffn_layers),
                           "widths": list(g.widths), "fused_width": g.fused_width} for g in groups],
