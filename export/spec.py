@@ -92,6 +92,16 @@ class Layer:
     def is_empty(self) -> bool:
         return not self.has_attention and not self.has_ffn
 
+    def widened(self, hidden: int) -> Layer:
+        """An attention-free parallel layer as the one wide FFN it equals (Theorem 3.1, each
+        branch's norm folded into its rows): what TRT-LLM, which has no parallel blocks, runs."""
+        if not self.branches or self.has_attention:
+            return self
+        ffns = [b.ffn for b in self.branches if b.has_ffn]
+        width = sum(f.width or 0 for f in ffns)
+        return Layer(Attention(AttentionKind.NOOP),
+                     FFN(FFNKind.SWIGLU, width, ffn_mult_for(width, hidden), gated=all(f.gated for f in ffns)))
+
     def sync_points(self) -> int:
         """All-reduces this layer needs per token under TP (see `ModelSpec.sync_points_per_token`).
 
@@ -286,6 +296,12 @@ class ModelSpec:
         all-gather of the vocab-split lm_head's logits. At tp = 1 there are none.
         """
         return sum(lay.sync_points() for lay in self.layers) + 1
+
+    def widened(self) -> ModelSpec:
+        """Every attention-free parallel_blocks layer as one wide FFN (`Layer.widened`)."""
+        if not self.parallel_layers():
+            return self
+        return replace(self, layers=tuple(lay.widened(self.hidden) for lay in self.layers))
 
     def with_dtype(self, dtype: str) -> ModelSpec:
         return replace(self, dtype=normalize_dtype(dtype))

@@ -329,8 +329,9 @@ def test_parallel_blocks_refused_by_stages_that_cannot_run_them(tmp_path):
     with pytest.raises(ConfigError, match=r"layer 1: field 'parallel_blocks' .*branch 0 \(A2/F256\) has attention"):
         load_decoder(HFRankWeights(CheckpointReader(src), spec, Mapping(), 0))
     from export.trtllm.convert import convert
-    with pytest.raises(ExportError, match=r"layer 1: field 'parallel_blocks'.*TensorRT-LLM"):
+    with pytest.raises(ExportError, match=r"layer 1: field 'parallel_blocks'.*branch 0 \(A2/F256\) has attention"):
         convert(src, tmp_path / "engine", tp=1, progress=False)
+    assert not (tmp_path / "engine").exists()
     with pytest.raises(PlanError, match="layer 1 is a parallel-blocks layer"):
         FusionPlan([(1, 3)]).resolve(spec)
 
@@ -436,3 +437,36 @@ def test_parallel_blocks_form_refused_where_the_source_cannot_load_it(tmp_path):
         fuse_checkpoint(src, FusionPlan([(1, 2)]), tmp_path / "out", progress=False, form="parallel-blocks",
                         norm="last")
     assert not (tmp_path / "out").exists()
+
+
+# ---- convert: an attention-free parallel_blocks layer as one wide TRT-LLM FFN ------------------
+@pytest.mark.parametrize("tp", [1, 2])
+def test_convert_parallel_blocks_to_one_wide_ffn_and_verify(tmp_path, tp):
+    from export.trtllm.convert import convert
+    from export.trtllm.verify import verify
+    from tests.trtllm_helpers import rank_tensors
+
+    cfg = parallel_config()
+    src = checkpoint(tmp_path, cfg, seed=5)
+    (src / "tokenizer.json").write_text(
+        '{"version": "1.0", "model": {"type": "WordLevel", "vocab": {"a": 0}, "unk_token": "a"}}')
+    res = convert(src, tmp_path / "engine", tp=tp, progress=False)
+    assert res.manifest.source_path == str(src.resolve())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".widen-")]  # scratch removed
+    trt_cfg = json.loads((tmp_path / "engine/checkpoint/config.json").read_text())
+    assert trt_cfg["layer_configs"][1] == {"attention": {"impl": "no_op", "num_key_value_heads": None},
+                                           "ffn": {"impl": "mlp", "intermediate_size": 768 + 512}}
+    # rank files: each rank's shard of the wide FFN, gate rows = branch rows x branch norm (folded)
+    w = {n: CheckpointReader(src).get(n) for n in CheckpointReader(src).names()}
+    p = "model.layers.1.parallel_blocks."
+    gate = torch.cat([w[p + f"{k}.mlp.gate_proj.weight"] * w[p + f"{k}.post_attention_layernorm.weight"]
+                      for k in (0, 1)])
+    down = torch.cat([w[p + f"{k}.mlp.down_proj.weight"] for k in (0, 1)], dim=1)
+    rows = gate.shape[0] // tp
+    for r in range(tp):
+        t = rank_tensors(tmp_path / "engine/checkpoint", r)
+        torch.testing.assert_close(t["transformer.layers.1.ffn.fc.weight"], gate[r * rows:(r + 1) * rows])
+        torch.testing.assert_close(t["transformer.layers.1.ffn.proj.weight"], down[:, r * rows:(r + 1) * rows])
+        assert torch.equal(t["transformer.layers.1.post_layernorm.weight"], torch.ones(HIDDEN))
+    check = verify(tmp_path / "engine", src)  # the rank files against the parallel-blocks source itself
+    assert check.passed and check.max_abs_diff <= 1e-4, check.summary()

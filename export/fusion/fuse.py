@@ -190,6 +190,70 @@ def _producer(reader: CheckpointReader, ref: TensorRef, src: int | Group | None,
     return _copy(reader, name, ref.shape, dtype)
 
 
+# ---- parallel_blocks layers as wide FFNs (what `convert` hands TRT-LLM) ----------------------
+def _branch_name(role: Role, layer: int, branch: int) -> str:
+    return TensorRef(role, layer, (), branch).hf_name
+
+
+def _branch_rows(reader: CheckpointReader, role: Role, layer: int, branches: list[int],
+                 dtype: torch.dtype) -> Chunks:
+    """Gate or up of the wide FFN: each branch's rows, scaled by that branch's own norm (fold)."""
+    offset = 0
+    for k in branches:
+        name = _branch_name(role, layer, k)
+        shape = reader.info(name).shape
+        scale = reader.get(_branch_name(Role.FFN_NORM, layer, k)).float()
+        for r, rows in _rows(reader, name, shape, dtype):
+            yield offset + r, (rows.float() * scale).to(dtype)
+        offset += shape[0]
+
+
+def _branch_down(reader: CheckpointReader, layer: int, branches: list[int], hidden: int, width: int,
+                 dtype: torch.dtype) -> Chunks:
+    slices = [reader.get_slice(_branch_name(Role.DOWN, layer, k)) for k in branches]
+    step = _rows_per_chunk((hidden, width), dtype)
+    for r in range(0, hidden, step):
+        yield r, torch.cat([s[r:r + step] for s in slices], dim=1).to(dtype)
+
+
+def _widened_chunks(reader: CheckpointReader, spec: ModelSpec, ref: TensorRef, dtype: torch.dtype) -> Chunks:
+    """Where the rows of one tensor of the widened checkpoint come from."""
+    lay = spec.layers[ref.layer] if ref.layer is not None else None
+    if ref.layer is None or lay is None or not lay.is_parallel or lay.has_attention:
+        return _copy(reader, ref.hf_name if ref.layer is not None else reader.hf_name(ref), ref.shape, dtype)
+    branches = [k for k, b in enumerate(lay.branches) if b.has_ffn]
+    if ref.role is Role.FFN_NORM:
+        return iter([(0, torch.ones(spec.hidden, dtype=dtype))])
+    if ref.role in (Role.GATE, Role.UP):
+        return _branch_rows(reader, ref.role, ref.layer, branches, dtype)
+    assert ref.role is Role.DOWN, ref
+    return _branch_down(reader, ref.layer, branches, spec.hidden, ref.shape[1], dtype)
+
+
+def widen_parallel_checkpoint(source: Path, out: Path, *, dtype: str = "float32",
+                              follow_symlinks: bool | None = None) -> ModelSpec:
+    """Write `source` with every attention-free parallel_blocks layer as one wide FFN to `out`
+    (a scratch directory `convert` makes and removes): gate/up stacked with each branch's norm
+    folded in fp32 (stored in `dtype`, float32 by default: unrounded), down concatenated, a unit
+    norm. Exactly sum_k branch_k(x) - (n-1) x; returns the widened description."""
+    spec = ModelSpec.load(source)
+    reader = CheckpointReader(source, follow_symlinks=follow_symlinks)
+    reader.validate(spec)
+    wide = spec.widened().with_dtype(dtype)
+    tdtype = torch_dtype(wide.dtype)
+    refs = model_tensors(wide)
+    out.mkdir(parents=True)
+    writer = HFCheckpointWriter(out, [(r.hf_name, tdtype, r.shape) for r in refs], 5 << 30)
+    for ref in refs:
+        for row, chunk in _widened_chunks(reader, spec, ref, tdtype):
+            writer.write_rows(ref.hf_name, row, chunk)
+    writer.close()
+    copy_sidecars(source, out, names=sidecar_files(source, follow_symlinks=follow_symlinks))
+    write_config(out, wide.to_hf_config())
+    reader.close()
+    return wide
+
+
 # ---- the command ---------------------------------------------------------------------------
 def fuse_checkpoint(source: str | Path, plan: FusionPlan, out: str | Path, *, norm: NormMode | str = NormMode.FOLD,
                     keep_layer_count: bool = False, max_shard_bytes: int = 5 << 30,
