@@ -82,7 +82,7 @@ def stage_report(spec: ModelSpec, mapping: Mapping, dtype: str) -> list[dict[str
 def plan_report(spec: ModelSpec, mapping: Mapping, dtype: str | None = None) -> dict[str, Any]:
     dtype = dtype or spec.dtype
     problems = check_layout(spec, mapping) + spec.unsupported(CPU_STAGE, **CPU_RUNS)
-    trtllm = check_trtllm_stages(spec, mapping) + spec.unsupported(TRTLLM_STAGE)
+    trtllm = check_trtllm_stages(spec, mapping) + spec.unsupported(TRTLLM_STAGE, ffn_only_parallel_ok=True)
     per_rank = ([rank_bytes(spec, mapping, r, dtype) for r in mapping.ranks()] if not problems
                 else None)
     return {

@@ -309,9 +309,12 @@ def test_parallel_blocks_are_read_named_and_shown(tmp_path, capsys):
     assert main(["inspect", str(src), "--target", "cpu"]) == 0  # the cpu engine runs it
     out = capsys.readouterr().out
     assert "parallel blocks          layer 1: 2 branches (-/F768 + -/F512) on one input, summed: 1 sync" in out
-    assert "layer 1: field 'parallel_blocks'" in out  # ... and TRT-LLM cannot (trtllm-build FAILS)
-    assert main(["inspect", str(src)]) == 2
+    assert "FAILS" not in out
+    assert main(["inspect", str(src)]) == 0  # ... and convert writes it as one wide TRT-LLM FFN
     capsys.readouterr()
+    with_attention = checkpoint(tmp_path, parallel_config(with_attention=True), name="att")
+    assert main(["inspect", str(with_attention)]) == 2
+    assert "layer 1: field 'parallel_blocks'" in capsys.readouterr().out
     assert json.loads(_inspect_json(src, capsys))["parallel_layers"] == [
         {"layer": 1, "branches": ["-/F768", "-/F512"], "sync_points": 1}]
 
@@ -470,3 +473,12 @@ def test_convert_parallel_blocks_to_one_wide_ffn_and_verify(tmp_path, tp):
         assert torch.equal(t["transformer.layers.1.post_layernorm.weight"], torch.ones(HIDDEN))
     check = verify(tmp_path / "engine", src)  # the rank files against the parallel-blocks source itself
     assert check.passed and check.max_abs_diff <= 1e-4, check.summary()
+
+
+def test_convert_dry_run_plans_the_wide_ffn(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(parallel_config()))
+    assert main(["convert", "--dry-run", str(tmp_path / "config.json"), "--tp", "2", "--summary"]) == 0
+    assert "match `inspect`" in capsys.readouterr().out
+    (tmp_path / "config.json").write_text(json.dumps(parallel_config(with_attention=True)))
+    assert main(["convert", "--dry-run", str(tmp_path / "config.json"), "--tp", "2"]) == 2
+    assert "layer 1: field 'parallel_blocks'" in capsys.readouterr().err
