@@ -22,8 +22,8 @@ DECILM = "DeciLMForCausalLM"
 # TRT-LLM's nemotron_nas has no parallel blocks and builds every MLP as a GatedMLP.
 TRTLLM_STAGE = "TensorRT-LLM's nemotron_nas (GatedMLP FFNs only, no parallel blocks)"
 CPU_STAGE = "the CPU reference runtime"
-# What the CPU runtime runs: plain MLPs, and parallel blocks of attention-free MLP branches.
-CPU_RUNS = {"plain_mlp": False, "ffn_only_parallel_ok": True}
+# What the CPU runtime runs: plain MLPs, and parallel blocks of attention / MLP branches.
+CPU_RUNS = {"plain_mlp": False, "ffn_only_parallel_ok": True, "attention_branches_ok": True}
 LLAMA = "LlamaForCausalLM"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
@@ -257,7 +257,7 @@ class ModelSpec:
                    for lay in subs if lay.attention.kind is AttentionKind.FULL)
 
     def unsupported(self, stage: str, *, parallel: bool = True, plain_mlp: bool = True,
-                    ffn_only_parallel_ok: bool = False) -> list[str]:
+                    ffn_only_parallel_ok: bool = False, attention_branches_ok: bool = False) -> list[str]:
         """One line per layer `stage` cannot express (a `parallel_blocks` layer, or with
         `ffn_only_parallel_ok` only one whose branches are not all attention-free FFNs; a non-gated
         MLP), naming the layer and the field, so no stage silently treats them as something else."""
@@ -265,14 +265,18 @@ class ModelSpec:
         for i, lay in enumerate(self.layers):
             if parallel and lay.is_parallel:
                 odd = [k for k, b in enumerate(lay.branches)
-                       if b.has_attention or b.ffn.kind is FFNKind.LINEAR]
+                       if (b.has_attention and not attention_branches_ok) or b.ffn.kind is FFNKind.LINEAR
+                       or b.attention.kind is AttentionKind.LINEAR]
                 if not ffn_only_parallel_ok:
                     problems.append(f"layer {i}: field 'parallel_blocks' ({len(lay.branches)} branches, "
                                     f"{lay.short()}): {stage} does not support parallel blocks")
                 elif odd:
                     problems.append(f"layer {i}: field 'parallel_blocks' ({lay.short()}): branch {odd[0]} "
-                                    f"({lay.branches[odd[0]].short()}) has attention or a linear FFN; {stage} "
-                                    f"runs only parallel blocks of attention-free MLP branches")
+                                    f"({lay.branches[odd[0]].short()}) has "
+                                    + ("a linear replacement" if attention_branches_ok else "attention or a linear FFN")
+                                    + f"; {stage} runs only parallel blocks of "
+                                    + ("attention and MLP branches" if attention_branches_ok
+                                       else "attention-free MLP branches"))
             for k, sub in enumerate(lay.branches or (lay,)):
                 if plain_mlp and sub.ffn.kind is FFNKind.SWIGLU and not sub.ffn.gated:
                     where = f"layer {i}" + (f" parallel_blocks.{k}" if lay.branches else "")

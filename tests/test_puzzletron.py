@@ -324,13 +324,11 @@ def _inspect_json(src, capsys) -> str:
     return capsys.readouterr().out
 
 
-def test_parallel_blocks_refused_by_stages_that_cannot_run_them(tmp_path):
+def test_parallel_blocks_with_attention_refused_by_stages_that_cannot_run_them(tmp_path):
     cfg = parallel_config(with_attention=True)
     spec = parse_hf_config(cfg)
     assert spec.layers[1].short() == "P[A2/F256 + -/F512]" and spec.layers[1].sync_points() == 2
     src = checkpoint(tmp_path, cfg)
-    with pytest.raises(ConfigError, match=r"layer 1: field 'parallel_blocks' .*branch 0 \(A2/F256\) has attention"):
-        load_decoder(HFRankWeights(CheckpointReader(src), spec, Mapping(), 0))
     from export.trtllm.convert import convert
     with pytest.raises(ExportError, match=r"layer 1: field 'parallel_blocks'.*branch 0 \(A2/F256\) has attention"):
         convert(src, tmp_path / "engine", tp=1, progress=False)
@@ -482,3 +480,49 @@ def test_convert_dry_run_plans_the_wide_ffn(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(parallel_config(with_attention=True)))
     assert main(["convert", "--dry-run", str(tmp_path / "config.json"), "--tp", "2"]) == 2
     assert "layer 1: field 'parallel_blocks'" in capsys.readouterr().err
+
+
+def _branch_as_plain_checkpoint(tmp_path, src, spec, layer: int, k: int):
+    """A plain model whose layer `layer` is branch k of `src` (weights renamed): block_k alone."""
+    from dataclasses import replace
+
+    from export.io.writer import HFCheckpointWriter, write_config
+
+    plain = replace(spec, layers=(*spec.layers[:layer], spec.layers[layer].branches[k], *spec.layers[layer + 1:]))
+    r = CheckpointReader(src)
+    out = tmp_path / f"branch{k}"
+    out.mkdir()
+    refs = model_tensors(plain)
+    w = HFCheckpointWriter(out, [(ref.hf_name, torch.float32, ref.shape) for ref in refs], 5 << 30)
+    for ref in refs:
+        name = ref.hf_name.replace(f"model.layers.{layer}.", f"model.layers.{layer}.parallel_blocks.{k}.") \
+            if ref.layer == layer else r.hf_name(ref)
+        w.write(ref.hf_name, r.get(name))
+    w.close()
+    write_config(out, plain.to_hf_config())
+    return load_decoder(HFRankWeights(CheckpointReader(out), plain, Mapping(), 0))
+
+
+def test_runtime_runs_attention_branches_exactly_with_a_cache(tmp_path):
+    """sum_k block_k(x) - (n-1) x with each block_k run as an ordinary layer; prefill + cached
+    decode agree with the full forward."""
+    from export.runtime.steps import Decode, Prefill, Stepper
+
+    cfg = parallel_config(with_attention=True)
+    cfg["block_configs"][1]["parallel_blocks"].append(block(v1_attention(4), v1_ffn(None)))  # attention-only
+    spec = parse_hf_config(cfg)
+    assert spec.layers[1].short() == "P[A2/F256 + -/F512 + A4/-]" and spec.layers[1].sync_points() == 2
+    src = checkpoint(tmp_path, cfg, seed=9)
+    dec = load_decoder(HFRankWeights(CheckpointReader(src), spec, Mapping(), 0))
+    x = torch.randn(2, 6, HIDDEN)
+    blocks = [_branch_as_plain_checkpoint(tmp_path, src, spec, 1, k).block(1, x) for k in range(3)]
+    torch.testing.assert_close(dec.block(1, x), sum(blocks) - 2 * x, rtol=1e-5, atol=1e-5)
+    seq = [3, 1, 4, 1, 5, 9, 2]
+    with torch.inference_mode():
+        full = dec(torch.tensor([seq]))[0]
+    st = Stepper(dec)
+    last = st.run(Prefill((0,), (tuple(seq[:3]),)))
+    assert (last[0] - full[2]).abs().max() <= 1e-4
+    for j in range(3, len(seq)):
+        out = st.run(Decode((0,), (seq[j],)))
+        assert (out[0] - full[j]).abs().max() <= 1e-4
