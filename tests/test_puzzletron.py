@@ -526,3 +526,18 @@ def test_runtime_runs_attention_branches_exactly_with_a_cache(tmp_path):
     for j in range(3, len(seq)):
         out = st.run(Decode((0,), (seq[j],)))
         assert (out[0] - full[j]).abs().max() <= 1e-4
+
+
+def test_parallel_blocks_under_tensor_parallelism_match_tp1(tmp_path):
+    """tp=2 ranks (real processes and collectives) give tp=1's logits for attention + MLP branches."""
+    from export.runtime.engine import Engine
+
+    cfg = parallel_config(with_attention=True)
+    src = checkpoint(tmp_path, cfg, seed=11)
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6]]
+    with Engine.start(src, tp=1, pp=1) as one:
+        want = one.logits(prompts)
+    with Engine.start(src, tp=2, pp=1) as two:
+        got = two.logits(prompts)
+    for i, p in enumerate(prompts):
+        assert (got[i, :len(p)] - want[i, :len(p)]).abs().max() <= 1e-4
