@@ -541,3 +541,18 @@ def test_parallel_blocks_under_tensor_parallelism_match_tp1(tmp_path):
         got = two.logits(prompts)
     for i, p in enumerate(prompts):
         assert (got[i, :len(p)] - want[i, :len(p)]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("command", ["inspect", "fuse", "convert"])
+def test_cli_refuses_a_puzzletron_field_in_one_line_and_writes_nothing(tmp_path, capsys, command):
+    src = checkpoint(tmp_path, v1_config())
+    cfg = _set(v1_config(), 2, "ffn", "moe", {"num_local_experts": 4, "num_experts_per_tok": 1})
+    (src / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "plan.json").write_text(json.dumps(FusionPlan([(1, 3)]).to_json()))
+    argv = {"inspect": ["inspect", str(src)],
+            "fuse": ["fuse", str(src), "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "out")],
+            "convert": ["convert", str(src), "--tp", "1", "--out", str(tmp_path / "out")]}[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "layer 2 ffn: field 'moe'" in err[0] and "mixture-of-experts" in err[0]
+    assert not (tmp_path / "out").exists()
