@@ -556,3 +556,22 @@ def test_cli_refuses_a_puzzletron_field_in_one_line_and_writes_nothing(tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "layer 2 ffn: field 'moe'" in err[0] and "mixture-of-experts" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+# ---- ONNX: plain MLPs exported, parallel blocks refused ---------------------------------------
+def test_onnx_runs_a_plain_mlp_like_the_runtime_and_refuses_parallel_blocks(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from export.onnx.export import export_onnx
+    from export.runtime.engine import Engine
+
+    src = checkpoint(tmp_path, v1_config(plain_layer=2), seed=4)
+    res = export_onnx(src, tmp_path / "onnx", progress=False)
+    # the exported config keeps the Puzzletron schema too
+    assert read_config_json(tmp_path / "onnx")["block_configs"][2]["ffn"]["gated"] is False
+    seqs = [[1, 5, 7, 9], [4, 2]]
+    with Engine.start(src) as ref, Engine.start(res.out, runtime="onnx") as ort:
+        assert (ref.logits(seqs) - ort.logits(seqs)).abs().max().item() <= 1e-4
+    par = checkpoint(tmp_path, parallel_config(), name="par")
+    with pytest.raises(ExportError, match=r"layer 1: field 'parallel_blocks'.*ONNX"):
+        export_onnx(par, tmp_path / "onnx2", progress=False)
+    assert not (tmp_path / "onnx2").exists()
