@@ -98,6 +98,8 @@ class Layer:
         if not self.branches or self.has_attention:
             return self
         ffns = [b.ffn for b in self.branches if b.has_ffn]
+        if len({f.gated for f in ffns}) > 1 or any(f.kind is not FFNKind.SWIGLU for f in ffns):
+            return self  # SwiGLU and plain MLP branches are not one wide FFN of either kind
         width = sum(f.width or 0 for f in ffns)
         return Layer(Attention(AttentionKind.NOOP),
                      FFN(FFNKind.SWIGLU, width, ffn_mult_for(width, hidden), gated=all(f.gated for f in ffns)))
@@ -537,7 +539,9 @@ class _SchemaSeen:
                 self.kept.setdefault((part, kind, key), value)
 
     def schema(self, per_layer_globals: bool) -> BlockSchema:
-        puzzletron = self.by_size and not self.by_mult
+        # Released configs always carry the ffn_mult key; Puzzletron's FFNConfig has none.
+        puzzletron = ((self.by_size or "intermediate_size" in self.keys["ffn"])
+                      and not self.by_mult and "ffn_mult" not in self.keys["ffn"])
         attention = tuple(self.keys["attention"]) or RELEASED_ATTENTION_KEYS
         ffn = tuple(self.keys["ffn"]) or RELEASED_FFN_KEYS
         needed_ffn = ("intermediate_size",) if puzzletron else ("ffn_mult",)

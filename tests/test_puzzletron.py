@@ -575,3 +575,19 @@ def test_onnx_runs_a_plain_mlp_like_the_runtime_and_refuses_parallel_blocks(tmp_
     with pytest.raises(ExportError, match=r"layer 1: field 'parallel_blocks'.*ONNX"):
         export_onnx(par, tmp_path / "onnx2", progress=False)
     assert not (tmp_path / "onnx2").exists()
+
+
+def test_schema_of_a_puzzletron_config_without_any_mlp_is_still_puzzletron():
+    cfg = puzzletron_config([block(v2_attention(2), v2_ffn(None)), block(v2_attention(4), v2_ffn(None))])
+    spec = parse_hf_config(cfg)
+    assert spec.block_schema.name == "puzzletron"
+    assert spec.to_hf_config()["block_configs"] == cfg["block_configs"]
+
+
+def test_mixed_plain_and_swiglu_branches_are_not_widened():
+    cfg = parallel_config()
+    cfg["block_configs"][1]["parallel_blocks"][1]["ffn"]["gated"] = False
+    spec = parse_hf_config(cfg)
+    assert spec.widened().layers[1].is_parallel  # left as it is; convert refuses the plain MLP by name
+    with pytest.raises(ConfigError, match=r"layer 1 parallel_blocks\.1 ffn: field 'gated' = false"):
+        spec.refuse_unsupported("TensorRT-LLM", ffn_only_parallel_ok=True)
