@@ -136,10 +136,13 @@ def assert_same_schema(written: dict, source: dict) -> None:
         if key not in ("block_configs", "num_hidden_layers"):
             assert written[key] == value, key
     assert set(written) - set(source) <= {"num_hidden_layers"}, set(written) - set(source)
-    for b in written["block_configs"]:
-        ref = source["block_configs"][0]
+    ref = source["block_configs"][0]
+    blocks = [*written["block_configs"]]
+    blocks += [br for b in written["block_configs"] for br in (b.get("parallel_blocks") or [])]
+    for b in blocks:
         assert list(b) == list(ref)
-        assert list(b["attention"]) == list(ref["attention"]) and list(b["ffn"]) == list(ref["ffn"])
+        for part in ("attention", "ffn"):
+            assert b[part] is None or list(b[part]) == list(ref[part])
 
 
 # ---- deliverable 2: the source's schema on every write ----------------------------------------
@@ -591,3 +594,36 @@ def test_mixed_plain_and_swiglu_branches_are_not_widened():
     assert spec.widened().layers[1].is_parallel  # left as it is; convert refuses the plain MLP by name
     with pytest.raises(ConfigError, match=r"layer 1 parallel_blocks\.1 ffn: field 'gated' = false"):
         spec.refuse_unsupported("TensorRT-LLM", ffn_only_parallel_ok=True)
+
+
+# ---- end to end: inspect -> fuse -> convert -> verify -> generate -----------------------------
+def test_puzzletron_checkpoint_end_to_end_through_the_cli(tmp_path, capsys):
+    """A v2 Puzzletron checkpoint (per-block num_key_value_heads, weights_precision, its top-level
+    fields) with a parallel_blocks layer and an attention-free run: every command honours it and
+    every HF config written along the way is in its schema."""
+    from tests.conftest import write_tokenizer
+
+    blocks = [block(v2_attention(2), v2_ffn(256)),
+              {"attention": None, "ffn": None,
+               "parallel_blocks": [block(v2_attention(None), v2_ffn(512)), block(v2_attention(None), v2_ffn(256))]},
+              block(v2_attention(None), v2_ffn(768)), block(v2_attention(None), v2_ffn(512)),
+              block(v2_attention(None), v2_ffn(256)), block(v2_attention(4), v2_ffn(512))]
+    cfg = puzzletron_config(blocks)
+    src = checkpoint(tmp_path, cfg, seed=21)
+    write_tokenizer(src)
+    assert main(["inspect", str(src)]) == 0
+    out = capsys.readouterr().out
+    assert "P[-/F512 + -/F256]" in out and "parallel blocks          layer 1: 2 branches" in out
+    (tmp_path / "plan.json").write_text(json.dumps(FusionPlan([(2, 4)]).to_json()))
+    fused = tmp_path / "fused"
+    assert main(["fuse", str(src), "--plan", str(tmp_path / "plan.json"), "--out", str(fused)]) == 0
+    written = read_config_json(fused)
+    assert_same_schema(written, cfg)
+    assert written["block_configs"][1] == cfg["block_configs"][1]  # the parallel layer, as the source wrote it
+    assert written["block_configs"][2]["ffn"]["intermediate_size"] == 768 + 512 + 256
+    engine = tmp_path / "engines" / "tiny"
+    assert main(["convert", str(fused), "--tp", "2", "--out", str(engine)]) == 0
+    assert main(["verify", str(engine), "--against", str(fused)]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(engine), "a b a", "--max-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("a b a")
