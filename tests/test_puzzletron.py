@@ -627,3 +627,12 @@ def test_puzzletron_checkpoint_end_to_end_through_the_cli(tmp_path, capsys):
     capsys.readouterr()
     assert main(["generate", str(engine), "a b a", "--max-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith("a b a")
+
+
+def test_kv_cache_accounting_includes_attention_branches():
+    from export.layout import rank_kv_bytes_per_token
+
+    spec = parse_hf_config(parallel_config(with_attention=True))
+    per = 2 * (HIDDEN // HEADS) * 4  # k and v, fp32
+    assert spec.kv_cache_bytes_per_token() == (2 + 2 + 4) * per  # layer 0, branch 1.0, layer 5
+    assert rank_kv_bytes_per_token(spec, Mapping(), 0) == spec.kv_cache_bytes_per_token()

@@ -23,7 +23,6 @@ from export.layout import rank_kv_heads, rank_pieces, require_layout
 from export.mapping import Mapping
 from export.runtime import rope
 from export.runtime.cache import KVCache
-from export.sharding import kv_heads_per_rank
 from export.spec import CPU_RUNS, CPU_STAGE, AttentionKind, FFNKind, ModelSpec
 from export.tensors import Role
 from export.weights import RankWeights
@@ -51,11 +50,7 @@ class Decoder(nn.Module):
         self.local_layers = mapping.pp_layers(spec.num_layers, mapping.pp_rank(rank))
         self.is_first, self.is_last = mapping.is_first_stage(rank), mapping.is_last_stage(rank)
         self.local_heads = spec.heads // self.tp
-        self.kv_local = rank_kv_heads(spec, mapping, rank)
-        # parallel_blocks branches with attention cache under (layer, branch)
-        self.kv_local.update({(i, k): kv_heads_per_rank(b.attention.kv_heads, self.tp)  # type: ignore[misc]
-                              for i in self.local_layers for k, b in enumerate(spec.layers[i].branches)
-                              if b.attention.kind is AttentionKind.FULL})
+        self.kv_local = rank_kv_heads(spec, mapping, rank)  # parallel_blocks branches under (layer, branch)
         self._flat: dict[tuple, torch.Tensor] = {}  # plain-dict view: hot-path lookups
         self.params = nn.ModuleDict({GLOBAL: nn.ParameterDict()})
         for i in self.local_layers:
