@@ -1,9 +1,12 @@
 """The one description of a model that every stage reads.
 
 A `ModelSpec` says, per layer, what the attention and the FFN are (full / linear / no-op, with
-their own kv-head count and width) plus the global shapes. It is parsed once from an HF
-config.json (DeciLM `block_configs` or plain Llama) and serialises back to an HF DeciLM config and
-to TensorRT-LLM `layer_configs`. No other module reads HF config fields.
+their own kv-head count and width; SwiGLU or a plain MLP; or a Puzzletron `parallel_blocks` layer
+of such branches) plus the global shapes. It is parsed once from an HF config.json (DeciLM
+`block_configs` in the released Nemotron or the Model-Optimizer Puzzletron schema, or plain Llama)
+and serialises back to an HF DeciLM config in the source's schema (`BlockSchema`) and to
+TensorRT-LLM `layer_configs`. No other module reads HF config fields. A field no stage can honour
+is refused here, naming the layer and the field, never dropped.
 """
 
 from __future__ import annotations
