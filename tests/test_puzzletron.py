@@ -561,8 +561,8 @@ def test_cli_refuses_a_puzzletron_field_in_one_line_and_writes_nothing(tmp_path,
     assert not (tmp_path / "out").exists()
 
 
-# ---- ONNX: plain MLPs exported, parallel blocks refused ---------------------------------------
-def test_onnx_runs_a_plain_mlp_like_the_runtime_and_refuses_parallel_blocks(tmp_path):
+# ---- ONNX: plain MLPs, attention-free parallel blocks as their wide FFN -------------------------
+def test_onnx_runs_plain_mlps_and_parallel_blocks_like_the_runtime(tmp_path):
     pytest.importorskip("onnxruntime")
     from export.onnx.export import export_onnx
     from export.runtime.engine import Engine
@@ -574,9 +574,14 @@ def test_onnx_runs_a_plain_mlp_like_the_runtime_and_refuses_parallel_blocks(tmp_
     seqs = [[1, 5, 7, 9], [4, 2]]
     with Engine.start(src) as ref, Engine.start(res.out, runtime="onnx") as ort:
         assert (ref.logits(seqs) - ort.logits(seqs)).abs().max().item() <= 1e-4
-    par = checkpoint(tmp_path, parallel_config(), name="par")
-    with pytest.raises(ExportError, match=r"layer 1: field 'parallel_blocks'.*ONNX"):
-        export_onnx(par, tmp_path / "onnx2", progress=False)
+    par = checkpoint(tmp_path, parallel_config(), name="par", seed=6)  # exported as its wide FFN
+    res = export_onnx(par, tmp_path / "onnx-par", progress=False)
+    assert res.source == par and not [p for p in tmp_path.iterdir() if p.name.startswith(".widen-")]
+    with Engine.start(par) as ref, Engine.start(res.out, runtime="onnx") as ort:
+        assert (ref.logits(seqs) - ort.logits(seqs)).abs().max().item() <= 1e-4
+    att = checkpoint(tmp_path, parallel_config(with_attention=True), name="att")
+    with pytest.raises(ExportError, match=r"layer 1: field 'parallel_blocks'.*branch 0 \(A2/F256\).*ONNX"):
+        export_onnx(att, tmp_path / "onnx2", progress=False)
     assert not (tmp_path / "onnx2").exists()
 
 
