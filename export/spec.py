@@ -495,6 +495,12 @@ def parse_hf_config(cfg: dict[str, Any], where: str = "config") -> ModelSpec:
     else:
         layers = _uniform_layers(Fields(cfg, where), heads, n)
     _check_puzzletron_globals(cfg, where)
+    if schema.name == "puzzletron" and "head_dim" not in cfg and hidden // heads != 128:
+        # Its DeciLMConfig(head_dim=128) uses 128 when the key is absent (hidden // heads only
+        # when it is null); the released code and transformers use hidden // heads.
+        raise ConfigError(f"{where}: field 'head_dim' is missing: Puzzletron's DeciLMConfig then uses 128, "
+                          f"other readers hidden_size // num_attention_heads = {hidden // heads}; "
+                          f"write the intended head_dim")
     if n is not None and n != len(layers):
         raise ConfigError(f"{where}: num_hidden_layers is {n} but {len(layers)} layers are described")
     return ModelSpec(

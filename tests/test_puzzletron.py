@@ -641,3 +641,12 @@ def test_kv_cache_accounting_includes_attention_branches():
     per = 2 * (HIDDEN // HEADS) * 4  # k and v, fp32
     assert spec.kv_cache_bytes_per_token() == (2 + 2 + 4) * per  # layer 0, branch 1.0, layer 5
     assert rank_kv_bytes_per_token(spec, Mapping(), 0) == spec.kv_cache_bytes_per_token()
+
+
+def test_a_puzzletron_config_without_head_dim_is_ambiguous_and_refused():
+    cfg = v2_config()
+    del cfg["head_dim"]
+    with pytest.raises(ConfigError, match="field 'head_dim' is missing: Puzzletron's DeciLMConfig then uses 128"):
+        parse_hf_config(cfg)
+    cfg["head_dim"] = None  # null: every reader takes hidden // heads
+    assert parse_hf_config(cfg).head_dim == HIDDEN // HEADS
