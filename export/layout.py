@@ -7,11 +7,12 @@ function, so they cannot disagree about placement.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from export.errors import ExportError
 from export.mapping import Mapping
 from export.sharding import Shard, check_tp, kv_heads_per_rank, shard_for
-from export.spec import DTYPE_BYTES, ModelSpec, normalize_dtype
+from export.spec import DTYPE_BYTES, AttentionKind, ModelSpec, normalize_dtype
 from export.tensors import Role, TensorRef, model_tensors
 
 
@@ -138,12 +139,18 @@ def sync_points_per_token(spec: ModelSpec, mapping: Mapping) -> int:
     return tp + mapping.pp - 1
 
 
-def rank_kv_heads(spec: ModelSpec, mapping: Mapping, rank: int) -> dict[int, int]:
-    """Global layer -> kv heads the rank caches, for the full-attention layers of its stage
+def rank_kv_heads(spec: ModelSpec, mapping: Mapping, rank: int) -> dict[Any, int]:
+    """Global layer (or (layer, branch) of a parallel_blocks branch) -> kv heads the rank caches, for the
+    full-attention layers of its stage
     (`ceil(kv / tp)`: a head duplicated when tp exceeds the layer's kv heads)."""
     stage = mapping.pp_layers(spec.num_layers, mapping.pp_rank(rank))
-    return {i: kv_heads_per_rank(spec.layers[i].attention.kv_heads, mapping.tp)  # type: ignore[arg-type]
-            for i in spec.attention_layers() if i in stage}
+    heads: dict = {i: kv_heads_per_rank(spec.layers[i].attention.kv_heads, mapping.tp)  # type: ignore[arg-type]
+                   for i in spec.attention_layers() if i in stage}
+    # a parallel_blocks branch with attention caches under (layer, branch)
+    heads.update({(i, k): kv_heads_per_rank(b.attention.kv_heads, mapping.tp)  # type: ignore[arg-type]
+                  for i in stage for k, b in enumerate(spec.layers[i].branches)
+                  if b.attention.kind is AttentionKind.FULL})
+    return heads
 
 
 def rank_kv_bytes_per_token(spec: ModelSpec, mapping: Mapping, rank: int, dtype: str | None = None, *,

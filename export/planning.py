@@ -7,7 +7,7 @@ from typing import Any
 
 from export.layout import check_layout, check_trtllm_stages, layer_span, rank_bytes, rank_kv_bytes_per_token
 from export.mapping import Mapping
-from export.spec import AttentionKind, FFNKind, ModelSpec
+from export.spec import CPU_RUNS, CPU_STAGE, TRTLLM_STAGE, AttentionKind, FFNKind, ModelSpec
 from export.tensors import parameter_count
 
 
@@ -81,8 +81,8 @@ def stage_report(spec: ModelSpec, mapping: Mapping, dtype: str) -> list[dict[str
 
 def plan_report(spec: ModelSpec, mapping: Mapping, dtype: str | None = None) -> dict[str, Any]:
     dtype = dtype or spec.dtype
-    problems = check_layout(spec, mapping)
-    trtllm = check_trtllm_stages(spec, mapping)
+    problems = check_layout(spec, mapping) + spec.unsupported(CPU_STAGE, **CPU_RUNS)
+    trtllm = check_trtllm_stages(spec, mapping) + spec.unsupported(TRTLLM_STAGE, ffn_only_parallel_ok=True)
     per_rank = ([rank_bytes(spec, mapping, r, dtype) for r in mapping.ranks()] if not problems
                 else None)
     split = Mapping(mapping.tp, mapping.pp, embedding_shard=0)  # what --parallel-embedding would hold
@@ -103,6 +103,10 @@ def plan_report(spec: ModelSpec, mapping: Mapping, dtype: str | None = None) -> 
         "sync_points_per_token": spec.sync_points_per_token(),
         "attention_free_runs": [[r[0], r[-1], len(r)] for r in attention_free_runs(spec)],
         "wide_ffns": [{"layer": i, "width": w} for i, w in wide_ffns(spec)],
+        # Puzzletron parallel_blocks layers: one layer (its sync points), however many branches
+        "parallel_layers": [{"layer": i, "branches": [b.short() for b in spec.layers[i].branches],
+                             "sync_points": spec.layers[i].sync_points()} for i in spec.parallel_layers()],
+        "block_schema": spec.block_schema.name,
         "tp": mapping.tp, "pp": mapping.pp,
         # layout_ok: what `convert` (a TRT-LLM checkpoint) accepts; targets.cpu: what the cpu engine runs
         "layout_ok": not problems and not trtllm, "layout_problems": problems + trtllm,
@@ -124,7 +128,9 @@ def human_bytes(n: float) -> str:
 
 
 def format_report(rep: dict[str, Any]) -> str:
-    lines = ["layers     count  structure (A<kv>=attention, L=linear, -=no-op, F<width>=SwiGLU FFN)"]
+    lines = ["layers     count  structure (A<kv>=attention, L=linear, -=no-op, F<width>=SwiGLU FFN"
+             + (", M<width>=plain MLP, P[...]=parallel blocks)" if any(
+                 "M" in r["layer"] or "P[" in r["layer"] for r in rep["layer_runs"]) else ")")]
     for r in rep["layer_runs"]:
         span = f"{r['first']}" if r["first"] == r["last"] else f"{r['first']}-{r['last']}"
         lines.append(f"{span:<10} {r['last'] - r['first'] + 1:>5}  {r['layer']}")
@@ -144,6 +150,9 @@ def format_report(rep: dict[str, Any]) -> str:
     ]
     runs = ", ".join(f"{a}-{b} ({n})" for a, b, n in rep["attention_free_runs"]) or "none"
     lines.append(f"attention-free FFN runs  {runs}")
+    for par in rep.get("parallel_layers", []):
+        lines.append(f"parallel blocks          layer {par['layer']}: {len(par['branches'])} branches "
+                     f"({' + '.join(par['branches'])}) on one input, summed: {par['sync_points']} sync point(s)")
     if rep["wide_ffns"]:
         wide = ", ".join(f"layer {w['layer']}: {w['width']}" for w in rep["wide_ffns"])
         lines.append(f"fused (wide) FFNs        {wide}")

@@ -114,7 +114,8 @@ def shard_for(spec: ModelSpec, ref: TensorRef, rank: int, tp: int, embedding: in
     if role is Role.Q:
         return _even(ref.shape[0], rank, tp, 0)
     if role in (Role.K, Role.V):
-        kv = spec.layers[ref.layer].attention.kv_heads  # type: ignore[index]
+        lay = spec.layers[ref.layer]  # type: ignore[index]
+        kv = (lay.branches[ref.branch] if ref.branch is not None else lay).attention.kv_heads
         heads = kv_head_range(kv, tp, rank)
         return Shard(0, heads.start * spec.head_dim, heads.stop * spec.head_dim)
     if role in COLUMN:
@@ -155,5 +156,10 @@ def check_tp(spec: ModelSpec, tp: int, embedding: int | None = None) -> list[str
             problems.append(f"layer {i}: tp={tp} and {kv} kv heads: neither divides the other")
         if lay.ffn.width is not None and lay.ffn.width % tp:
             problems.append(f"layer {i}: tp={tp} does not divide FFN width {lay.ffn.width}")
+        problems += [f"layer {i} parallel_blocks.{k}: tp={tp} does not divide FFN width {b.ffn.width}"
+                     for k, b in enumerate(lay.branches) if b.ffn.width is not None and b.ffn.width % tp]
+        problems += [f"layer {i} parallel_blocks.{k}: tp={tp} and {b.attention.kv_heads} kv heads: neither "
+                     f"divides the other" for k, b in enumerate(lay.branches)
+                     if b.attention.kv_heads is not None and b.attention.kv_heads % tp and tp % b.attention.kv_heads]
     return problems
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from export.spec import AttentionKind, FFNKind, ModelSpec
+from export.spec import AttentionKind, FFNKind, Layer, ModelSpec
 
 
 class Role(StrEnum):
@@ -54,6 +54,11 @@ HF_NAMES: dict[Role, str] = {
 HF_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
+# A Puzzletron `parallel_blocks` branch k of layer l keeps its tensors under this prefix
+# (`DeciLMMultiDecoderLayer.parallel_blocks` in its modeling_decilm.py).
+HF_BRANCH_PREFIX = "model.layers.{l}.parallel_blocks.{b}."
+
+
 @dataclass(frozen=True)
 class TensorRef:
     """One tensor of the full (unsharded) model."""
@@ -61,10 +66,19 @@ class TensorRef:
     role: Role
     layer: int | None  # global layer index; None for embed / final norm / lm_head
     shape: tuple[int, ...]
+    branch: int | None = None  # the parallel_blocks branch of `layer`, if any
 
     @property
     def hf_name(self) -> str:
-        return HF_NAMES[self.role].format(l=self.layer)
+        name = HF_NAMES[self.role].format(l=self.layer)
+        if self.branch is None:
+            return name
+        plain = f"model.layers.{self.layer}."
+        return HF_BRANCH_PREFIX.format(l=self.layer, b=self.branch) + name.removeprefix(plain)
+
+    def at(self, layer: int) -> TensorRef:
+        """The same tensor of source layer `layer` (a copied layer's name in its source)."""
+        return TensorRef(self.role, layer, self.shape, self.branch)
 
     def numel(self) -> int:
         n = 1
@@ -74,8 +88,17 @@ class TensorRef:
 
 
 def layer_roles(spec: ModelSpec, layer: int) -> list[tuple[Role, tuple[int, ...]]]:
-    """The roles (and full shapes) a layer has; no-op sublayers have none, not even a norm."""
-    lay = spec.layers[layer]
+    """The roles (and full shapes) a layer has; no-op sublayers have none, not even a norm.
+    A parallel-blocks layer has none of its own: its branches' are `branch_roles`."""
+    return _roles(spec, spec.layers[layer])
+
+
+def branch_roles(spec: ModelSpec, layer: int) -> list[tuple[int, Role, tuple[int, ...]]]:
+    """(branch, role, shape) of each parallel_blocks branch of `layer`, in branch order."""
+    return [(k, role, shape) for k, b in enumerate(spec.layers[layer].branches) for role, shape in _roles(spec, b)]
+
+
+def _roles(spec: ModelSpec, lay: Layer) -> list[tuple[Role, tuple[int, ...]]]:
     h, hd = spec.hidden, spec.head_dim
     out: list[tuple[Role, tuple[int, ...]]] = []
     if lay.attention.kind is AttentionKind.FULL:
@@ -88,7 +111,8 @@ def layer_roles(spec: ModelSpec, layer: int) -> list[tuple[Role, tuple[int, ...]
     if lay.ffn.kind is FFNKind.SWIGLU:
         w = lay.ffn.width
         assert w is not None
-        out += [(Role.FFN_NORM, (h,)), (Role.GATE, (w, h)), (Role.UP, (w, h)), (Role.DOWN, (h, w))]
+        gate = [(Role.GATE, (w, h))] if lay.ffn.gated else []  # a plain MLP has up and down only
+        out += [(Role.FFN_NORM, (h,)), *gate, (Role.UP, (w, h)), (Role.DOWN, (h, w))]
     elif lay.ffn.kind is FFNKind.LINEAR:
         out += [(Role.FFN_NORM, (h,)), (Role.LINEAR_FFN, (h, h))]
     return out
@@ -99,6 +123,7 @@ def model_tensors(spec: ModelSpec) -> list[TensorRef]:
     refs = [TensorRef(Role.EMBED, None, (spec.vocab, spec.hidden))]
     for i in range(spec.num_layers):
         refs += [TensorRef(role, i, shape) for role, shape in layer_roles(spec, i)]
+        refs += [TensorRef(role, i, shape, k) for k, role, shape in branch_roles(spec, i)]
     refs.append(TensorRef(Role.FINAL_NORM, None, (spec.hidden,)))
     if not spec.tie_embeddings:
         refs.append(TensorRef(Role.LM_HEAD, None, (spec.vocab, spec.hidden)))

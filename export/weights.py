@@ -16,7 +16,7 @@ from export.layout import lm_head_ref, on_rank
 from export.mapping import Mapping
 from export.sharding import shard_for
 from export.spec import ModelSpec
-from export.tensors import Role, TensorRef, layer_roles
+from export.tensors import Role, TensorRef, branch_roles, layer_roles
 
 
 class RankWeights(Protocol):
@@ -29,13 +29,18 @@ class RankWeights(Protocol):
         ...
 
 
-def find_ref(spec: ModelSpec, role: Role, layer: int | None) -> TensorRef:
+def find_ref(spec: ModelSpec, role: Role, layer: int | None, branch: int | None = None) -> TensorRef:
     if layer is None:
         shapes = {Role.EMBED: (spec.vocab, spec.hidden), Role.FINAL_NORM: (spec.hidden,),
                   Role.LM_HEAD: (spec.vocab, spec.hidden)}
         if role not in shapes:
             raise KeyError(f"{role.value} needs a layer index")
         return TensorRef(role, None, shapes[role])
+    if branch is not None:  # a parallel_blocks branch's own tensor
+        for k, r, shape in branch_roles(spec, layer):
+            if (k, r) == (branch, role):
+                return TensorRef(role, layer, shape, branch)
+        raise KeyError(f"layer {layer} parallel_blocks.{branch} has no {role.value} tensor")
     for r, shape in layer_roles(spec, layer):
         if r is role:
             return TensorRef(role, layer, shape)
@@ -49,8 +54,8 @@ class HFRankWeights:
                  dtype: torch.dtype | None = None) -> None:
         self.reader, self.spec, self.mapping, self.rank, self.dtype = reader, spec, mapping, rank, dtype
 
-    def get(self, role: Role, layer: int | None = None) -> torch.Tensor:
-        ref = lm_head_ref(self.spec) if role is Role.LM_HEAD else find_ref(self.spec, role, layer)
+    def get(self, role: Role, layer: int | None = None, branch: int | None = None) -> torch.Tensor:
+        ref = lm_head_ref(self.spec) if role is Role.LM_HEAD else find_ref(self.spec, role, layer, branch)
         if not on_rank(ref, self.spec, self.mapping, self.rank):
             raise KeyError(f"rank {self.rank} holds no {role.value} of layer {layer}")
         shard = shard_for(self.spec, ref, self.mapping.tp_rank(self.rank), self.mapping.tp,

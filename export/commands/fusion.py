@@ -103,6 +103,10 @@ def _fuse_args(p: argparse.ArgumentParser) -> None:
                         "unrounded")
     p.add_argument("--keep-layer-count", action="store_true",
                    help="keep fused-away blocks as empty blocks (as the released Ultra config does)")
+    p.add_argument("--as", dest="form", choices=["wide-ffn", "parallel-blocks"], default="wide-ffn",
+                   help="wide-ffn: each group one wide FFN (Theorem 3.1); parallel-blocks: each group one "
+                        "Puzzletron parallel_blocks layer of the members' own FFNs, exact (Puzzletron sources "
+                        "only; --norm does not apply); see docs/fusion.md")
     p.add_argument("--max-shard-size", type=byte_size, default=5 << 30, help="safetensors shard size")
     p.add_argument("--follow-symlinks", action="store_true", help=FOLLOW_SYMLINKS_HELP)
 
@@ -121,15 +125,18 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
     r = fuse_checkpoint(args.ckpt, FusionPlan.load(args.plan), args.out, norm=args.norm,
                         keep_layer_count=args.keep_layer_count, max_shard_bytes=args.max_shard_size,
                         dtype=args.dtype, overwrite=args.overwrite, inputs=[args.plan],
-                        follow_symlinks=args.follow_symlinks)
+                        follow_symlinks=args.follow_symlinks, form=args.form)
     for g in r.groups:
-        print(f"group {g.label}: {len(g.ffn_layers)} FFNs {list(g.widths)} -> one FFN of width {g.fused_width}")
+        into = (f"one FFN of width {g.fused_width}" if args.form == "wide-ffn"
+                else f"one parallel-blocks layer of {len(g.ffn_layers)} branches")
+        print(f"group {g.label}: {len(g.ffn_layers)} FFNs {list(g.widths)} -> {into}")
     print(f"layers {r.before.num_layers} -> {r.after.num_layers}, FFN blocks {len(r.before.ffn_layers())} -> "
           f"{len(r.after.ffn_layers())}, sync points per token {r.before.sync_points_per_token()} -> "
           f"{r.after.sync_points_per_token()}")
-    print(f"wrote {r.out} ({r.bytes_written / 2**20:.1f} MiB in {r.seconds:.2f} s, norm={args.norm})")
+    how = f"norm={args.norm}" if args.form == "wide-ffn" else "as parallel-blocks, norms per branch"
+    print(f"wrote {r.out} ({r.bytes_written / 2**20:.1f} MiB in {r.seconds:.2f} s, {how})")
     odd = [i for i, lay in enumerate(r.after.layers) if lay.ffn.width is not None and lay.ffn.ffn_mult is None]
-    if odd:  # TRT-LLM's PyTorch nemotron_nas computes widths from ffn_mult alone
+    if odd and r.after.block_schema.width_key == "ffn_mult":  # TRT-LLM's PyTorch nemotron_nas computes widths from ffn_mult alone
         print(f"note: no ffn_mult gives the FFN width of layer(s) {odd}, so config.json says intermediate_size "
               f"there: vLLM, this toolkit and the TRT-LLM engine path (`convert`) read it; TensorRT-LLM's PyTorch "
               f"backend reads ffn_mult only", file=sys.stderr)

@@ -63,4 +63,7 @@ NORM_NOTES = {
             "bfloat16 or float16, each folded product is rounded once (about 8e-4 relative (L2) on the demo "
             "model's FFN output in bfloat16). `fuse --dtype float32` keeps them unrounded.",
     "last": "the last member's norm serves the whole group (the paper's eq. 5); weights are copied unchanged.",
+    "per branch (parallel-blocks)": "each group is one Puzzletron `parallel_blocks` layer whose branches are "
+            "the members' FFN blocks with their own norms and weights, copied unchanged: the parallel "
+            "form exactly, in any dtype.",
 }

@@ -53,6 +53,19 @@ class NormMode(StrEnum):
     LAST = "last"
 
 
+class FusedForm(StrEnum):
+    """How a fused group is written (docs/fusion.md, "two representations").
+
+    WIDE: one wide FFN (Theorem 3.1: gate/up stacked, down concatenated), what the released
+    Ultra config and TRT-LLM's nemotron_nas run. PARALLEL: Puzzletron's `parallel_blocks`, one
+    layer whose branches are the members' FFN blocks, unchanged (no concatenation, no folding),
+    run in parallel on one input and summed: the same function, exactly, in the source's weights.
+    """
+
+    WIDE = "wide-ffn"
+    PARALLEL = "parallel-blocks"
+
+
 @dataclass(frozen=True)
 class FuseResult:
     out: Path
@@ -65,15 +78,21 @@ class FuseResult:
 
 
 # ---- the new layer list ------------------------------------------------------------------
-def fused_layer(spec: ModelSpec, group: Group) -> Layer:
+def fused_layer(spec: ModelSpec, group: Group, form: FusedForm = FusedForm.WIDE) -> Layer:
     """Attention no-op plus one FFN of the summed width (its config says an ffn_mult that gives
-    exactly that width, or the width itself where no ffn_mult can)."""
+    exactly that width, or the width itself where no ffn_mult can); or, as `parallel-blocks`, a
+    parallel layer whose branches are the members' own attention-free FFN blocks."""
+    if form is FusedForm.PARALLEL:
+        return Layer(Attention(AttentionKind.NOOP), FFN(FFNKind.NOOP),
+                     tuple(spec.layers[i] for i in group.ffn_layers))
     width = group.fused_width
-    return Layer(Attention(AttentionKind.NOOP), FFN(FFNKind.SWIGLU, width, ffn_mult_for(width, spec.hidden)))
+    gated = spec.layers[group.ffn_layers[0]].ffn.gated  # a plain MLP group fuses into a plain MLP
+    return Layer(Attention(AttentionKind.NOOP),
+                 FFN(FFNKind.SWIGLU, width, ffn_mult_for(width, spec.hidden), gated=gated))
 
 
-def fused_layout(spec: ModelSpec, groups: list[Group],
-                 keep_layer_count: bool = False) -> tuple[list[Layer], list[int | Group | None]]:
+def fused_layout(spec: ModelSpec, groups: list[Group], keep_layer_count: bool = False,
+                 form: FusedForm = FusedForm.WIDE) -> tuple[list[Layer], list[int | Group | None]]:
     """(new layers, where each comes from: an old layer index, a group, or None for an empty block).
 
     A group's fused block sits at the group's first index; the rest of its range is dropped, or
@@ -88,7 +107,7 @@ def fused_layout(spec: ModelSpec, groups: list[Group],
             layers.append(lay)
             sources.append(i)
         elif i == g.first:
-            layers.append(fused_layer(spec, g))
+            layers.append(fused_layer(spec, g, form))
             sources.append(g)
         elif keep_layer_count:
             layers.append(EMPTY)
@@ -156,6 +175,9 @@ def _norm(reader: CheckpointReader, group: Group, norm: NormMode, hidden: int, d
 def _producer(reader: CheckpointReader, ref: TensorRef, src: int | Group | None, spec: ModelSpec,
               norm: NormMode, dtype: torch.dtype) -> Chunks:
     """Where the rows of one output tensor come from."""
+    if isinstance(src, Group) and ref.branch is not None:  # parallel-blocks form: branch k is member k, as is
+        member = TensorRef(ref.role, src.ffn_layers[ref.branch], ref.shape)
+        return _copy(reader, member.hf_name, ref.shape, dtype)
     if isinstance(src, Group):
         fused: dict[Role, Callable[[], Chunks]] = {
             Role.FFN_NORM: lambda: _norm(reader, src, norm, spec.hidden, dtype),
@@ -164,25 +186,95 @@ def _producer(reader: CheckpointReader, ref: TensorRef, src: int | Group | None,
             Role.DOWN: lambda: _concat(reader, src, spec.hidden, dtype),
         }
         return fused[ref.role]()
-    name = HF_NAMES[ref.role].format(l=src) if ref.layer is not None else reader.hf_name(ref)
+    name = ref.at(src).hf_name if ref.layer is not None else reader.hf_name(ref)
     return _copy(reader, name, ref.shape, dtype)
+
+
+# ---- parallel_blocks layers as wide FFNs (what `convert` hands TRT-LLM) ----------------------
+def _branch_name(role: Role, layer: int, branch: int) -> str:
+    return TensorRef(role, layer, (), branch).hf_name
+
+
+def _branch_rows(reader: CheckpointReader, role: Role, layer: int, branches: list[int],
+                 dtype: torch.dtype) -> Chunks:
+    """Gate or up of the wide FFN: each branch's rows, scaled by that branch's own norm (fold)."""
+    offset = 0
+    for k in branches:
+        name = _branch_name(role, layer, k)
+        shape = reader.info(name).shape
+        scale = reader.get(_branch_name(Role.FFN_NORM, layer, k)).float()
+        for r, rows in _rows(reader, name, shape, dtype):
+            yield offset + r, (rows.float() * scale).to(dtype)
+        offset += shape[0]
+
+
+def _branch_down(reader: CheckpointReader, layer: int, branches: list[int], hidden: int, width: int,
+                 dtype: torch.dtype) -> Chunks:
+    slices = [reader.get_slice(_branch_name(Role.DOWN, layer, k)) for k in branches]
+    step = _rows_per_chunk((hidden, width), dtype)
+    for r in range(0, hidden, step):
+        yield r, torch.cat([s[r:r + step] for s in slices], dim=1).to(dtype)
+
+
+def _widened_chunks(reader: CheckpointReader, spec: ModelSpec, ref: TensorRef, dtype: torch.dtype) -> Chunks:
+    """Where the rows of one tensor of the widened checkpoint come from."""
+    lay = spec.layers[ref.layer] if ref.layer is not None else None
+    if ref.layer is None or lay is None or not lay.is_parallel or lay.has_attention:
+        return _copy(reader, ref.hf_name if ref.layer is not None else reader.hf_name(ref), ref.shape, dtype)
+    branches = [k for k, b in enumerate(lay.branches) if b.has_ffn]
+    if ref.role is Role.FFN_NORM:
+        return iter([(0, torch.ones(spec.hidden, dtype=dtype))])
+    if ref.role in (Role.GATE, Role.UP):
+        return _branch_rows(reader, ref.role, ref.layer, branches, dtype)
+    assert ref.role is Role.DOWN, ref
+    return _branch_down(reader, ref.layer, branches, spec.hidden, ref.shape[1], dtype)
+
+
+def widen_parallel_checkpoint(source: Path, out: Path, *, dtype: str = "float32",
+                              follow_symlinks: bool | None = None) -> ModelSpec:
+    """Write `source` with every attention-free parallel_blocks layer as one wide FFN to `out`
+    (a scratch directory `convert` makes and removes): gate/up stacked with each branch's norm
+    folded in fp32 (stored in `dtype`, float32 by default: unrounded), down concatenated, a unit
+    norm. Exactly sum_k branch_k(x) - (n-1) x; returns the widened description."""
+    spec = ModelSpec.load(source)
+    reader = CheckpointReader(source, follow_symlinks=follow_symlinks)
+    reader.validate(spec)
+    wide = spec.widened().with_dtype(dtype)
+    tdtype = torch_dtype(wide.dtype)
+    refs = model_tensors(wide)
+    out.mkdir(parents=True)
+    writer = HFCheckpointWriter(out, [(r.hf_name, tdtype, r.shape) for r in refs], 5 << 30)
+    for ref in refs:
+        for row, chunk in _widened_chunks(reader, spec, ref, tdtype):
+            writer.write_rows(ref.hf_name, row, chunk)
+    writer.close()
+    copy_sidecars(source, out, names=sidecar_files(source, follow_symlinks=follow_symlinks))
+    write_config(out, wide.to_hf_config())
+    reader.close()
+    return wide
 
 
 # ---- the command ---------------------------------------------------------------------------
 def fuse_checkpoint(source: str | Path, plan: FusionPlan, out: str | Path, *, norm: NormMode | str = NormMode.FOLD,
                     keep_layer_count: bool = False, max_shard_bytes: int = 5 << 30,
                     progress: bool = True, dtype: str | None = None, overwrite: bool = False,
-                    inputs: Iterable[str | Path] = (), follow_symlinks: bool | None = None) -> FuseResult:
+                    inputs: Iterable[str | Path] = (), follow_symlinks: bool | None = None,
+                    form: FusedForm | str = FusedForm.WIDE) -> FuseResult:
     """Write the fused HF DeciLM checkpoint of `source` under `plan` to `out` (atomically).
 
     `dtype` (default: the source's) is the output's; every tensor is cast as it streams through.
     `out` must be new, or a previous output replaced with `overwrite`; it may not overlap `source`
     nor the further `inputs` (the plan file). Everything that can refuse the job (config, weight
     headers, side files and their links, the tokenizer) is checked before the output exists;
-    `follow_symlinks` as in `export.io.paths`.
+    `follow_symlinks` as in `export.io.paths`. `form` as in `FusedForm`: `parallel-blocks` keeps
+    every member's norm in its branch (`norm` does not apply) and needs a Puzzletron-schema source,
+    since the released DeciLM code has no parallel blocks.
     """
     t0 = time.perf_counter()
-    norm = NormMode(norm)
+    norm, form = NormMode(norm), FusedForm(form)
+    if form is FusedForm.PARALLEL and norm is NormMode.LAST:
+        raise ExportError("--norm last rewrites the group's norms for one wide FFN; --as parallel-blocks keeps "
+                          "each member's own norm in its branch (exact), so the two do not combine")
     source = Path(source)
     inputs = [source, *inputs]
     check_output(out, inputs=inputs, overwrite=overwrite)
@@ -194,7 +286,11 @@ def fuse_checkpoint(source: str | Path, plan: FusionPlan, out: str | Path, *, no
     groups = plan.resolve(spec)
     if not groups:
         raise ExportError(f"{source}: the plan has no groups: nothing to fuse, nothing written")
-    layers, sources = fused_layout(spec, groups, keep_layer_count)
+    if form is FusedForm.PARALLEL and spec.block_schema.name != "puzzletron":
+        raise ExportError(f"{source}: --as parallel-blocks writes Puzzletron's `parallel_blocks`, which this "
+                          f"source's schema ({spec.block_schema.name}: its DeciLM code has no parallel blocks) "
+                          f"cannot load; use --as wide-ffn")
+    layers, sources = fused_layout(spec, groups, keep_layer_count, form)
     new_spec = spec.with_layers(layers).with_dtype(dtype or spec.dtype)
     dtype = torch_dtype(new_spec.dtype)
     refs = model_tensors(new_spec)
@@ -209,10 +305,11 @@ def fuse_checkpoint(source: str | Path, plan: FusionPlan, out: str | Path, *, no
         bar.close()
         writer.close()
         copy_sidecars(source, tmp, names=sidecars)
-        write_fused_card(tmp, source, spec, new_spec, groups, norm.value)
+        write_fused_card(tmp, source, spec, new_spec, groups,
+                         norm.value if form is FusedForm.WIDE else "per branch (parallel-blocks)")
         write_config(tmp, new_spec.to_hf_config())
         mapping = layer_map(spec, sources)
-        _write_record(tmp, source, plan, groups, norm, keep_layer_count, mapping)
+        _write_record(tmp, source, plan, groups, norm, keep_layer_count, mapping, form)
         _check_written(tmp, new_spec)
     reader.close()
     return FuseResult(Path(out), spec, new_spec, groups, mapping, writer.total_bytes, time.perf_counter() - t0)
@@ -228,9 +325,11 @@ def _check_written(path: Path, expected: ModelSpec) -> None:
 
 
 def _write_record(path: Path, source: Path, plan: FusionPlan, groups: list[Group], norm: NormMode,
-                  keep_layer_count: bool, mapping: dict[int, int | None]) -> None:
+                  keep_layer_count: bool, mapping: dict[int, int | None],
+                  form: FusedForm = FusedForm.WIDE) -> None:
     """What was fused and how, so later stages (manifest, evaluate) need not guess."""
-    record = {"source": str(source.resolve()), "norm": norm.value, "keep_layer_count": keep_layer_count,
+    record = {"source": str(source.resolve()), "norm": norm.value, "form": form.value,
+              "keep_layer_count": keep_layer_count,
               "plan": plan.to_json(),
               "groups": [{"group": [g.first, g.last], "ffn_layers": list(g.ffn_layers),
                           "widths": list(g.widths), "fused_width": g.fused_width} for g in groups],

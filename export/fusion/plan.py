@@ -134,6 +134,9 @@ class FusionPlan:
 
 def _member_problem(lay: Layer) -> str | None:
     """Why a block cannot be part of a fused group (None: it can)."""
+    if lay.is_parallel:
+        return (f"is a parallel-blocks layer ({lay.short()}); fuse it from the checkpoint that "
+                f"wrote it, not again")
     if lay.is_empty:
         return None
     if lay.has_attention:
@@ -156,6 +159,10 @@ def _resolve_group(spec: ModelSpec, k: int, first: int, last: int) -> tuple[list
     ffns = tuple(i for i in range(first, last + 1) if spec.layers[i].has_ffn)
     if not problems and len(ffns) < 2:
         problems.append(f"{name}: holds {len(ffns)} FFN block(s) {list(ffns)}; a group needs at least 2")
+    if not problems and len({spec.layers[i].ffn.gated for i in ffns}) > 1:
+        plain = [i for i in ffns if not spec.layers[i].ffn.gated]
+        problems.append(f"{name}: mixes SwiGLU FFNs with plain (gated: false) MLPs {plain}; one wide FFN "
+                        f"is one or the other")
     if problems:
         return problems, None
     return [], Group(first, last, ffns, tuple(spec.layers[i].ffn.width for i in ffns))  # type: ignore[misc]

@@ -60,6 +60,8 @@ def export_onnx(source: str | Path, out: str | Path, *, progress: bool = True, o
     if own is not None and own.world_size != 1:
         raise ExportError(f"{source}: checkpoint is split for tp={own.tp} pp={own.pp}; the ONNX graph is built "
                           f"from tp=1 weights (an HF checkpoint or a --tp 1 conversion)")
+    if spec.parallel_layers() and own is None:
+        return _export_parallel(Path(source), Path(out), spec, progress=progress, overwrite=overwrite)
     weights = make(Mapping(1, 1), 0)
     total = graph_bytes(spec)
     with output_dir(out, inputs=[source], overwrite=overwrite, planned_bytes=total) as tmp:
@@ -74,6 +76,23 @@ def export_onnx(source: str | Path, out: str | Path, *, progress: bool = True, o
         onnx.checker.check_model(str(tmp / MODEL_FILE))
         write_config(tmp, dataclasses.replace(spec, dtype=GRAPH_DTYPE).to_hf_config())
     return OnnxResult(Path(out), Path(source), spec, len(model.graph.node), total, time.perf_counter() - t0)
+
+
+def _export_parallel(source: Path, out: Path, spec: ModelSpec, *, progress: bool, overwrite: bool) -> OnnxResult:
+    """An attention-free parallel_blocks layer is exported as the one wide FFN it equals (as
+    `convert` does: branch norms folded in fp32 via a scratch checkpoint beside `out`, removed
+    after); attention branches are refused by layer."""
+    import tempfile
+
+    from export.fusion.fuse import widen_parallel_checkpoint
+
+    spec.refuse_unsupported("the ONNX export", plain_mlp=False, ffn_only_parallel_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".widen-", dir=out.parent) as scratch:
+        wide = Path(scratch) / "checkpoint"
+        widen_parallel_checkpoint(source, wide)
+        res = export_onnx(wide, out, progress=progress, overwrite=overwrite)
+    return dataclasses.replace(res, source=source)
 
 
 def tp1_source(engine_dir: Path) -> Path:

@@ -102,6 +102,7 @@ class DecoderGraph:
 
     def __init__(self, spec: ModelSpec, weights: RankWeights, data: ExternalData,
                  on_bytes: Callable[[int], object] = lambda n: None) -> None:
+        spec.refuse_unsupported("the ONNX export", plain_mlp=False)
         self.spec, self.weights = spec, weights
         self.g = Graph(data, on_bytes)
         self.cos = self.sin = self.bias = ""
@@ -189,6 +190,10 @@ class DecoderGraph:
         """One gate/up MatMul and one down MatMul, however wide (a fused FFN is just wider)."""
         g, width = self.g, self.spec.layers[i].ffn.width
         x = self.norm(h, Role.FFN_NORM, i)
+        if not self.spec.layers[i].ffn.gated:  # Puzzletron's `gated: false`: down(silu(up(x)))
+            up = g.op("MatMul", x, self.linear(f"layers.{i}.ffn.up", (Role.UP, i)))
+            act = g.op("Mul", up, g.op("Sigmoid", up))
+            return g.op("MatMul", act, self.linear(f"layers.{i}.ffn.down", (Role.DOWN, i)))
         gate_up = g.op("MatMul", x, self.linear(f"layers.{i}.ffn.gate_up", (Role.GATE, i), (Role.UP, i)))
         gate, up = g.op("Split", gate_up, g.const([width, width]), axis=-1, n_out=2)
         act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)

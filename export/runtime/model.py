@@ -24,7 +24,7 @@ from export.layout import rank_kv_heads, rank_pieces, require_layout
 from export.mapping import Mapping
 from export.runtime import rope
 from export.runtime.cache import KVCache
-from export.spec import AttentionKind, FFNKind, ModelSpec
+from export.spec import CPU_RUNS, CPU_STAGE, AttentionKind, FFNKind, ModelSpec
 from export.tensors import Role
 from export.weights import RankWeights
 
@@ -44,31 +44,32 @@ class Decoder(nn.Module):
     def __init__(self, spec: ModelSpec, mapping: Mapping, rank: int, dtype: torch.dtype = torch.float32,
                  group: dist.ProcessGroup | None = None) -> None:
         super().__init__()
+        spec.refuse_unsupported(CPU_STAGE, **CPU_RUNS)
         require_layout(spec, mapping)
         self.spec, self.mapping, self.rank, self.group, self.dtype = spec, mapping, rank, group, dtype
         self.tp, self.tp_rank = mapping.tp, mapping.tp_rank(rank)
         self.local_layers = mapping.pp_layers(spec.num_layers, mapping.pp_rank(rank))
         self.is_first, self.is_last = mapping.is_first_stage(rank), mapping.is_last_stage(rank)
         self.local_heads = spec.heads // self.tp
-        self.kv_local = rank_kv_heads(spec, mapping, rank)
-        self._flat: dict[tuple[Role, int | None], torch.Tensor] = {}  # plain-dict view: hot-path lookups
+        self.kv_local = rank_kv_heads(spec, mapping, rank)  # parallel_blocks branches under (layer, branch)
+        self._flat: dict[tuple, torch.Tensor] = {}  # plain-dict view: hot-path lookups
         self.params = nn.ModuleDict({GLOBAL: nn.ParameterDict()})
         for i in self.local_layers:
             self.params[str(i)] = nn.ParameterDict()
         for piece in rank_pieces(spec, mapping, rank):
-            self._store(piece.ref.role, piece.ref.layer, torch.empty(piece.shape, dtype=dtype))
+            self._store(piece.ref.role, piece.ref.layer, torch.empty(piece.shape, dtype=dtype), piece.ref.branch)
         self.inv_freq = torch.empty(0)  # set after loading (not a parameter: computed, not read)
         self.sync_count = 0  # collectives issued; bench reads it to report sync points per token
 
     # ---- parameters ----------------------------------------------------------------------
-    def _store(self, role: Role, layer: int | None, t: torch.Tensor) -> None:
+    def _store(self, role: Role, layer: int | None, t: torch.Tensor, branch: int | None = None) -> None:
         key = GLOBAL if layer is None else str(layer)
         param = nn.Parameter(t, requires_grad=False)
-        self.params[key][role.value] = param
-        self._flat[(role, layer)] = param
+        self.params[key][role.value if branch is None else f"branch{branch}_{role.value}"] = param
+        self._flat[(role, layer) if branch is None else (role, layer, branch)] = param
 
-    def w(self, role: Role, layer: int | None = None) -> torch.Tensor:
-        return self._flat[(role, layer)]
+    def w(self, role: Role, layer: int | None = None, branch: int | None = None) -> torch.Tensor:
+        return self._flat[(role, layer) if branch is None else (role, layer, branch)]
 
     @property
     def device(self) -> torch.device:
@@ -114,8 +115,42 @@ class Decoder(nn.Module):
         if positions is None:
             positions = torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1)
         lay = self.spec.layers[i]
+        if lay.branches:
+            return self._parallel_blocks(i, h, positions, cache, slots)
         h = h + ATTENTION[lay.attention.kind](self, i, h, positions, cache, slots)
         return h + FFN_IMPL[lay.ffn.kind](self, i, h)
+
+    def _parallel_blocks(self, i: int, h: torch.Tensor, positions: torch.Tensor,
+                         cache: KVCache | None, slots: torch.Tensor | None) -> torch.Tensor:
+        """Puzzletron's `DeciLMMultiDecoderLayer`: sum_k branch_k(h) - (n-1) h, each branch an
+        ordinary layer on the same input: h + sum_k (attn_k + FFN_k(norm_k(h + attn_k))).
+
+        Row-parallel outputs are partial sums, so the branches share collectives: one all-reduce of
+        the attention outputs that an FFN reads next (all such branches at once), then one of
+        everything else summed: `Layer.sync_points`."""
+        branches = self.spec.layers[i].branches
+        attn = {k: self._attention(i, h, positions, cache, slots, branch=k, reduce=False)
+                for k, b in enumerate(branches) if b.attention.kind is AttentionKind.FULL}
+        needed = [k for k in attn if branches[k].has_ffn]
+        if needed:  # one collective for every branch whose FFN reads its attention output
+            reduced = self._all_reduce(torch.stack([attn[k] for k in needed]))
+            attn.update({k: reduced[j] for j, k in enumerate(needed)})
+        partial: torch.Tensor | int = 0  # summed, then reduced once
+        done: torch.Tensor | int = 0  # already reduced
+        for k, b in enumerate(branches):
+            g = h
+            if k in attn:
+                if k in needed:
+                    done, g = done + attn[k], h + attn[k]
+                else:
+                    partial = partial + attn[k]
+            if b.has_ffn:
+                x = rms_norm(g, self.w(Role.FFN_NORM, i, k), self.spec.norm_eps)
+                up = F.linear(x, self.w(Role.UP, i, k))
+                act = F.silu(F.linear(x, self.w(Role.GATE, i, k))) * up if b.ffn.gated else F.silu(up)
+                partial = partial + F.linear(act, self.w(Role.DOWN, i, k))
+        out = h + done
+        return out if isinstance(partial, int) else out + self._all_reduce(partial)
 
     def layers(self, h: torch.Tensor, positions: torch.Tensor | None = None,
                cache: KVCache | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
@@ -137,26 +172,29 @@ class Decoder(nn.Module):
 
     # ---- sublayers ---------------------------------------------------------------------------
     def _attention(self, i: int, h: torch.Tensor, positions: torch.Tensor, cache: KVCache | None,
-                   slots: torch.Tensor | None) -> torch.Tensor:
+                   slots: torch.Tensor | None, branch: int | None = None, reduce: bool = True) -> torch.Tensor:
+        """Layer i's attention, or its parallel_blocks branch `branch`'s (own weights, own cache
+        under (i, branch)); `reduce=False` leaves the row-parallel partial sum to the caller."""
         b, t, _ = h.shape
-        hd, kvl = self.spec.head_dim, self.kv_local[i]
-        x = rms_norm(h, self.w(Role.ATTN_NORM, i), self.spec.norm_eps)
-        q = F.linear(x, self.w(Role.Q, i)).view(b, t, self.local_heads, hd)
-        k = F.linear(x, self.w(Role.K, i)).view(b, t, kvl, hd)
-        v = F.linear(x, self.w(Role.V, i)).view(b, t, kvl, hd)
+        key = i if branch is None else (i, branch)
+        hd, kvl = self.spec.head_dim, self.kv_local[key]
+        x = rms_norm(h, self.w(Role.ATTN_NORM, i, branch), self.spec.norm_eps)
+        q = F.linear(x, self.w(Role.Q, i, branch)).view(b, t, self.local_heads, hd)
+        k = F.linear(x, self.w(Role.K, i, branch)).view(b, t, kvl, hd)
+        v = F.linear(x, self.w(Role.V, i, branch)).view(b, t, kvl, hd)
         cos, sin = rope.cos_sin(self.inv_freq, positions, q.dtype)
         q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
         if cache is None:
             keys, values, key_pos = k.transpose(1, 2), v.transpose(1, 2), positions
         else:
             assert slots is not None, "a cache needs the slots to write"
-            keys, values = cache.write(i, slots, positions, k, v)
+            keys, values = cache.write(key, slots, positions, k, v)  # type: ignore[arg-type]
             key_pos = torch.arange(keys.shape[2], device=h.device).expand(b, -1)
         mask = key_pos[:, None, None, :] <= positions[:, None, :, None]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
                                              enable_gqa=self.local_heads != kvl)
-        out = F.linear(out.transpose(1, 2).reshape(b, t, self.local_heads * hd), self.w(Role.O, i))
-        return self._all_reduce(out)
+        out = F.linear(out.transpose(1, 2).reshape(b, t, self.local_heads * hd), self.w(Role.O, i, branch))
+        return self._all_reduce(out) if reduce else out
 
     def _linear_attention(self, i: int, h: torch.Tensor, *_: object) -> torch.Tensor:
         x = rms_norm(h, self.w(Role.ATTN_NORM, i), self.spec.norm_eps)
@@ -164,6 +202,8 @@ class Decoder(nn.Module):
 
     def _swiglu(self, i: int, h: torch.Tensor) -> torch.Tensor:
         x = rms_norm(h, self.w(Role.FFN_NORM, i), self.spec.norm_eps)
+        if not self.spec.layers[i].ffn.gated:  # Puzzletron's `gated: false`: down(silu(up(x)))
+            return self._all_reduce(F.linear(F.silu(F.linear(x, self.w(Role.UP, i))), self.w(Role.DOWN, i)))
         act = F.silu(F.linear(x, self.w(Role.GATE, i))) * F.linear(x, self.w(Role.UP, i))
         return self._all_reduce(F.linear(act, self.w(Role.DOWN, i)))
 
@@ -203,14 +243,15 @@ def load_decoder(weights: RankWeights, *, dtype: torch.dtype = torch.float32,
             dec._store(ref.role, None, dec.w(Role.EMBED))  # tied and whole: share, not a second copy
             continue
         try:
-            t = weights.get(ref.role, ref.layer)
+            t = (weights.get(ref.role, ref.layer) if ref.branch is None
+                 else weights.get(ref.role, ref.layer, branch=ref.branch))  # type: ignore[call-arg]
         except KeyError as e:
             problems.append(f"{where}: rank {rank} weights hold none ({e})")
             continue
         if tuple(t.shape) != piece.shape:
             problems.append(f"{where}: rank {rank} got shape {list(t.shape)}, expected {list(piece.shape)}")
             continue
-        dec._store(ref.role, ref.layer, t.to(device=device, dtype=dtype))
+        dec._store(ref.role, ref.layer, t.to(device=device, dtype=dtype), ref.branch)
     if problems:
         raise CheckpointError(problems, f"rank {rank} of tp={mapping.tp} pp={mapping.pp}")
     dec.inv_freq = rope.inv_freq(spec).to(device)

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,7 +37,7 @@ from export.manifest import DEFAULT_BUILD, Manifest, tree_sha256
 from export.mapping import Mapping
 from export.progress import byte_progress
 from export.sharding import take
-from export.spec import ModelSpec, normalize_dtype
+from export.spec import TRTLLM_STAGE, ModelSpec, normalize_dtype
 from export.trtllm.config import write_trtllm_config
 from export.trtllm.plan import Placement, RankPlan, check_complete, plan_checkpoint, window
 from export.trtllm.weights import rank_file
@@ -103,6 +104,11 @@ def convert(source: Path, out: Path, *, tp: int, pp: int = 1, dtype: str | None 
     """
     source = Path(source)
     check_output(out, inputs=[source], overwrite=overwrite)
+    spec = ModelSpec.load(source)
+    if spec.parallel_layers():
+        return _convert_parallel(source, Path(out), spec, tp=tp, pp=pp, dtype=dtype, progress=progress,
+                                 window_bytes=window_bytes, overwrite=overwrite, follow_symlinks=follow_symlinks,
+                                 embedding_shard=embedding_shard)
     job = prepare(source, tp, pp, dtype, follow_symlinks=follow_symlinks, embedding_shard=embedding_shard)
     spec, mapping, dtype, reader, plans = job.spec, job.mapping, job.dtype, job.reader, job.plans
     plan_record = _fusion_plan(source, follow_symlinks)
@@ -123,6 +129,34 @@ def convert(source: Path, out: Path, *, tp: int, pp: int = 1, dtype: str | None 
     log.info("converted %s -> %s: %d ranks, %.3f GB read, %.3f GB written in %.2f s (%.0f MB/s read)",
              source, out, mapping.world_size, read / 1e9, written / 1e9, seconds, read / 1e6 / seconds)
     return ConvertResult(Path(out), manifest, read, written, seconds)
+
+
+def _convert_parallel(source: Path, out: Path, spec: ModelSpec, *, tp: int, pp: int, dtype: str | None,
+                      progress: bool, window_bytes: int, overwrite: bool,
+                      follow_symlinks: bool | None, embedding_shard: int | None = None) -> ConvertResult:
+    """A Puzzletron source with `parallel_blocks` layers: TRT-LLM's nemotron_nas has none, so each
+    attention-free one becomes one wide FFN (gate/up stacked, down concatenated, each branch's norm
+    folded: Theorem 3.1, as `fuse`), written in fp32 to a scratch checkpoint beside `out` (removed
+    after), which is then converted; the manifest names the real source. Attention branches and
+    plain MLPs are refused by layer before anything is written."""
+    from export.fusion.fuse import widen_parallel_checkpoint
+
+    spec.refuse_unsupported(TRTLLM_STAGE, ffn_only_parallel_ok=True)
+    require_layout(spec.widened(), Mapping(tp, pp, embedding_shard=embedding_shard), trtllm=True)
+    check_tree(source, follow_symlinks=follow_symlinks)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".widen-", dir=out.parent) as scratch:
+        wide = Path(scratch) / "checkpoint"
+        widen_parallel_checkpoint(source, wide, follow_symlinks=follow_symlinks)
+        res = convert(wide, out, tp=tp, pp=pp, dtype=normalize_dtype(dtype or spec.dtype), progress=progress,
+                      window_bytes=window_bytes, overwrite=overwrite, follow_symlinks=follow_symlinks,
+                      embedding_shard=embedding_shard)
+    manifest = res.manifest
+    manifest.source_path, manifest.source_sha256 = str(source.resolve()), tree_sha256(source)
+    manifest.save(out)
+    log.info("converted %s: parallel_blocks layers %s each written as one wide TRT-LLM FFN",
+             source, spec.parallel_layers())
+    return ConvertResult(res.out, manifest, res.bytes_read, res.bytes_written, res.seconds)
 
 
 def default_build(spec: ModelSpec) -> dict[str, int]:

@@ -7,7 +7,7 @@ from typing import Any
 from export.layout import rank_bytes, require_layout
 from export.mapping import Mapping
 from export.planning import human_bytes
-from export.spec import DTYPE_BYTES, ModelSpec, normalize_dtype
+from export.spec import DTYPE_BYTES, TRTLLM_STAGE, ModelSpec, normalize_dtype
 from export.trtllm.config import trtllm_config
 from export.trtllm.plan import check_complete, plan_checkpoint
 
@@ -15,6 +15,8 @@ from export.trtllm.plan import check_complete, plan_checkpoint
 def dry_run(spec: ModelSpec, mapping: Mapping, dtype: str | None = None) -> dict[str, Any]:
     """The plan the converter would write, with per-rank totals cross-checked against `inspect`'s."""
     dtype = normalize_dtype(dtype or spec.dtype)
+    spec.refuse_unsupported(TRTLLM_STAGE, ffn_only_parallel_ok=True)
+    spec = spec.widened()  # as `convert` writes it: an attention-free parallel_blocks layer as one wide FFN
     require_layout(spec, mapping, trtllm=True)  # a TRT-LLM checkpoint: stages trtllm-build can build
     plans = plan_checkpoint(spec, mapping)
     problems = check_complete(spec, mapping, plans)

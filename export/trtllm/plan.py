@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from export.layout import Piece, check_layout, rank_pieces
 from export.mapping import Mapping
 from export.sharding import Shard, kv_heads_per_rank, padded_vocab
-from export.spec import DTYPE_BYTES, AttentionKind, ModelSpec, normalize_dtype
+from export.spec import DTYPE_BYTES, TRTLLM_STAGE, AttentionKind, ModelSpec, normalize_dtype
 from export.tensors import Role, TensorRef, model_tensors
 from export.trtllm.names import check_name_table, packed_parts, trtllm_name
 
@@ -89,6 +89,7 @@ def plan_rank(spec: ModelSpec, mapping: Mapping, rank: int) -> RankPlan:
 
 
 def plan_checkpoint(spec: ModelSpec, mapping: Mapping) -> list[RankPlan]:
+    spec.refuse_unsupported(TRTLLM_STAGE)  # no parallel blocks nor plain MLPs in nemotron_nas
     return [plan_rank(spec, mapping, r) for r in mapping.ranks()]
 
 
