@@ -166,3 +166,17 @@ def test_install_leaves_plain_llama_alone(tmp_path):
     assert json.loads(before) == llama_config(llama_spec(layers=1))
     assert not install_remote_code(path)
     assert (path / "config.json").read_text() == before and not (path / CODE_FILES[0]).exists()
+
+
+def test_left_padded_batch_generates_what_each_prompt_does_alone():
+    hf = _hf(DEMO_PUZZLE)
+    gen = torch.Generator().manual_seed(2)
+    a, b = torch.randint(3, 4096, (1, 9), generator=gen), torch.randint(3, 4096, (1, 5), generator=gen)
+    ids = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    kw = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    with torch.inference_mode():
+        alone = [hf.generate(p, **kw)[0, p.shape[1]:].tolist() for p in (a, b)]
+        batch = hf.generate(ids, attention_mask=mask, **kw)[:, 9:].tolist()
+    assert batch == alone
