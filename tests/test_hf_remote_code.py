@@ -180,3 +180,12 @@ def test_left_padded_batch_generates_what_each_prompt_does_alone():
         alone = [hf.generate(p, **kw)[0, p.shape[1]:].tolist() for p in (a, b)]
         batch = hf.generate(ids, attention_mask=mask, **kw)[:, 9:].tolist()
     assert batch == alone
+
+
+@pytest.mark.parametrize("name", ["odd", "linear_and_empty", "fused_demo"])
+def test_config_saved_by_transformers_parses_to_the_same_spec(checkpoints, name, tmp_path):
+    from transformers import AutoConfig
+
+    AutoConfig.from_pretrained(checkpoints[name], trust_remote_code=True).save_pretrained(tmp_path)
+    saved, spec = ModelSpec.load(tmp_path), ModelSpec.load(checkpoints[name])
+    assert saved == spec and (saved.rope_theta, saved.rope_scaling) == (spec.rope_theta, spec.rope_scaling)

@@ -148,10 +148,11 @@ class DeciLMConfig(PreTrainedConfig):
         self.block_configs = [block_config(b) for b in block_configs]
         self.num_hidden_layers = len(self.block_configs)
         params = rope_parameters_from(rope_theta, rope_scaling, rope_parameters)
-        self.rope_theta = params["rope_theta"]
         self.rope_parameters = params
         if not isinstance(getattr(type(self), "rope_scaling", None), property):
-            # transformers < 5 keeps `rope_scaling` as data; 5 makes it a view of rope_parameters
+            # transformers < 5 reads (and saves) `rope_theta` + `rope_scaling` as data; 5 has only
+            # `rope_parameters` (`rope_scaling` is a view of it), so a saved config keeps one schema
+            self.rope_theta = params["rope_theta"]
             self.rope_scaling = None if params["rope_type"] == "default" else {
                 k: v for k, v in params.items() if k != "rope_theta"}
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
