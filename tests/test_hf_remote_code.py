@@ -189,3 +189,29 @@ def test_config_saved_by_transformers_parses_to_the_same_spec(checkpoints, name,
     AutoConfig.from_pretrained(checkpoints[name], trust_remote_code=True).save_pretrained(tmp_path)
     saved, spec = ModelSpec.load(tmp_path), ModelSpec.load(checkpoints[name])
     assert saved == spec and (saved.rope_theta, saved.rope_scaling) == (spec.rope_theta, spec.rope_scaling)
+
+
+def test_consumers_read_the_blocks_as_they_expect(checkpoints):
+    """TensorRT-LLM's PyTorch model: per-layer kv heads from `block.attention.n_heads_in_group` (0 where
+    falsy) assigned back onto the config, widths from `block.ffn.ffn_mult`; vLLM: `ffn_mult` when
+    `hasattr`, else `intermediate_size`. Block parts survive deepcopy and pickle as attribute-readable dicts."""
+    import copy
+    import pickle
+
+    from transformers import AutoConfig
+
+    from export.spec import ffn_mult_to_width
+
+    for name in ("odd", "fused_demo"):
+        cfg = AutoConfig.from_pretrained(checkpoints[name], trust_remote_code=True)
+        spec = ModelSpec.load(checkpoints[name])
+        cfg.num_key_value_heads = [cfg.num_attention_heads // b.attention.n_heads_in_group
+                                   if b.attention.n_heads_in_group else 0 for b in cfg.block_configs]
+        assert cfg.num_key_value_heads == [lay.attention.kv_heads or 0 for lay in spec.layers]
+        for b, lay in zip(cfg.block_configs, spec.layers):
+            if lay.ffn.kind == "mlp":
+                width = (ffn_mult_to_width(b.ffn.ffn_mult, spec.hidden) if hasattr(b.ffn, "ffn_mult")
+                         else b.ffn.intermediate_size)
+                assert width == lay.ffn.width
+        for clone in (copy.deepcopy(cfg), pickle.loads(pickle.dumps(cfg))):
+            assert clone.block_configs[0].attention.no_op == cfg.block_configs[0]["attention"]["no_op"]
