@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from export.errors import ConfigError
+from export.hf_code import install_remote_code
 from export.io.reader import CheckpointReader
 from export.io.safetensors_format import torch_dtype
 from export.io.writer import HFCheckpointWriter, write_config
@@ -132,7 +133,8 @@ def state_for_spec(model: nn.Module, spec: ModelSpec) -> dict[str, torch.Tensor]
 
 
 def write_checkpoint(model: nn.Module, spec: ModelSpec, directory: Path) -> int:
-    """config.json + model.safetensors (spec dtype) into `directory`; returns weight bytes."""
+    """config.json + model.safetensors (spec dtype) + our transformers remote code into `directory`;
+    returns weight bytes."""
     dtype = torch_dtype(spec.dtype)
     state = state_for_spec(model, spec)
     writer = HFCheckpointWriter(directory, [(n, dtype, tuple(t.shape)) for n, t in state.items()])
@@ -140,6 +142,7 @@ def write_checkpoint(model: nn.Module, spec: ModelSpec, directory: Path) -> int:
         writer.write(name, t.detach().to(dtype).contiguous())
     writer.close()
     write_config(directory, spec.to_hf_config())
+    install_remote_code(directory)
     return writer.total_bytes
 
 

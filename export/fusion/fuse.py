@@ -32,6 +32,7 @@ import torch
 from export.errors import ExportError
 from export.fusion.card import write_fused_card
 from export.fusion.plan import FusionPlan, Group
+from export.hf_code import install_remote_code
 from export.io.output import check_output, output_dir
 from export.io.paths import checkpoint_file
 from export.io.reader import CheckpointReader
@@ -308,6 +309,7 @@ def fuse_checkpoint(source: str | Path, plan: FusionPlan, out: str | Path, *, no
         write_fused_card(tmp, source, spec, new_spec, groups,
                          norm.value if form is FusedForm.WIDE else "per branch (parallel-blocks)")
         write_config(tmp, new_spec.to_hf_config())
+        install_remote_code(tmp)  # loads in transformers; a source's own auto_map and code are kept
         mapping = layer_map(spec, sources)
         _write_record(tmp, source, plan, groups, norm, keep_layer_count, mapping, form)
         _check_written(tmp, new_spec)
