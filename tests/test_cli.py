@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from pathlib import Path
 
 from export import __version__
 from export.cli import build_parser
@@ -53,3 +54,13 @@ def test_every_flag_has_help_and_every_default_is_shown():
                 hidden.append(f"{name} {a.option_strings[0]}")
     assert not missing, f"flags without help: {missing}"
     assert not hidden, f"defaults not shown: {hidden}"
+
+
+def test_generate_never_asks_to_trust_the_checkpoints_remote_code():
+    """The demo configs carry auto_map (they load in transformers); loading only the tokenizer must
+    neither run nor ask about that code (transformers asks on stdin when trust_remote_code is unset)."""
+    out = subprocess.run([sys.executable, "-m", "export", "generate", "export/demo/models/puzzle", "def ",
+                          "--max-tokens", "2"], capture_output=True, text=True, timeout=120,
+                         stdin=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    assert "custom code" not in out.stdout + out.stderr and out.stdout.startswith("def ")

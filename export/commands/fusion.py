@@ -136,7 +136,7 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
     how = f"norm={args.norm}" if args.form == "wide-ffn" else "as parallel-blocks, norms per branch"
     print(f"wrote {r.out} ({r.bytes_written / 2**20:.1f} MiB in {r.seconds:.2f} s, {how})")
     odd = [i for i, lay in enumerate(r.after.layers) if lay.ffn.width is not None and lay.ffn.ffn_mult is None]
-    if odd and r.after.block_schema.width_key == "ffn_mult":  # TRT-LLM's PyTorch nemotron_nas computes widths from ffn_mult alone
+    if odd and r.after.block_schema.width_key == "ffn_mult":  # TRT-LLM's PyTorch nemotron_nas: ffn_mult only
         print(f"note: no ffn_mult gives the FFN width of layer(s) {odd}, so config.json says intermediate_size "
               f"there: vLLM, this toolkit and the TRT-LLM engine path (`convert`) read it; TensorRT-LLM's PyTorch "
               f"backend reads ffn_mult only", file=sys.stderr)

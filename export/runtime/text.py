@@ -37,7 +37,9 @@ def load_tokenizer(ckpt: Path, tokenizer: Path | None = None) -> Any:
                 with warnings.catch_warnings():  # it reads config.json only to pick a class; a legacy
                     # `rope_scaling` key there draws transformers 5's deprecation warning on every run
                     warnings.filterwarnings("ignore", message=".*rope_scaling.*", category=FutureWarning)
-                    return AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+                    # never the checkpoint's remote code (a tokenizer needs none): with it left
+                    # unset, a config with auto_map makes transformers ask on stdin
+                    return AutoTokenizer.from_pretrained(str(d), local_files_only=True, trust_remote_code=False)
             except Exception:  # an unknown model_type etc.: the raw tokenizer.json still works
                 if (d / "tokenizer.json").is_file():
                     return PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"))
