@@ -630,8 +630,16 @@ def test_puzzletron_checkpoint_end_to_end_through_the_cli(tmp_path, capsys):
     assert main(["convert", str(fused), "--tp", "2", "--out", str(engine)]) == 0
     assert main(["verify", str(engine), "--against", str(fused)]) == 0
     capsys.readouterr()
-    assert main(["generate", str(engine), "a b a", "--max-tokens", "4"]) == 0
-    assert capsys.readouterr().out.startswith("a b a")
+    assert main(["generate", str(engine), "a b a", "--max-tokens", "4", "--ignore-eos", "--no-echo"]) == 0
+    direct = capsys.readouterr().out.rstrip("\n")
+    # served: the engine dir packaged and queried through the real tritonserver (ensemble, gRPC streaming)
+    from export.triton.client import Request, query
+    from export.triton.server import start_server
+
+    assert main(["package", str(engine), "--out", str(tmp_path / "repo")]) == 0
+    with start_server(tmp_path / "repo", timeout=240) as server:
+        served = query(Request("a b a", max_tokens=4, stream=True), url=server.grpc_url)
+    assert served.tokens == 4 and served.text == direct
 
 
 def test_kv_cache_accounting_includes_attention_branches():

@@ -202,6 +202,16 @@ def test_postprocess_checks_lengths_and_ids(tok, override, message):
         postprocess(tok, {**ok, **override})
 
 
+def test_postprocess_decodes_ids_the_model_has_past_the_tokenizers(tok):
+    """A model's vocabulary may be padded past its tokenizer's: such an id is no error (it decodes
+    to nothing, as `tokenizers` decodes it); past the model's vocabulary it is."""
+    past = len(tok) + 3
+    ok = {"TOKENS_BATCH": np.array([[[5, past]]], dtype=np.int32), "SEQUENCE_LENGTH": np.array([[2]], dtype=np.int32)}
+    assert postprocess(tok, ok, vocab=past + 1)["NUM_OUTPUT_TOKENS"].tolist() == [[2]]
+    with pytest.raises(RequestError, match=f"token id {past} outside the vocabulary"):
+        postprocess(tok, ok, vocab=past)
+
+
 def test_an_oversized_prompt_is_refused_before_tokenizing(tok):
     """8 MB used to be tokenized (13 s) before the length check; now its size is checked first."""
     import time

@@ -18,6 +18,7 @@ from typing import Any
 from export.errors import ExportError
 from export.io.output import check_output, output_dir, tree_bytes
 from export.io.tokenizer_file import TOKENIZER_JSON, check_tokenizer_json
+from export.model_dir import load_spec
 from export.triton.binary import EXPORT_ROOT
 from export.triton.render import fill, parse_model_config, pbtxt_bool
 from export.triton.server import DEPLOY_FILE
@@ -72,6 +73,7 @@ class RepoSettings:
     max_queue_size: int = 0
     engine_queue_limit: int = 64                 # cpu flavour: requests that may wait for a slot ("busy" beyond)
     kv_cache_tokens: int = 0                     # cpu flavour: KV tokens running requests may reserve (0: default)
+    vocab_size: int = 0                          # the model's: postprocessing refuses ids past it (0: the tokenizer's)
     preprocessing_instance_count: int = 1
     postprocessing_instance_count: int = 1
     bls_instance_count: int = 1
@@ -131,7 +133,7 @@ def settings_from_manifest(engine_dir: Path, backend: str, **overrides: Any) -> 
     s = RepoSettings(
         backend=backend, tokenizer_dir=engine_dir / m.tokenizer if m.tokenizer else None,
         max_batch_size=int(build["max_batch_size"]), max_input_len=int(build["max_input_len"]),
-        max_seq_len=int(build["max_seq_len"]), tp=m.tp, pp=m.pp,
+        max_seq_len=int(build["max_seq_len"]), tp=m.tp, pp=m.pp, vocab_size=load_spec(engine_dir).vocab,
         checkpoint_dir=engine_dir / entry.get("path", m.checkpoint) if backend == "cpu" else None,
         engine_dir=engine_dir / entry.get("path", "trtllm") if backend == "trtllm" else None,
         **tuning)

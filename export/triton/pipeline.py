@@ -82,15 +82,18 @@ def preprocess(tokenizer: Any, inputs: Arrays, limits: Limits,
             "BAD_WORDS_IDS": words("BAD_WORDS_DICT"), "STOP_WORDS_IDS": words("STOP_WORDS_DICT")}
 
 
-def postprocess(tokenizer: Any, inputs: Arrays, skip_special_tokens: bool = True) -> dict[str, np.ndarray]:
+def postprocess(tokenizer: Any, inputs: Arrays, skip_special_tokens: bool = True,
+                vocab: int | None = None) -> dict[str, np.ndarray]:
     """TOKENS_BATCH [B, beam, T] -> OUTPUT [B, 1]; incremental when GENERATED_IDS is given.
-    Lengths must lie within the tensor and ids within the tokenizer's vocabulary (RequestError)."""
+    Lengths must lie within the tensor and ids within the model's `vocab` (default: the tokenizer's
+    size), else RequestError. A model's vocabulary may be padded past its tokenizer's; such ids
+    decode to no text, as the tokenizers library decodes them."""
     tokens = np.asarray(inputs["TOKENS_BATCH"])
     if tokens.ndim != 3:
         raise RequestError(f"TOKENS_BATCH: expected [batch, beam, tokens], got shape {list(tokens.shape)}")
     lengths = np.asarray(inputs["SEQUENCE_LENGTH"]).reshape(tokens.shape[0], -1)
     generated, final = inputs.get("GENERATED_IDS"), inputs.get("IS_FINAL")
-    vocab = len(tokenizer)
+    vocab = vocab or len(tokenizer)
     texts, counts = [], []
     for b in range(tokens.shape[0]):
         new = tokens[b, 0, :check_length(lengths[b, 0], "SEQUENCE_LENGTH", tokens.shape[2], 0)].tolist()

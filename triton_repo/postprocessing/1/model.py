@@ -29,6 +29,7 @@ class TritonPythonModel:
         self.pipeline, self.stub = pipeline, stub
         self.tokenizer = pipeline.load_tokenizer(p["tokenizer_dir"])
         self.skip = p.get("skip_special_tokens", "true").lower() == "true"
+        self.vocab = int(p.get("vocab_size", "0")) or None  # the model's (it may exceed the tokenizer's)
         self.engine_name = p.get("tensorrt_llm_model_name", "tensorrt_llm")
 
     def execute(self, requests):
@@ -42,7 +43,7 @@ class TritonPythonModel:
                 responses.append(self.stub.response(pb_utils, self.pipeline.no_text(inputs)))
                 continue
             try:
-                out = self.pipeline.postprocess(self.tokenizer, inputs, self.skip)
+                out = self.pipeline.postprocess(self.tokenizer, inputs, self.skip, vocab=self.vocab)
             except self.pipeline.RequestError as e:  # ids outside the vocabulary, lengths outside the tensor
                 responses.append(self.stub.error(pb_utils, str(e)))
                 continue
