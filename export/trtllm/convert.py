@@ -93,8 +93,12 @@ def prepare(source: Path, tp: int, pp: int, dtype: str | None, *, follow_symlink
 
 def convert(source: Path, out: Path, *, tp: int, pp: int = 1, dtype: str | None = None,
             progress: bool = True, window_bytes: int = WINDOW_BYTES, overwrite: bool = False,
-            follow_symlinks: bool | None = None, embedding_shard: int | None = None) -> ConvertResult:
+            follow_symlinks: bool | None = None, embedding_shard: int | None = None,
+            recorded_source: Path | None = None) -> ConvertResult:
     """Write `out/` = checkpoint/ (config.json + rank{r}.safetensors), tokenizer/, manifest.json.
+
+    `recorded_source` is what the manifest names as the source when `source` is an intermediate
+    (the widened scratch copy of a parallel-blocks checkpoint): it is hashed and recorded instead.
 
     `out` must be new, or a previous output replaced with `overwrite` (`export.io.output`).
     `follow_symlinks` lets links in the source lead outside it (default: only into it, or into the
@@ -120,7 +124,9 @@ def convert(source: Path, out: Path, *, tp: int, pp: int = 1, dtype: str | None 
         written, digests = write_rank_files(reader, plans, ckpt, dtype, progress, window_bytes)
         write_trtllm_config(ckpt, spec, mapping, dtype)
         tokenizer = copy_tokenizer(source, tmp / "tokenizer", names=job.tokenizer)
-        manifest = Manifest(source_path=str(source.resolve()), source_sha256=tree_sha256(source, digests),
+        named = recorded_source or source
+        manifest = Manifest(source_path=str(named.resolve()),
+                            source_sha256=tree_sha256(named, digests if recorded_source is None else {}),
                             fusion_plan=plan_record, tp=tp, pp=pp, dtype=dtype, tokenizer=tokenizer,
                             engines={"cpu": {"path": "checkpoint", "verified": False}}, build=default_build(spec))
         manifest.save(tmp)
@@ -137,7 +143,7 @@ def _convert_parallel(source: Path, out: Path, spec: ModelSpec, *, tp: int, pp: 
     """A Puzzletron source with `parallel_blocks` layers: TRT-LLM's nemotron_nas has none, so each
     attention-free one becomes one wide FFN (gate/up stacked, down concatenated, each branch's norm
     folded: Theorem 3.1, as `fuse`), written in fp32 to a scratch checkpoint beside `out` (removed
-    after), which is then converted; the manifest names the real source. Attention branches and
+    after), which is then converted; the manifest names (and hashes) the real source. Attention branches and
     plain MLPs are refused by layer before anything is written."""
     from export.fusion.fuse import widen_parallel_checkpoint
 
@@ -150,13 +156,10 @@ def _convert_parallel(source: Path, out: Path, spec: ModelSpec, *, tp: int, pp: 
         widen_parallel_checkpoint(source, wide, follow_symlinks=follow_symlinks)
         res = convert(wide, out, tp=tp, pp=pp, dtype=normalize_dtype(dtype or spec.dtype), progress=progress,
                       window_bytes=window_bytes, overwrite=overwrite, follow_symlinks=follow_symlinks,
-                      embedding_shard=embedding_shard)
-    manifest = res.manifest
-    manifest.source_path, manifest.source_sha256 = str(source.resolve()), tree_sha256(source)
-    manifest.save(out)
+                      embedding_shard=embedding_shard, recorded_source=source)
     log.info("converted %s: parallel_blocks layers %s each written as one wide TRT-LLM FFN",
              source, spec.parallel_layers())
-    return ConvertResult(res.out, manifest, res.bytes_read, res.bytes_written, res.seconds)
+    return res
 
 
 def default_build(spec: ModelSpec) -> dict[str, int]:
