@@ -2,7 +2,7 @@
 
 The caller declares every tensor (name, dtype, shape) up front; the writer plans shard files and
 their headers, then accepts tensors one at a time in any order and drops them after writing.
-Use inside `atomic_output_dir` so an interrupted run leaves nothing behind.
+Use inside `export.io.output.output_dir` so an interrupted run leaves nothing behind.
 """
 
 from __future__ import annotations
