@@ -8,6 +8,7 @@ config.pbtxt @0a71057, 1/model.yaml @0ebb153, 1/model.py @044a90d; tensorrt_llm/
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -222,3 +223,44 @@ def test_cli_package_serve_query(engine_dir, ensemble_texts, tmp_path):
         serve.send_signal(signal.SIGINT)
         serve.wait(timeout=60)
     assert serve.returncode == 0
+
+
+def test_a_dead_tp_worker_ends_the_stream_and_stops_the_server(engine_dir, tmp_path):
+    """The cpu engine model's health rule holds for the LLM-API model too (export.triton.health)."""
+    import os
+    import threading
+    import time
+
+    from test_serving_faults import cmdline, wait_not_ready
+
+    from export.triton.procs import tree_pids
+    from export.triton.server import start_server
+
+    repo = package_repo(engine_dir, tmp_path / "repo", backend="llmapi", tp=2)
+    server = start_server(repo, timeout=240)
+    try:
+        out, started = {}, threading.Event()
+
+        def run():
+            try:
+                query(Request(PROMPTS[1], max_tokens=200), url=server.grpc_url, timeout=60,
+                      on_text=lambda s: started.set())
+                out["err"] = None
+            except QueryError as e:
+                out["err"] = str(e)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        assert started.wait(60), "no stream started"
+        (rank1,) = [p for p in tree_pids(server.process.pid)
+                    if "export.runtime.worker" in cmdline(p) and "--rank 1 " in cmdline(p)]
+        os.kill(rank1, signal.SIGKILL)
+        killed = time.monotonic()
+        thread.join(timeout=15)
+        assert out["err"] and re.search(r"rank 1 (exited|is gone)|engine is down", out["err"]), out
+        assert time.monotonic() - killed < 15
+        wait_not_ready(server, timeout=5)
+        server.process.wait(timeout=15)
+        assert "engine is down: TP worker rank 1 exited" in server.log_text()
+    finally:
+        server.stop()

@@ -9,7 +9,8 @@ tp=tensor_parallel_size, pp=pipeline_parallel_size)` on the HF checkpoint: each 
 thread and all of them share the engine's in-flight batching scheduler (`max_batch_size` running). A
 client cancel, or a request with the same request id and `stop` = true, ends the request (as upstream:
 the stop request is answered with a CANCELLED error). On a GPU host, upstream's model.py and helpers.py
-replace this file; model.yaml and config.pbtxt stay.
+replace this file; model.yaml and config.pbtxt stay. A TP worker's death fails every request and
+stops tritonserver (export.triton.health.EngineWatchdog, as the cpu engine model).
 """
 
 import json
@@ -59,12 +60,19 @@ class TritonPythonModel:
                                    pp=int(conf.get("pipeline_parallel_size", 1)),
                                    max_batch=int(conf["max_batch_size"]))
         self.runner = pipeline.EngineRunner(self.engine)
+        from export.triton.health import EngineWatchdog
+
+        self.health = EngineWatchdog(self.engine, pb_utils.Logger.log_error)  # a dead TP worker stops the server
         self.lock = threading.Lock()
         self.threads = set()
         self.stops = {}  # request id -> stop events of its running requests
 
     def execute(self, requests):
         for request in requests:
+            if self.health.down is not None:
+                self._send_error(request.get_response_sender(), f"Error generating request: {self.health.down}",
+                                 "UNAVAILABLE")
+                continue
             t = threading.Thread(target=self._serve, args=(request,), daemon=True)
             self.threads.add(t)
             t.start()
@@ -130,6 +138,7 @@ class TritonPythonModel:
         sender.send(self.stub.error(pb_utils, msg, code, outputs), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def finalize(self):
+        self.health.close()
         self.engine.scheduler.close()  # requests still running or waiting end with an error now
         for t in list(self.threads):
             t.join(timeout=10)
