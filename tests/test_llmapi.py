@@ -264,3 +264,19 @@ def test_a_dead_tp_worker_ends_the_stream_and_stops_the_server(engine_dir, tmp_p
         assert "engine is down: TP worker rank 1 exited" in server.log_text()
     finally:
         server.stop()
+
+
+def test_client_picks_the_model_and_contract():
+    from export.triton.client import LLMAPI_DTYPES, contract_of, grpc_inputs, pick_model
+
+    assert pick_model(["tensorrt_llm", "ensemble", "preprocessing"], None) == "ensemble"
+    assert pick_model(["tensorrt_llm"], None) == "tensorrt_llm" and pick_model(["x"], "x") == "x"
+    with pytest.raises(QueryError, match="no ensemble or tensorrt_llm"):
+        pick_model(["other"], None)
+    assert contract_of(set(UPSTREAM_INPUTS)) == "llmapi" and contract_of({"text_input", "max_tokens"}) == "ensemble"
+    fields = Request("hi", max_tokens=5, stop_words=("a", "b")).llmapi_fields()
+    assert fields == {"text_input": "hi", "streaming": True, "sampling_param_max_tokens": 5,
+                      "sampling_param_stop": ["a", "b"], "return_finish_reason": True}
+    shapes = {t.name(): t.shape() for t in grpc_inputs(fields, LLMAPI_DTYPES, batch=False)}
+    assert shapes == {"text_input": [1], "streaming": [1], "sampling_param_max_tokens": [1],
+                      "sampling_param_stop": [2], "return_finish_reason": [1]}  # max_batch_size 0: no batch dim
