@@ -280,3 +280,37 @@ def test_client_picks_the_model_and_contract():
     shapes = {t.name(): t.shape() for t in grpc_inputs(fields, LLMAPI_DTYPES, batch=False)}
     assert shapes == {"text_input": [1], "streaming": [1], "sampling_param_max_tokens": [1],
                       "sampling_param_stop": [2], "return_finish_reason": [1]}  # max_batch_size 0: no batch dim
+
+
+def test_stop_request_ends_the_running_request(engine_dir, tmp_path):
+    """Upstream's cancellation: a request with `stop` = true and a running request's id ends it; both
+    are answered CANCELLED ("Request cancelled by client")."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    from export.triton.client import LLMAPI_DTYPES, grpc_inputs
+    from export.triton.server import start_server
+
+    repo = package_repo(engine_dir, tmp_path / "repo", backend="llmapi", tp=1)
+    with start_server(repo, timeout=240) as server:
+        events: queue.Queue = queue.Queue()
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        client.start_stream(callback=lambda result, error: events.put((result, error)))
+        try:
+            long = Request(PROMPTS[1], max_tokens=200).llmapi_fields()
+            client.async_stream_infer("tensorrt_llm", grpc_inputs(long, LLMAPI_DTYPES, batch=False), request_id="r1")
+            first, err = events.get(timeout=60)
+            assert err is None and first.as_numpy("text_output") is not None
+            stop = {"text_input": "", "stop": True}
+            client.async_stream_infer("tensorrt_llm", grpc_inputs(stop, LLMAPI_DTYPES, batch=False), request_id="r1")
+            errors = []
+            while len(errors) < 2:
+                _, err = events.get(timeout=30)
+                if err is not None:
+                    errors.append(str(err))
+            assert all("Request cancelled by client" in e for e in errors), errors
+        finally:
+            client.stop_stream(cancel_requests=True)
+            client.close()
+        assert query(Request(PROMPTS[1], max_tokens=4), url=server.grpc_url, timeout=60).text  # still serving
