@@ -257,7 +257,8 @@ def test_a_dead_tp_worker_ends_the_stream_and_stops_the_server(engine_dir, tmp_p
         os.kill(rank1, signal.SIGKILL)
         killed = time.monotonic()
         thread.join(timeout=15)
-        assert out["err"] and re.search(r"rank 1 (exited|is gone)|engine is down", out["err"]), out
+        # rank 0's gloo may see its peer gone before the engine sees rank 1's exit: either names a rank
+        assert out["err"] and re.search(r"runtime worker rank \d|engine is down", out["err"]), out
         assert time.monotonic() - killed < 15
         wait_not_ready(server, timeout=5)
         server.process.wait(timeout=15)
