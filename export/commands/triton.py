@@ -14,19 +14,28 @@ from export.cli import command, default_path, with_args
 
 
 def _package_args(p: argparse.ArgumentParser) -> None:
-    from export.triton.package import RUNTIME_DTYPES
+    from export.triton.package import FLAVOURS, RUNTIME_DTYPES
 
-    p.add_argument("engine_dir", help="engines/NAME (manifest.json, checkpoint/, tokenizer/)")
+    p.add_argument("engine_dir", help="engines/NAME (manifest.json, checkpoint/, tokenizer/); for llmapi and "
+                                      "trtllm-serve also an HF checkpoint directory")
     p.add_argument("--out", required=True, help="model repository to write (new, or ours with --overwrite)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out if it is a previous output of this toolkit (anything else is refused)")
     p.add_argument("--json", action="store_true", help="print the repository and its request limits as JSON")
-    p.add_argument("--backend", choices=("cpu", "onnx", "trtllm"), default="cpu",
-                   help="engine model: cpu = reference runtime on the python backend; onnx = the same python model "
-                        "running engines/NAME/onnx with ONNX Runtime; trtllm = tensorrtllm backend")
+    p.add_argument("--backend", choices=tuple(FLAVOURS), default="cpu",
+                   help="; ".join(f"{k} = {f.help}" for k, f in FLAVOURS.items()))
     p.add_argument("--max-batch-size", type=int, default=None, help="override the manifest's build.max_batch_size")
     p.add_argument("--kv-cache-fraction", type=float, default=None, dest="kv_cache_free_gpu_mem_fraction",
-                   help="trtllm: kv_cache_free_gpu_mem_fraction (default: manifest, else 0.9)")
+                   help="trtllm: kv_cache_free_gpu_mem_fraction; llmapi/trtllm-serve: kv_cache_config."
+                        "free_gpu_memory_fraction (default: manifest, else 0.9)")
+    p.add_argument("--tp", type=int, default=None,
+                   help="llmapi/trtllm-serve: tensor_parallel_size (default: the manifest's tp, else 1)")
+    p.add_argument("--pp", type=int, default=None,
+                   help="llmapi/trtllm-serve: pipeline_parallel_size (default: the manifest's pp, else 1)")
+    p.add_argument("--max-num-tokens", type=int, default=None,
+                   help="llmapi/trtllm-serve: max_num_tokens (default: the manifest's build.max_num_tokens)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="llmapi/trtllm-serve: max_seq_len (default: the manifest's build.max_seq_len)")
     p.add_argument("--batching-strategy", default=None, help="trtllm: inflight_fused_batching | inflight_batching | V1")
     p.add_argument("--gpu-device-ids", default=None, help="trtllm: e.g. 0,1 (default: 0..world_size-1)")
     p.add_argument("--queue-limit", type=int, default=None, dest="engine_queue_limit",
@@ -50,7 +59,10 @@ def _cmd_package(args: argparse.Namespace) -> int:
                        kv_cache_free_gpu_mem_fraction=args.kv_cache_free_gpu_mem_fraction,
                        batching_strategy=args.batching_strategy, gpu_device_ids=args.gpu_device_ids,
                        engine_queue_limit=args.engine_queue_limit, kv_cache_tokens=args.kv_cache_tokens,
-                       runtime_dtype=args.runtime_dtype, overwrite=args.overwrite)
+                       runtime_dtype=args.runtime_dtype, tp=args.tp, pp=args.pp, max_num_tokens=args.max_num_tokens,
+                       max_seq_len=args.max_seq_len, overwrite=args.overwrite)
+    if args.backend in ("llmapi", "trtllm-serve"):
+        return _llm_api_summary(args, out, time.perf_counter() - t)
     build = Manifest.load(args.engine_dir).build
     if args.json:
         print(json.dumps({"repo": str(out), "backend": args.backend, "seconds": round(time.perf_counter() - t, 3),
@@ -59,6 +71,29 @@ def _cmd_package(args: argparse.Namespace) -> int:
         return 0
     print(f"packaged {args.backend} model repository at {out} ({time.perf_counter() - t:.2f} s)")
     print(limits_summary(build, args.max_batch_size))
+    return 0
+
+
+def _llm_api_summary(args: argparse.Namespace, out: Path, seconds: float) -> int:
+    """What the LLM-API routes wrote, and how a GPU host runs it."""
+    from export.triton import llmapi
+
+    s = llmapi.settings_for(Path(args.engine_dir), tp=args.tp, pp=args.pp, max_batch_size=args.max_batch_size,
+                            max_num_tokens=args.max_num_tokens, max_seq_len=args.max_seq_len,
+                            free_gpu_memory_fraction=args.kv_cache_free_gpu_mem_fraction)
+    if args.backend == "llmapi":
+        run = {"serve here": f"python -m export serve {out}", "gpu host": s.triton_launch(str(Path(out).absolute()))}
+    else:
+        run = {"gpu host": str(Path(out) / llmapi.SERVE_SCRIPT)}
+    if args.json:
+        print(json.dumps({"repo": str(out), "backend": args.backend, "seconds": round(seconds, 3),
+                          "llm_args": s.llm_args(), "run": run}, indent=2))
+        return 0
+    print(f"packaged {args.backend} files at {out} ({seconds:.2f} s): model {s.model}, tp {s.tp} pp {s.pp}, "
+          f"max_batch_size {s.max_batch_size}, max_num_tokens {s.max_num_tokens}, max_seq_len {s.max_seq_len}, "
+          f"free_gpu_memory_fraction {s.free_gpu_memory_fraction}")
+    for where, cmd in run.items():
+        print(f"  {where}: {cmd}")
     return 0
 
 
@@ -87,7 +122,13 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 @command("serve", "run tritonserver on a model repository until Ctrl-C (no process left behind)")
 @with_args(_serve_args)
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from export.errors import ExportError
+    from export.triton.llmapi import SERVE_SCRIPT
     from export.triton.server import start_server
+
+    if (Path(args.repo) / SERVE_SCRIPT).is_file():
+        raise ExportError(f"{args.repo} holds trtllm-serve files, not a Triton model repository: run "
+                          f"{Path(args.repo) / SERVE_SCRIPT} on a GPU host with TensorRT-LLM")
 
     def _term(*_: object) -> None:
         raise KeyboardInterrupt
@@ -141,7 +182,9 @@ def _query_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default=None, help="host:port (default 127.0.0.1:8001 grpc / :8000 http)")
     p.add_argument("--protocol", choices=("grpc", "http"), default="grpc",
                    help="grpc: streamed tokens (decoupled model); http: one /generate reply")
-    p.add_argument("--model", default="ensemble", help="ensemble | tensorrt_llm_bls")
+    p.add_argument("--model", default=None,
+                   help="ensemble | tensorrt_llm_bls | tensorrt_llm (default: ensemble, else the LLM-API layout's "
+                        "tensorrt_llm); the request contract follows the model's config")
     p.add_argument("--stream", action="store_true", help="stream pieces as they are generated")
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens to generate at most")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: greedy)")

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -188,12 +190,30 @@ def render_repo(settings: RepoSettings, out: Path, templates: Path = TEMPLATES, 
     return Path(out)
 
 
-def package_repo(engine_dir: str | Path, out: str | Path, *, backend: str = "cpu", overwrite: bool = False,
-                 **overrides: Any) -> Path:
-    """engines/NAME -> a Triton model repository at `out` (new, or a previous one replaced with `overwrite`).
+@dataclass(frozen=True)
+class Flavour:
+    """One `package --backend` kind: what it writes, and whether `serve` can run it."""
 
-    backend "onnx" is the cpu flavour whose engine model runs engines/NAME/onnx with ONNX Runtime.
-    """
+    package: Callable[..., Path]   # (source, out, *, overwrite, **overrides) -> out
+    help: str
+    triton: bool = True            # a Triton model repository (else files for another server)
+
+
+def _llmapi(name: str) -> Callable[..., Path]:
+    def run(*args: Any, **kwargs: Any) -> Path:
+        from export.triton import llmapi
+
+        return getattr(llmapi, name)(*args, **kwargs)
+    return run
+
+
+def _package_engine(engine_dir: str | Path, out: str | Path, *, backend: str = "cpu", overwrite: bool = False,
+                    **overrides: Any) -> Path:
+    """The ensemble/BLS repository; backend "onnx" is the cpu flavour whose engine model runs
+    engines/NAME/onnx with ONNX Runtime."""
+    unknown = set(overrides) - {f.name for f in fields(RepoSettings)} | {"tp", "pp"} & set(overrides)
+    if unknown:  # tp/pp: the checkpoint's own split
+        raise ExportError(f"package --backend {backend}: {', '.join(sorted(unknown))} do not apply to it")
     check_output(out, inputs=[engine_dir, TEMPLATES], overwrite=overwrite)
     if backend == "onnx":
         _require_onnx(Path(engine_dir))
@@ -202,6 +222,33 @@ def package_repo(engine_dir: str | Path, out: str | Path, *, backend: str = "cpu
     if backend == "cpu" and not (settings.checkpoint_dir and settings.checkpoint_dir.is_dir()):
         raise ExportError(f"{engine_dir}: checkpoint directory {settings.checkpoint_dir} is missing (run `convert`)")
     return render_repo(settings, Path(out), overwrite=overwrite, bundle=settings.backend == "cpu")
+
+
+FLAVOURS: dict[str, Flavour] = {
+    "cpu": Flavour(partial(_package_engine, backend="cpu"),
+                   "ensemble/BLS repository; the engine model is the reference runtime on the python backend"),
+    "onnx": Flavour(partial(_package_engine, backend="onnx"),
+                    "the cpu repository, its engine model running engines/NAME/onnx with ONNX Runtime"),
+    "trtllm": Flavour(partial(_package_engine, backend="trtllm"),
+                      "ensemble/BLS repository on the tensorrtllm backend (engines/NAME/trtllm, GPU host)"),
+    "llmapi": Flavour(_llmapi("package_llmapi"),
+                      "TensorRT-LLM's Triton LLM-API layout (one model, model.yaml on the HF checkpoint); "
+                      "served here by the cpu implementation, on a GPU host by upstream's model.py"),
+    "trtllm-serve": Flavour(_llmapi("package_serve_config"),
+                            "trtllm-serve command line + --extra_llm_api_options YAML (GPU host; not run here)",
+                            triton=False),
+}
+
+
+def package_repo(engine_dir: str | Path, out: str | Path, *, backend: str = "cpu", overwrite: bool = False,
+                 **overrides: Any) -> Path:
+    """engines/NAME -> what `backend` (a FLAVOURS key) writes at `out` (new, or a previous one replaced
+    with `overwrite`); overrides left None keep the manifest's values."""
+    flavour = FLAVOURS.get(backend)
+    if flavour is None:
+        raise ExportError(f"package: backend must be one of {', '.join(FLAVOURS)}, got {backend!r}")
+    return flavour.package(engine_dir, out, overwrite=overwrite,
+                           **{k: v for k, v in overrides.items() if v is not None})
 
 
 BUNDLE = Path("tensorrt_llm", "engine")  # in the engine model's directory (a repository subdir would be a model)

@@ -35,11 +35,16 @@ def gather(pb: Any, request: Any, names: tuple[str, ...]) -> dict[str, np.ndarra
     return out
 
 
-def error(pb: Any, msg: str, code_name: str | None = "INVALID_ARG") -> Any:
-    """An error response; the code (INVALID_ARG, UNAVAILABLE, ...) where this Triton has codes."""
+def triton_error(pb: Any, msg: str, code_name: str | None = "INVALID_ARG") -> Any:
+    """A TritonError with the code (INVALID_ARG, UNAVAILABLE, CANCELLED, ...) where this Triton has codes."""
     code = getattr(pb.TritonError, code_name, None) if code_name else None
-    err = pb.TritonError(msg) if code is None else pb.TritonError(msg, code)
-    return pb.InferenceResponse(output_tensors=[], error=err)
+    return pb.TritonError(msg) if code is None else pb.TritonError(msg, code)
+
+
+def error(pb: Any, msg: str, code_name: str | None = "INVALID_ARG", outputs: dict | None = None) -> Any:
+    """An error response (with `outputs`, when the contract sends some alongside the error)."""
+    tensors = [pb.Tensor(k, v) for k, v in (outputs or {}).items()]
+    return pb.InferenceResponse(output_tensors=tensors, error=triton_error(pb, msg, code_name))
 
 
 def response(pb: Any, outputs: dict[str, np.ndarray]) -> Any:

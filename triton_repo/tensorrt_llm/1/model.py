@@ -16,25 +16,22 @@ carrying that output, because Triton 2.51's BLS response iterator drops a decoup
 responses mid-stream (measured: with the final flag on the error the BLS waited forever, without it
 the stream looked complete).
 
-Health: a watchdog sees a TP worker exit within HEALTH_POLL_S. The engine cannot serve again (its
-TP group is broken), so the model fails every running and waiting request with the reason, answers
-new ones UNAVAILABLE, and SIGTERMs tritonserver: readiness goes false at once and the server exits,
-so an orchestrator routes traffic elsewhere and restarts it (a python model cannot make 2.51's
-readiness false any other way). If this stub itself dies, the reaper of `export.triton.server`
+Health (export.triton.health.EngineWatchdog): a watchdog sees a TP worker exit within HEALTH_POLL_S.
+The engine cannot serve again (its TP group is broken), so the model fails every running and waiting
+request with the reason, answers new ones UNAVAILABLE, and SIGTERMs tritonserver: readiness goes false
+at once and the server exits, so an orchestrator routes traffic elsewhere and restarts it (a python
+model cannot make 2.51's readiness false any other way). If this stub itself dies, the reaper of `export.triton.server`
 does the same.
 """
 
 import contextlib
 import itertools
 import json
-import os
-import signal
 import sys
 import threading
 
 import triton_python_backend_utils as pb_utils
 
-HEALTH_POLL_S = 0.5  # how often the watchdog looks at the engine's worker processes
 INPUTS = ("input_ids", "input_lengths", "request_output_len", "end_id", "pad_id", "stop_words_list",
           "bad_words_list", "temperature", "runtime_top_k", "runtime_top_p", "seed", "streaming", "stop")
 
@@ -86,32 +83,10 @@ class TritonPythonModel:
         self.stops = {}  # request id -> events of its running requests (the `stop` input sets them)
         self.keys = itertools.count(1)  # each request's key: postprocessing stops it by pipeline.stop_id(key)
         self.stopping = threading.Event()
-        self.down = None  # why the engine cannot serve, once it cannot
         self.metrics = self._start_metrics()
-        self.watchdog = threading.Thread(target=self._watch, name="engine-health", daemon=True)
-        self.watchdog.start()
+        from export.triton.health import EngineWatchdog
 
-    def _watch(self):
-        """Within HEALTH_POLL_S of a worker's death: fail its requests and stop the server (see module doc)."""
-        while not self.stopping.wait(HEALTH_POLL_S):
-            dead = self.engine.dead_ranks()
-            if dead:
-                rank, code = dead[0]
-                self._go_down(f"engine is down: TP worker rank {rank} exited (code {code})")
-                return
-
-    def _go_down(self, why):
-        with self.lock:
-            if self.down is not None:
-                return
-            self.down = why
-        pb_utils.Logger.log_error(f"tensorrt_llm: {why}; failing its requests and stopping tritonserver "
-                                  f"so that readiness goes false")
-        self.engine.scheduler.close(why)  # running and waiting requests end with this error now
-        parent = os.getppid()
-        with contextlib.suppress(OSError), open(f"/proc/{parent}/comm") as f:
-            if f.read().strip() == "tritonserver":
-                os.kill(parent, signal.SIGTERM)
+        self.health = EngineWatchdog(self.engine, pb_utils.Logger.log_error)  # see the module doc
 
     def _start_metrics(self):
         """The scheduler's load as gauges on Triton's metrics endpoint (`cpu_engine_scheduler{state=...}`)."""
@@ -133,8 +108,8 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for request in requests:
-            if self.down is not None:
-                self._error(request.get_response_sender(), request, self.down, "UNAVAILABLE")
+            if self.health.down is not None:
+                self._error(request.get_response_sender(), request, self.health.down, "UNAVAILABLE")
                 continue
             t = threading.Thread(target=self._serve, args=(request,), daemon=True)
             self.threads.add(t)
@@ -195,6 +170,7 @@ class TritonPythonModel:
 
     def finalize(self):
         self.stopping.set()
+        self.health.close()
         if self.metrics is not None:
             self.metrics[2].join(timeout=5)
             self.metrics[1].clear()  # the metrics go before their family, as the stub requires
