@@ -8,6 +8,7 @@ generation goes through the engine's `Scheduler` (in-flight batching): concurren
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,24 @@ class Engine:
         """Run a step on every rank; the leader's reply. The scheduler's driver and `logits`/`stats`
         callers interleave whole commands."""
         with self._lock:
-            return self.backend.call(cmd)[self.leader]
+            try:
+                return self.backend.call(cmd)[self.leader]
+            except Exception as e:  # a broken collective is the symptom; a dead worker is the cause
+                dead = self._await_dead_ranks()
+                if dead:
+                    rank, code = dead[0]
+                    raise ExportError(f"engine is down: TP worker rank {rank} exited (code {code})") from e
+                raise
+
+    def _await_dead_ranks(self, wait_s: float = 0.5) -> list[tuple[int, int | None]]:
+        """Dead workers, allowing a killed one the moment its exit takes to show (its peers can see
+        the broken connection first)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            dead = self.dead_ranks()
+            if dead or not getattr(self.backend, "procs", None) or time.monotonic() > deadline:
+                return dead
+            time.sleep(0.02)
 
     # ---- requests ----------------------------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams) -> Handle:
