@@ -36,6 +36,7 @@ from pathlib import Path
 
 from export import __version__
 from export.errors import ExportError
+from export.process import pid_alive
 
 MARKER = ".ffn-export"
 TOOL = "ffn-fusion-export"
@@ -74,16 +75,6 @@ def _boot_id() -> str:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return ""
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _marker_text() -> str:
@@ -360,7 +351,7 @@ def judge(path: Path) -> TempDir | None:
         return TempDir(path, False, f"made on host {marker['host']}", size)
     if marker is not None and marker.get("boot_id") and marker["boot_id"] != _boot_id():
         return TempDir(path, True, "made before the last reboot", size)
-    if not _pid_alive(pid):
+    if not pid_alive(pid):
         return TempDir(path, True, f"its process {pid} is gone", size)
     start = int(m["start"])
     now = _pid_start(pid)
@@ -372,7 +363,7 @@ def judge(path: Path) -> TempDir | None:
 def _judge_legacy(path: Path, pid: int) -> TempDir:
     """A temp dir from before the marker: stale once its pid is gone and it has been idle an hour."""
     size = tree_bytes(path)
-    if _pid_alive(pid):
+    if pid_alive(pid):
         return TempDir(path, False, f"process {pid} is running", size)
     idle = time.time() - _newest_change(path)
     if idle < LEGACY_IDLE_S:

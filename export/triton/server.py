@@ -35,6 +35,7 @@ from types import TracebackType
 from typing import BinaryIO
 
 from export.errors import ExportError
+from export.process import pid_alive
 from export.triton.binary import EXPORT_ROOT, ServerBinary, find_tritonserver
 from export.triton.reaper import READY, STOPPING
 
@@ -171,19 +172,9 @@ def _clean_stale_shm() -> None:
             pid = int(p.name[len(SHM_PREFIX):].split("x", 1)[0])
         except ValueError:
             continue
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             with contextlib.suppress(OSError):
                 p.unlink()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _die_with_parent() -> None:
