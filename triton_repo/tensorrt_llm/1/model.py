@@ -172,8 +172,14 @@ class TritonPythonModel:
         self.stopping.set()
         self.health.close()
         if self.metrics is not None:
-            self.metrics[2].join(timeout=5)
-            self.metrics[1].clear()  # the metrics go before their family, as the stub requires
+            family, gauges, thread = self.metrics
+            thread.join(timeout=5)
+            # Metrics, then their family, are deleted here, while the stub can still send the delete
+            # messages: left to interpreter exit, their destructors run after the stub has dropped its
+            # shared-memory pool and segfault (Metric::SaveToSharedMemory on a null pool).
+            gauges.clear()
+            self.metrics = None
+            del family, gauges, thread
         self.engine.scheduler.close()  # requests still running or waiting end with an error now
         for t in list(self.threads):
             t.join(timeout=10)
