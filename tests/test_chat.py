@@ -147,18 +147,36 @@ def test_repositories_name_the_tokenizer_they_serve_with(engine_dir, tmp_path):
 
 
 def test_query_chat_through_a_served_repository_equals_the_rendered_prompt(engine_dir, tmp_path):
-    from export.triton.client import Request, query
-    from export.triton.package import package_repo
-    from export.triton.server import start_server
+    """As a user runs it: `package --backend llmapi` (tp 1), `serve`, `query --chat --stream` against the
+    repository's tokenizer; the same text as `query` of the rendered prompt (the tp 2 CLI run and the
+    ensemble/BLS contract are tests/test_llmapi.py's)."""
+    import signal
 
-    repo = package_repo(engine_dir, tmp_path / "repo", backend="cpu")
+    from export.triton.client import Request, query
+    from export.triton.server import free_port
+
+    repo = tmp_path / "repo"
+    res = run("package", str(engine_dir), "--out", str(repo), "--backend", "llmapi", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["llm_args"]["tensor_parallel_size"] == 1
     rendered = chat_prompt(repo, USER, SYSTEM)
     assert rendered == f"<s># system: {SYSTEM}\n# user: {USER}\n# assistant:\n"  # the repository's own tokenizer
-    with start_server(repo, timeout=240) as server:
-        flags = ("--url", server.grpc_url, "--max-tokens", "8", "--json")
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    serve = subprocess.Popen([sys.executable, "-m", "export", "serve", str(repo), "--http-port", str(http),
+                              "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        line = serve.stdout.readline()
+        assert "tritonserver ready" in line, serve.stderr.read()
+        flags = ("--url", f"127.0.0.1:{grpc}", "--max-tokens", "8", "--stream", "--json")
         chat = run("query", "--chat", USER, "--system", SYSTEM, "--tokenizer", str(repo), *flags)
         plain = run("query", rendered, *flags)
-        direct = query(Request(rendered, max_tokens=8), url=server.grpc_url, timeout=60).text
+        direct = query(Request(rendered, max_tokens=8), url=f"127.0.0.1:{grpc}", timeout=60)
+    finally:
+        serve.send_signal(signal.SIGINT)
+        serve.wait(timeout=60)
     assert chat.returncode == 0 and plain.returncode == 0, chat.stderr + plain.stderr
-    assert json.loads(chat.stdout)["text"] == json.loads(plain.stdout)["text"] == direct
-    assert json.loads(chat.stdout)["tokens"] == 8
+    assert json.loads(chat.stdout)["text"] == json.loads(plain.stdout)["text"] == direct.text
+    assert direct.text and direct.finish_reason in ("stop", "length")
+    assert serve.returncode == 0
