@@ -78,3 +78,17 @@ def render_chat(tok: Any, user: str, system: str | None = None) -> str:
 def chat_prompt(path: Path, user: str, system: str | None = None, tokenizer: Path | None = None) -> str:
     """The rendered prompt for `user` (and `system`) with the tokenizer found at `path`."""
     return render_chat(load_chat_tokenizer(path, tokenizer), user, system)
+
+
+def prompt_or_chat(prompt: str | None, chat: str | None, system: str | None, source: Path | None,
+                   tokenizer: Path | None = None) -> str:
+    """What `query` / `generate` send: the positional prompt as it is, or the `--chat` turn (and
+    `--system`) rendered with the tokenizer at `source` (`tokenizer` overrides)."""
+    if chat is None:
+        if system is not None:
+            raise ExportError("--system goes with --chat (a plain prompt is sent as it is)")
+        return prompt or ""
+    if source is None:
+        raise ExportError("--chat needs --tokenizer: the model repository, engines/NAME or tokenizer directory "
+                          "whose chat template renders the conversation")
+    return chat_prompt(source, chat, system, tokenizer)

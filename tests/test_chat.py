@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from triton_support import make_engine_dir
 
-from export.chat import chat_prompt, load_chat_tokenizer, render_chat, repository_tokenizer
+from export.chat import chat_prompt, load_chat_tokenizer, prompt_or_chat, render_chat, repository_tokenizer
 from export.demo.paths import DEMO_LLAMA, DEMO_PUZZLE
 from export.demo.tokenizer import CHAT_TEMPLATE, save_tokenizer, train_tokenizer, write_chat_template
 from export.errors import ExportError
@@ -90,6 +90,15 @@ def test_a_tokenizer_without_a_template_is_one_line_exit_2(tmp_path):
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "has no chat template" in res.stderr
     res = run("query", "a prompt", "--chat", USER)
     assert res.returncode == 2 and "not allowed with argument prompt" in res.stderr
+
+
+def test_prompt_or_chat():
+    assert prompt_or_chat("as it is", None, None, None) == "as it is"
+    assert prompt_or_chat(None, USER, SYSTEM, DEMO_LLAMA) == RENDERED
+    with pytest.raises(ExportError, match="--system goes with --chat"):
+        prompt_or_chat("x", None, SYSTEM, DEMO_LLAMA)
+    with pytest.raises(ExportError, match="--chat needs --tokenizer"):
+        prompt_or_chat(None, USER, None, None)
 
 
 def test_generate_chat_equals_generate_of_the_rendered_prompt():

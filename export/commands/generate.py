@@ -66,12 +66,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _prompt_text(args: argparse.Namespace) -> str:
     """The prompt (standard input for -), or the --chat turn rendered with the checkpoint's chat template."""
-    from export.errors import ExportError
+    from export.chat import prompt_or_chat
 
-    if args.chat is None:
-        if args.system is not None:
-            raise ExportError("--system goes with --chat (a plain prompt is used as it is)")
-        return sys.stdin.read() if args.prompt == "-" else args.prompt
-    from export.chat import chat_prompt
-
-    return chat_prompt(args.ckpt, args.chat, args.system, tokenizer=args.tokenizer)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    return prompt_or_chat(prompt, args.chat, args.system, args.ckpt, tokenizer=args.tokenizer)

@@ -226,19 +226,9 @@ def _cmd_query(args: argparse.Namespace) -> int:
 
 
 def _prompt_text(args: argparse.Namespace) -> str:
-    """The positional prompt as it is, or the --chat turn rendered with the tokenizer's chat template."""
-    from export.errors import ExportError
+    from export.chat import prompt_or_chat
 
-    if args.chat is None:
-        if args.system is not None:
-            raise ExportError("--system goes with --chat (a plain prompt is sent as it is)")
-        return args.prompt
-    if args.tokenizer is None:
-        raise ExportError("--chat needs --tokenizer: the model repository, engines/NAME or tokenizer directory "
-                          "whose chat template renders the conversation")
-    from export.chat import chat_prompt
-
-    return chat_prompt(args.tokenizer, args.chat, args.system)
+    return prompt_or_chat(args.prompt, args.chat, args.system, args.tokenizer)
 
 
 def _levels(text: str) -> tuple[int, ...]:
