@@ -13,7 +13,12 @@ from export.io.paths import FOLLOW_SYMLINKS_HELP
 
 def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", type=Path, help="HF checkpoint dir, TRT-LLM checkpoint dir, or engines/NAME")
-    p.add_argument("prompt", help="the prompt text; - reads it from standard input")
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("prompt", nargs="?", help="the prompt text; - reads it from standard input")
+    text.add_argument("--chat", default=None, metavar="TEXT",
+                      help="a user turn, rendered with the checkpoint's chat template into the prompt")
+    p.add_argument("--system", default=None, metavar="TEXT",
+                   help='--chat: the system turn, e.g. "detailed thinking on" (default: the template\'s own)')
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel worker processes (default: 1, "
                                                         "or the TRT-LLM checkpoint's own)")
     p.add_argument("--pp", type=int, default=None, help="pipeline stages (default: 1, or the checkpoint's own)")
@@ -43,7 +48,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     set_default_follow_symlinks(args.follow_symlinks)  # the weights are opened in worker processes
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = _prompt_text(args)
     stream = not args.json
     if stream and not args.no_echo:
         print(prompt, end="", flush=True)
@@ -57,3 +62,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     print(f"[tp={res.tp} pp={res.pp}] {res.prompt_tokens} prompt tokens, {len(res.new_tokens)} new tokens; "
           f"prefill {res.prefill_s * 1e3:.1f} ms, decode {res.tokens_per_s:.1f} tokens/s", file=sys.stderr)
     return 0
+
+
+def _prompt_text(args: argparse.Namespace) -> str:
+    """The prompt (standard input for -), or the --chat turn rendered with the checkpoint's chat template."""
+    from export.chat import prompt_or_chat
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    return prompt_or_chat(prompt, args.chat, args.system, args.ckpt, tokenizer=args.tokenizer)

@@ -178,7 +178,15 @@ def follow_log(server: object) -> threading.Thread:
 
 
 def _query_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", help="the prompt text")
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("prompt", nargs="?", help="the prompt text, sent as it is")
+    text.add_argument("--chat", default=None, metavar="TEXT",
+                      help="a user turn: rendered with the checkpoint's chat template (needs --tokenizer) and sent")
+    p.add_argument("--system", default=None, metavar="TEXT",
+                   help='--chat: the system turn, e.g. "detailed thinking on" (default: the template\'s own)')
+    p.add_argument("--tokenizer", type=Path, default=None, metavar="DIR",
+                   help="--chat: the model repository `package` wrote, engines/NAME, or an HF checkpoint or "
+                        "tokenizer directory (the server takes text, so the template is applied here)")
     p.add_argument("--url", default=None, help="host:port (default 127.0.0.1:8001 grpc / :8000 http)")
     p.add_argument("--protocol", choices=("grpc", "http"), default="grpc",
                    help="grpc: streamed tokens (decoupled model); http: one /generate reply")
@@ -203,7 +211,7 @@ def _query_args(p: argparse.ArgumentParser) -> None:
 def _cmd_query(args: argparse.Namespace) -> int:
     from export.triton.client import Request, query
 
-    req = Request(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+    req = Request(_prompt_text(args), max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, seed=args.seed, end_id=args.end_id, stop_words=tuple(args.stop_words),
                   stream=args.stream)
     res = query(req, url=args.url, protocol=args.protocol, model=args.model,
@@ -215,6 +223,12 @@ def _cmd_query(args: argparse.Namespace) -> int:
     print()
     print(res.summary(), file=sys.stderr)
     return 0
+
+
+def _prompt_text(args: argparse.Namespace) -> str:
+    from export.chat import prompt_or_chat
+
+    return prompt_or_chat(args.prompt, args.chat, args.system, args.tokenizer)
 
 
 def _levels(text: str) -> tuple[int, ...]:
