@@ -21,6 +21,15 @@ ALL_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
+class OwnEngine:
+    """An engine a runtime runs instead of the checkpoint's weights, written beside the checkpoint."""
+
+    name: str    # its manifest `engines` key and its directory, engines/NAME/<name>
+    label: str   # what messages call it
+    build: str   # the `build` option that writes it
+
+
+@dataclass(frozen=True)
 class RuntimeEntry:
     """How to start one runtime, and what it can run."""
 
@@ -30,7 +39,7 @@ class RuntimeEntry:
     help: str                     # one line for --runtime help
     parallel: bool = True         # tp/pp > 1 (else the whole model in one process)
     dtypes: tuple[str, ...] = ALL_DTYPES
-    engine: str | None = None     # the manifest engine it runs beside the checkpoint (engines/NAME/<engine>), if any
+    engine: OwnEngine | None = None
 
     def load(self) -> Callable[..., tuple[Any, Any, Any]]:
         module, _, attr = self.start.partition(":")
@@ -55,6 +64,11 @@ def names() -> tuple[str, ...]:
     return tuple(RUNTIMES)
 
 
+def describe() -> str:
+    """The runtimes as one line of --runtime help."""
+    return "; ".join(f"{e.name}: {e.help}" for e in RUNTIMES.values())
+
+
 def get(name: str) -> RuntimeEntry:
     """The entry for `name`, or the one-line refusal that lists the runtimes there are."""
     entry = RUNTIMES.get(name)
@@ -67,4 +81,4 @@ register(RuntimeEntry("torch", "export.runtime.torch_runtime:start_torch",
                       "the reference Decoder in PyTorch (any tp x pp: worker processes beyond one rank)"))
 register(RuntimeEntry("onnx", "export.onnx.backend:start_onnx",
                       "engines/NAME/onnx on ONNX Runtime (tp=1, fp32)",
-                      parallel=False, dtypes=("float32",), engine="onnx"))
+                      parallel=False, dtypes=("float32",), engine=OwnEngine("onnx", "ONNX", "--onnx")))
