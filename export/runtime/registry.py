@@ -39,7 +39,7 @@ class RuntimeEntry:
     help: str                     # one line for --runtime help
     parallel: bool = True         # tp/pp > 1 (else the whole model in one process)
     dtypes: tuple[str, ...] = ALL_DTYPES
-    engine: OwnEngine | None = None
+    engine: OwnEngine | None = None  # what it runs beside the checkpoint (package requires and bundles it)
 
     def load(self) -> Callable[..., tuple[Any, Any, Any]]:
         module, _, attr = self.start.partition(":")
