@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from export.cli import command, with_args
+from export.runtime import registry
 
 Configure = Callable[[argparse.ArgumentParser], None]
 Handler = Callable[[argparse.Namespace], int]
@@ -60,17 +61,16 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="compute dtype: fp32 | bf16 | fp16")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--runtime", type=_runtimes, default=("torch",),
-                   help="comma-separated: torch (reference Decoder), onnx (engines/NAME/onnx on ONNX Runtime, tp=1)")
+                   help=f"comma-separated runtimes -- {registry.describe()}")
     p.add_argument("--json-out", type=Path, default=None, help="also write the JSON report here")
 
 
 def _runtimes(text: str) -> tuple[str, ...]:
-    from export.runtime.engine import RUNTIMES
-
     names = tuple(x for x in text.split(",") if x)
-    bad = [n for n in names if n not in RUNTIMES]
+    bad = [n for n in names if n not in registry.names()]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"--runtime wants a comma-separated list of {RUNTIMES}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"--runtime wants a comma-separated list of {registry.names()}, "
+                                         f"got {text!r}")
     return names
 
 

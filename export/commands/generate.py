@@ -9,6 +9,7 @@ from pathlib import Path
 
 from export.cli import command, with_args
 from export.io.paths import FOLLOW_SYMLINKS_HELP
+from export.runtime import registry
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -32,8 +33,7 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="fp32 | bf16 | fp16 (compute dtype)")
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer dir (default: beside the weights)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker process")
-    p.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
-                   help="torch: the reference Decoder; onnx: engines/NAME/onnx on ONNX Runtime (tp=1, fp32)")
+    p.add_argument("--runtime", choices=registry.names(), default="torch", help=registry.describe())
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--follow-symlinks", action="store_true", help=FOLLOW_SYMLINKS_HELP)
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from export.cli import command, default_path, with_args
+from export.runtime import registry
 
 
 def _package_args(p: argparse.ArgumentParser) -> None:
@@ -24,6 +25,8 @@ def _package_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the repository and its request limits as JSON")
     p.add_argument("--backend", choices=tuple(FLAVOURS), default="cpu",
                    help="; ".join(f"{k} = {f.help}" for k, f in FLAVOURS.items()))
+    p.add_argument("--runtime", choices=registry.names(), default=None,
+                   help=f"cpu: what the engine model runs (default torch) -- {registry.describe()}")
     p.add_argument("--max-batch-size", type=int, default=None, help="override the manifest's build.max_batch_size")
     p.add_argument("--kv-cache-fraction", type=float, default=None, dest="kv_cache_free_gpu_mem_fraction",
                    help="trtllm: kv_cache_free_gpu_mem_fraction; llmapi/trtllm-serve: kv_cache_config."
@@ -60,7 +63,7 @@ def _cmd_package(args: argparse.Namespace) -> int:
                        batching_strategy=args.batching_strategy, gpu_device_ids=args.gpu_device_ids,
                        engine_queue_limit=args.engine_queue_limit, kv_cache_tokens=args.kv_cache_tokens,
                        runtime_dtype=args.runtime_dtype, tp=args.tp, pp=args.pp, max_num_tokens=args.max_num_tokens,
-                       max_seq_len=args.max_seq_len, overwrite=args.overwrite)
+                       max_seq_len=args.max_seq_len, runtime=args.runtime, overwrite=args.overwrite)
     if args.backend in ("llmapi", "trtllm-serve"):
         return _llm_api_summary(args, out, time.perf_counter() - t)
     build = Manifest.load(args.engine_dir).build
@@ -253,7 +256,10 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                    help="where report.json and tokens_per_s.png go (new, or ours with --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is a previous bench-serve output")
     p.add_argument("--backend", choices=("cpu", "onnx"), default="cpu",
-                   help="cpu: the PyTorch reference runtime; onnx: engines/NAME/onnx on ONNX Runtime")
+                   help="cpu: the reference runtime's repository (--runtime picks which); onnx: the older "
+                        "spelling of --runtime onnx")
+    p.add_argument("--runtime", choices=registry.names(), default=None,
+                   help=f"what Triton's engine model and the direct side run (default torch) -- {registry.describe()}")
 
 
 def _register_bench() -> None:
@@ -269,7 +275,7 @@ def _register_bench() -> None:
 
         check_output(args.out, inputs=args.engine_dirs, overwrite=args.overwrite)
         rep = bench_serve(args.engine_dirs, levels=args.concurrency, rounds=args.rounds, max_tokens=args.max_tokens,
-                          model=args.model, backend=args.backend, pairs=args.pairs)
+                          model=args.model, backend=args.backend, pairs=args.pairs, runtime=args.runtime)
         rep["summary"] = summary(rep)
         text = json.dumps(rep, indent=2)
         with output_dir(args.out, inputs=args.engine_dirs, overwrite=args.overwrite) as tmp:

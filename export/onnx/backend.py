@@ -1,9 +1,10 @@
 """The step protocol (Reserve/Prefill/Decode/Free/Logits/Stats) run by ONNX Runtime, tp = 1.
 
 The graph is stateless (past in, present out); this backend owns the KV cache as the PyTorch
-runtime does (`KVCache`, full-attention layers only, addressed by slot), so the engine's driver,
-and any scheduler it grows, cannot tell the two runtimes apart. A step over slots of different
-lengths pads the slots' past to the longest and masks the padding with attention_mask.
+runtime does (`KVCache`, full-attention layers only, addressed by slot, with the bookkeeping of
+`steps.SlotSteps` they share), so the engine's driver and its scheduler cannot tell the two
+runtimes apart. A step over slots of different lengths pads the slots' past to the longest and
+masks the padding with attention_mask. Registered as runtime "onnx" in `export.runtime.registry`.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import numpy as np
 import torch
 
 from export.errors import ExportError
+from export.mapping import Mapping
 from export.onnx.graph import MODEL_FILE, kv_names
 from export.runtime.cache import KVCache
-from export.runtime.steps import Decode, Free, Logits, Prefill, Reserve, Stats, pad
+from export.runtime.steps import SlotSteps
 from export.spec import ModelSpec, normalize_dtype
 
 GRAPH_DTYPE = "float32"
@@ -46,8 +48,9 @@ def make_session(model: Path, threads: int = 1, providers: tuple[str, ...] = ("C
     return ort.InferenceSession(str(model), opts, providers=list(providers))
 
 
-class OnnxBackend:
-    """`LocalBackend`'s interface (`call(cmd) -> [reply]`, `close()`) over an ORT session."""
+class OnnxBackend(SlotSteps):
+    """A `Backend` (one rank) over an ORT session; `SlotSteps` keeps the KV-cache bookkeeping,
+    this class only runs the graph (`extend`, `full_logits`)."""
 
     def __init__(self, onnx_dir: Path, spec: ModelSpec, threads: int = 1) -> None:
         self.spec = spec
@@ -57,7 +60,7 @@ class OnnxBackend:
         self.outputs = ["logits"] + [n for i in self.kv_heads for n in kv_names(i)[2:]]
 
     def call(self, cmd: Any) -> list[Any]:
-        return [HANDLERS[type(cmd)](self, cmd)]
+        return [self.run(cmd)]
 
     def close(self) -> None:
         self.session = None
@@ -74,62 +77,42 @@ class OnnxBackend:
         logits, *presents = self.session.run(self.outputs, feed)
         return torch.from_numpy(logits), presents
 
-    def _append(self, slots: tuple[int, ...], seqs: tuple[tuple[int, ...], ...]) -> torch.Tensor:
-        """Prefill and decode alike: append `seqs` to the slots' cached sequences; last-token logits."""
-        ids, lens = pad(seqs)
-        rows = torch.tensor(slots, dtype=torch.long)
-        self.cache.reserve(int(rows.max()) + 1, 0)
-        start = self.cache.lengths[rows].clone()
+    # ---- the forward step ----------------------------------------------------------------------
+    def extend(self, slots: torch.Tensor, ids: torch.Tensor, lens: torch.Tensor,
+               start: torch.Tensor) -> torch.Tensor:
+        """Prefill and decode alike: the slots' past in (padded to the longest, masked), the new
+        entries of present out into the cache at the slots' positions."""
         t, past_len = ids.shape[1], int(start.max())
-        self.cache.reserve(0, int((start + t).max()))
         mask = torch.cat([torch.arange(past_len) < start[:, None], torch.arange(t) < lens[:, None]], dim=1)
         positions = start[:, None] + torch.arange(t)
         # numpy views of the cache tensors: plain slicing here costs microseconds, torch indexing ~100x more
         stores = {i: (self.cache.k[i].numpy(), self.cache.v[i].numpy()) for i in self.kv_heads}
-        idx = np.asarray(slots)
+        idx = slots.numpy()
         past = {i: (k[idx, :, :past_len], v[idx, :, :past_len]) for i, (k, v) in stores.items()}
         logits, presents = self._run(ids, positions, mask.long(), past)
-        spans = list(zip(slots, start.tolist(), lens.tolist()))
+        spans = list(zip(slots.tolist(), start.tolist(), lens.tolist()))
         for n, i in enumerate(self.kv_heads):
             for store, present in zip(stores[i], presents[2 * n:2 * n + 2]):
                 for row, (slot, first, count) in enumerate(spans):  # the new entries only, at the slot's positions
                     store[slot, :, first:first + count] = present[row, :, past_len:past_len + count]
-        self.cache.lengths[rows] = start + lens
-        return logits[torch.arange(len(slots)), lens - 1]
+        return logits[torch.arange(len(spans)), lens - 1]
 
-    # ---- commands ------------------------------------------------------------------------------
-    def _reserve(self, cmd: Reserve) -> None:
-        self.cache.reserve(cmd.slots, cmd.max_len)
-
-    def _prefill(self, cmd: Prefill) -> torch.Tensor:
-        return self._append(cmd.slots, cmd.seqs)
-
-    def _decode(self, cmd: Decode) -> torch.Tensor:
-        return self._append(cmd.slots, tuple((t,) for t in cmd.tokens))
-
-    def _free(self, cmd: Free) -> None:
-        self.cache.free(list(cmd.slots))
-
-    def _logits(self, cmd: Logits) -> torch.Tensor:
-        ids, _ = pad(cmd.seqs)
+    def full_logits(self, ids: torch.Tensor) -> torch.Tensor:
         b, t = ids.shape
         empty = {i: (np.zeros((b, h, 0, self.spec.head_dim), np.float32),) * 2 for i, h in self.kv_heads.items()}
         positions = torch.arange(t).expand(b, -1).contiguous()
         logits, _ = self._run(ids, positions, torch.ones(b, t, dtype=torch.long), empty)
         return logits
 
-    def _stats(self, cmd: Stats) -> dict[str, int]:
-        return {"rank": 0, "kv_cache_bytes": self.cache.nbytes, "kv_bytes_per_token": self.cache.bytes_per_token(),
-                "tp_collectives": 0, "pp_transfers": 0}
+    def sync_counts(self) -> dict[str, int]:
+        return {"rank": 0, "tp_collectives": 0, "pp_transfers": 0}
 
 
-HANDLERS = {Reserve: OnnxBackend._reserve, Prefill: OnnxBackend._prefill, Decode: OnnxBackend._decode,
-            Free: OnnxBackend._free, Logits: OnnxBackend._logits, Stats: OnnxBackend._stats}
-
-
-def start_onnx(source: Path, *, tp: int | None, pp: int | None, dtype: str,
-               threads: int) -> tuple[ModelSpec, OnnxBackend]:
-    """What `Engine.start(source, runtime="onnx")` runs: the spec and the backend, or a clear refusal."""
+def start_onnx(source: Path, *, tp: int | None, pp: int | None, dtype: str, threads: int,
+               python: str | None = None) -> tuple[ModelSpec, Mapping, OnnxBackend]:
+    """The "onnx" registry entry's start (`Engine.start(source, runtime="onnx")`): the spec, a
+    one-rank mapping and the backend, or a clear refusal. `python` (worker interpreter) does not
+    apply: there are no workers."""
     if (tp or 1) != 1 or (pp or 1) != 1:
         raise ExportError(f"runtime 'onnx' runs the whole model in one process (tp=1, pp=1); got tp={tp}, pp={pp}. "
                           f"Use runtime='torch' for tensor/pipeline parallelism")
@@ -137,4 +120,4 @@ def start_onnx(source: Path, *, tp: int | None, pp: int | None, dtype: str,
         raise ExportError(f"runtime 'onnx': the exported graph is {GRAPH_DTYPE}; dtype={dtype} is not available")
     onnx_dir = find_onnx(Path(source))
     spec = ModelSpec.load(onnx_dir)
-    return spec, OnnxBackend(onnx_dir, spec, threads)
+    return spec, Mapping(1, 1), OnnxBackend(onnx_dir, spec, threads)

@@ -16,12 +16,12 @@ import sys
 import tempfile
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from export.errors import ExportError
 from export.mapping import Mapping
 from export.runtime import wire
-from export.runtime.steps import Exit, Stepper
+from export.runtime.steps import Exit, SlotSteps
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 600.0
@@ -39,10 +39,19 @@ def _clean_stale() -> None:
             continue
 
 
+class Backend(Protocol):
+    """What an `Engine` drives, whatever the runtime: `call` runs one step command (`steps.py`) on
+    every rank and returns each rank's reply in rank order; `close` releases the ranks."""
+
+    def call(self, cmd: Any) -> list[Any]: ...
+
+    def close(self) -> None: ...
+
+
 class LocalBackend:
     """The whole model in this process; the fast, simple path."""
 
-    def __init__(self, stepper: Stepper) -> None:
+    def __init__(self, stepper: SlotSteps) -> None:
         self.stepper = stepper
 
     def call(self, cmd: Any) -> list[Any]:

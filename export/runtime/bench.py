@@ -1,4 +1,4 @@
-"""`bench decode`: prefill and decode throughput per runtime (torch, onnx) and tp, plus sync points.
+"""`bench decode`: prefill and decode throughput per runtime (registry name) and tp, plus sync points.
 
 Figures are measured in one run against the tp=1 baseline of that same run, so machine noise
 hits all rows alike. Timings are driver wall-clock (they include the pipe round trip to the
@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from export.runtime import registry
 from export.runtime.engine import Engine
 from export.runtime.sampling import SamplingParams
 
@@ -66,10 +67,10 @@ def bench_one(ckpt: Path, tp: int, pp: int, *, prompt_len: int, batches: tuple[i
 def bench_decode(ckpt: Path, tps: list[int], *, pp: int = 1, prompt_len: int = 128, batches: tuple[int, ...] = (1, 8),
                  steps: int = 32, dtype: str = "float32", threads: int = 1, seed: int = 0,
                  runtimes: tuple[str, ...] = ("torch",)) -> dict[str, Any]:
-    """One row per runtime and tp (onnx: tp = pp = 1 only); ratios are against the first row, measured
-    in the same run."""
+    """One row per runtime and tp (a runtime that is not parallel, e.g. onnx: tp = pp = 1 only);
+    ratios are against the first row, measured in the same run."""
     torch.set_num_threads(threads)  # the in-process tp=1 engine gets the same threads as each worker
-    runs = [(rt, tp, pp) for rt in runtimes for tp in tps if rt == "torch" or (tp, pp) == (1, 1)]
+    runs = [(rt, tp, pp) for rt in runtimes for tp in tps if registry.get(rt).runs(tp, pp)]
     rows = [bench_one(ckpt, tp, p, prompt_len=prompt_len, batches=batches, steps=steps, dtype=dtype,
                       threads=threads, seed=seed, runtime=rt) for rt, tp, p in runs]
     base = rows[0]

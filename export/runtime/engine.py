@@ -16,25 +16,20 @@ from typing import Any
 import torch
 
 from export.errors import ExportError
-from export.io.safetensors_format import torch_dtype
-from export.layout import require_layout
 from export.mapping import Mapping
-from export.runtime.backends import LocalBackend, ProcessBackend
-from export.runtime.model import load_decoder
+from export.runtime import registry
+from export.runtime.backends import Backend
 from export.runtime.sampling import SamplingParams
 from export.runtime.scheduler import Handle, Scheduler
-from export.runtime.sources import open_source
-from export.runtime.steps import Logits, Stats, Stepper
-from export.spec import ModelSpec, normalize_dtype
-
-RUNTIMES = ("torch", "onnx")
+from export.runtime.steps import Logits, Stats
+from export.spec import ModelSpec
 
 
 class Engine:
     spec: ModelSpec
     mapping: Mapping
 
-    def __init__(self, spec: ModelSpec, mapping: Mapping, backend: LocalBackend | ProcessBackend, *,
+    def __init__(self, spec: ModelSpec, mapping: Mapping, backend: Backend, *,
                  max_batch: int = 16, max_queue: int = 256, kv_cache_tokens: int | None = None) -> None:
         self.spec, self.mapping, self.backend = spec, mapping, backend
         self.leader = mapping.rank(0, mapping.pp - 1)  # last stage, tp rank 0 returns logits
@@ -50,33 +45,15 @@ class Engine:
         """tp/pp default to the source's own layout (a TRT-LLM checkpoint) or 1.
 
         `threads`: torch threads per worker process (ORT intra-op threads for onnx); `python`: the
-        worker interpreter (default sys.executable); `runtime`: "torch" (this package's Decoder) or
-        "onnx" (the graph `build --onnx` wrote beside the checkpoint, run by ONNX Runtime; tp = pp = 1).
+        worker interpreter (default sys.executable); `runtime`: a `registry.RUNTIMES` name -- "torch"
+        (this package's Decoder) or "onnx" (the graph `build --onnx` wrote beside the checkpoint, run
+        by ONNX Runtime; tp = pp = 1).
         `max_batch` sequences run at once, `max_queue` more may wait, and running requests reserve at
         most `kv_cache_tokens` (prompt + max_tokens each; default max_batch x max_position_embeddings)
-        -- see `export.runtime.scheduler`. A single torch rank runs in this process (measured faster
-        under Triton than a worker process: no IPC per step, and the model's ops release the GIL).
+        -- see `export.runtime.scheduler`.
         """
-        if runtime not in RUNTIMES:
-            raise ExportError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
-        if runtime == "onnx":
-            from export.onnx.backend import start_onnx
-
-            spec, onnx_backend = start_onnx(Path(source), tp=tp, pp=pp, dtype=dtype, threads=threads)
-            return cls(spec, Mapping(1, 1), onnx_backend, max_batch=max_batch,  # type: ignore[arg-type]
-                       max_queue=max_queue, kv_cache_tokens=kv_cache_tokens)
-        dtype = normalize_dtype(dtype)
-        spec, own, make = open_source(Path(source))
-        mapping = Mapping(tp or (own.tp if own else 1), pp or (own.pp if own else 1))
-        if own is not None and mapping != own:
-            raise ExportError(f"{source}: checkpoint is split for tp={own.tp}, pp={own.pp}; "
-                              f"cannot run it at tp={mapping.tp}, pp={mapping.pp}")
-        require_layout(spec, mapping)
-        if mapping.world_size == 1:
-            backend: LocalBackend | ProcessBackend = LocalBackend(
-                Stepper(load_decoder(make(mapping, 0), dtype=torch_dtype(dtype))))
-        else:
-            backend = ProcessBackend(Path(source).absolute(), mapping, dtype, threads=threads, python=python)
+        spec, mapping, backend = registry.get(runtime).load()(Path(source), tp=tp, pp=pp, dtype=dtype,
+                                                               threads=threads, python=python)
         return cls(spec, mapping, backend, max_batch=max_batch, max_queue=max_queue, kv_cache_tokens=kv_cache_tokens)
 
     # ---- lifecycle ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ batching) without changing the workers.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,7 +70,69 @@ def pad(seqs: tuple[tuple[int, ...], ...] | list[list[int]]) -> tuple[torch.Tens
     return ids, lens
 
 
-class Stepper:
+class SlotSteps(ABC):
+    """The step protocol over a slot-addressed `KVCache`: the bookkeeping every runtime shares.
+
+    Reserve/Free, and where each slot's new tokens go (Prefill and Decode both append to the
+    slots' sequences), live here once; a runtime supplies only the forward step (`extend`, and
+    `full_logits` for the cache-free Logits) and its sync counters (`sync_counts`)."""
+
+    cache: KVCache
+
+    def run(self, cmd: Any) -> Any:
+        return getattr(self, f"_{type(cmd).__name__.lower()}")(cmd)
+
+    # ---- what a runtime supplies -------------------------------------------------------------
+    @abstractmethod
+    def extend(self, slots: torch.Tensor, ids: torch.Tensor, lens: torch.Tensor,
+               start: torch.Tensor) -> torch.Tensor | None:
+        """Run right-padded `ids` [B, T] (`lens` real tokens each) at positions start + 0..T-1 of
+        `slots`, writing their k/v into the cache (room is reserved); the last real token's logits
+        [B, V] (None on a rank that does not return logits)."""
+
+    @abstractmethod
+    def full_logits(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """Cache-free forward of right-padded `ids` [B, T]: all logits [B, T, V] (or None)."""
+
+    @abstractmethod
+    def sync_counts(self) -> dict[str, int]:
+        """rank, tp_collectives and pp_transfers so far, for Stats."""
+
+    # ---- commands ----------------------------------------------------------------------------
+    def _append(self, slots: tuple[int, ...], ids: torch.Tensor, lens: torch.Tensor) -> torch.Tensor | None:
+        rows = torch.tensor(slots, dtype=torch.long)
+        self.cache.reserve(int(rows.max()) + 1, 0)
+        start = self.cache.lengths[rows].clone()
+        self.cache.reserve(0, int((start + ids.shape[1]).max()))
+        out = self.extend(rows, ids, lens, start)
+        self.cache.lengths[rows] = start + lens
+        return out
+
+    def _reserve(self, cmd: Reserve) -> None:
+        self.cache.reserve(cmd.slots, cmd.max_len)
+
+    def _prefill(self, cmd: Prefill) -> torch.Tensor | None:
+        ids, lens = pad(cmd.seqs)
+        return self._append(cmd.slots, ids, lens)
+
+    def _decode(self, cmd: Decode) -> torch.Tensor | None:
+        ids = torch.tensor(cmd.tokens, dtype=torch.long)[:, None]
+        return self._append(cmd.slots, ids, torch.ones(len(cmd.slots), dtype=torch.long))
+
+    def _free(self, cmd: Free) -> None:
+        self.cache.free(list(cmd.slots))
+
+    def _logits(self, cmd: Logits) -> torch.Tensor | None:
+        return self.full_logits(pad(cmd.seqs)[0])
+
+    def _stats(self, cmd: Stats) -> dict[str, int]:
+        counts = self.sync_counts()
+        return {"rank": counts["rank"], "kv_cache_bytes": self.cache.nbytes,
+                "kv_bytes_per_token": self.cache.bytes_per_token(),
+                "tp_collectives": counts["tp_collectives"], "pp_transfers": counts["pp_transfers"]}
+
+
+class Stepper(SlotSteps):
     """Runs step commands on one rank: its stage's layers, pipeline send/recv, its KV cache."""
 
     def __init__(self, decoder: Decoder) -> None:
@@ -82,9 +145,8 @@ class Stepper:
         self.pp_syncs = 0
 
     def run(self, cmd: Any) -> Any:
-        handler = getattr(self, f"_{type(cmd).__name__.lower()}")
         with torch.inference_mode():
-            return handler(cmd)
+            return super().run(cmd)
 
     # ---- pipeline plumbing -------------------------------------------------------------------
     def _through(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | None,
@@ -111,36 +173,13 @@ class Stepper:
         logits = self.dec.head(last)[:, 0]
         return logits.cpu() if self.is_leader else None
 
-    # ---- commands ----------------------------------------------------------------------------
-    def _reserve(self, cmd: Reserve) -> None:
-        self.cache.reserve(cmd.slots, cmd.max_len)
-
-    def _prefill(self, cmd: Prefill) -> torch.Tensor | None:
-        ids, lens = pad(cmd.seqs)
-        slots = torch.tensor(cmd.slots, dtype=torch.long)
-        self.cache.reserve(int(slots.max()) + 1, 0)
-        start = self.cache.lengths[slots]
-        self.cache.reserve(0, int((start + ids.shape[1]).max()))
+    # ---- the forward step ------------------------------------------------------------------------
+    def extend(self, slots: torch.Tensor, ids: torch.Tensor, lens: torch.Tensor,
+               start: torch.Tensor) -> torch.Tensor | None:
         positions = start[:, None] + torch.arange(ids.shape[1])
-        h = self._through(ids, positions, slots, self.cache)
-        self.cache.lengths[slots] = start + lens
-        return self._last_logits(h, lens)
+        return self._last_logits(self._through(ids, positions, slots, self.cache), lens)
 
-    def _decode(self, cmd: Decode) -> torch.Tensor | None:
-        slots = torch.tensor(cmd.slots, dtype=torch.long)
-        self.cache.reserve(int(slots.max()) + 1, 0)
-        positions = self.cache.lengths[slots][:, None].clone()
-        self.cache.reserve(0, int(positions.max()) + 1)
-        ids = torch.tensor(cmd.tokens, dtype=torch.long)[:, None]
-        h = self._through(ids, positions, slots, self.cache)
-        self.cache.lengths[slots] += 1
-        return self._last_logits(h, torch.ones(len(cmd.slots), dtype=torch.long))
-
-    def _free(self, cmd: Free) -> None:
-        self.cache.free(list(cmd.slots))
-
-    def _logits(self, cmd: Logits) -> torch.Tensor | None:
-        ids, _ = pad(cmd.seqs)
+    def full_logits(self, ids: torch.Tensor) -> torch.Tensor | None:
         positions = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
         h = self._through(ids, positions, None, None)
         if h is None:
@@ -148,7 +187,5 @@ class Stepper:
         logits = self.dec.head(h)
         return logits.cpu() if self.is_leader else None
 
-    def _stats(self, cmd: Stats) -> dict[str, int]:
-        return {"rank": self.dec.rank, "kv_cache_bytes": self.cache.nbytes,
-                "kv_bytes_per_token": self.cache.bytes_per_token(),
-                "tp_collectives": self.dec.sync_count, "pp_transfers": self.pp_syncs}
+    def sync_counts(self) -> dict[str, int]:
+        return {"rank": self.dec.rank, "tp_collectives": self.dec.sync_count, "pp_transfers": self.pp_syncs}

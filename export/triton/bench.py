@@ -30,7 +30,7 @@ from typing import Any
 
 from export.errors import ExportError
 from export.triton.client import QueryResult, Request, StreamSession, grpc_inputs
-from export.triton.package import package_repo
+from export.triton.package import package_repo, served_runtime
 from export.triton.procs import tree_rss_bytes
 from export.triton.server import start_server
 
@@ -292,15 +292,17 @@ def _direct_side(engine_dir: Path, levels: tuple[int, ...], max_tokens: int,
 
 
 def bench_engine(engine_dir: Path, *, levels: tuple[int, ...], rounds: int, max_tokens: int,
-                 model: str = "ensemble", backend: str = "cpu", pairs: int = PAIRS) -> dict[str, Any]:
-    """`backend` cpu serves the PyTorch runtime, onnx serves engines/NAME/onnx on ONNX Runtime."""
+                 model: str = "ensemble", backend: str = "cpu", pairs: int = PAIRS,
+                 runtime: str | None = None) -> dict[str, Any]:
+    """Triton serves `package --backend BACKEND --runtime RUNTIME`; the direct side runs that runtime
+    (`backend` "onnx" is the older spelling of cpu on runtime onnx)."""
     from export.manifest import Manifest
 
     m = Manifest.load(engine_dir)
-    runtime = "onnx" if backend == "onnx" else "torch"
+    runtime = served_runtime(backend, runtime)
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         repo = package_repo(engine_dir, Path(tmp) / "repo", backend=backend, max_batch_size=max(levels),
-                            engine_queue_limit=max(levels))
+                            engine_queue_limit=max(levels), runtime=runtime)
         with _triton_side(repo, max_tokens, model) as (t_one, info), \
                 _direct_side(engine_dir, levels, max_tokens, runtime) as (d_one, syncs):
             triton, direct = interleaved_levels(t_one, d_one, levels, rounds, pairs)
@@ -308,17 +310,17 @@ def bench_engine(engine_dir: Path, *, levels: tuple[int, ...], rounds: int, max_
         for r in rows:
             r["vs_c1"] = r["tokens_per_s"] / rows[0]["tokens_per_s"] if rows[0]["tokens_per_s"] else float("nan")
     return {"engine_dir": str(engine_dir), "name": engine_dir.name, "tp": m.tp, "pp": m.pp, "model": model,
-            "backend": backend, "pairs": pairs,
+            "backend": backend, "runtime": runtime, "pairs": pairs,
             "sync_points_per_token": syncs, "server_start_s": info["startup_s"],
             "server_peak_rss_mb": info["peak_rss_bytes"] / 2**20, "triton": triton, "direct": direct}
 
 
 def bench_serve(engine_dirs: list[str | Path], *, levels: tuple[int, ...] = CONCURRENCY, rounds: int = 2,
                 max_tokens: int = 32, model: str = "ensemble", backend: str = "cpu",
-                pairs: int = PAIRS) -> dict[str, Any]:
+                pairs: int = PAIRS, runtime: str | None = None) -> dict[str, Any]:
     """One `bench_engine` per engine dir, in order (e.g. unfused/fused at tp 1 and 2, side by side)."""
     runs = [bench_engine(Path(d), levels=levels, rounds=rounds, max_tokens=max_tokens, model=model, backend=backend,
-                         pairs=pairs)
+                         pairs=pairs, runtime=runtime)
             for d in engine_dirs]
     return {"levels": list(levels), "rounds_per_client": rounds, "max_tokens": max_tokens, "model": model,
             "pairs": pairs, "prompts": len(PROMPTS), "runs": runs}

@@ -21,6 +21,7 @@ from export.errors import ExportError
 from export.io.output import check_output, output_dir, tree_bytes
 from export.io.tokenizer_file import TOKENIZER_JSON, check_tokenizer_json
 from export.model_dir import load_spec
+from export.runtime import registry
 from export.triton.binary import EXPORT_ROOT
 from export.triton.render import fill, parse_model_config, pbtxt_bool
 from export.triton.server import DEPLOY_FILE
@@ -28,7 +29,6 @@ from export.triton.server import DEPLOY_FILE
 TEMPLATES = EXPORT_ROOT / "triton_repo"
 MODELS = ("ensemble", "preprocessing", "tensorrt_llm", "postprocessing", "tensorrt_llm_bls")
 BACKENDS = ("cpu", "trtllm")
-RUNTIMES = ("torch", "onnx")  # what the cpu flavour's engine model runs; `package --backend onnx` picks "onnx"
 BATCHING = ("inflight_fused_batching", "inflight_batching", "V1")
 
 # What the ensemble wires in addition for the cpu engine, which sends every id generated so far
@@ -47,7 +47,7 @@ ENSEMBLE_EXTRAS = {
 SKIPPED = {("trtllm", "tensorrt_llm"): ("model.py",)}
 
 
-RUNTIME_DTYPES = ("float32", "bfloat16", "float16")
+RUNTIME_DTYPES = registry.ALL_DTYPES
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class RepoSettings:
     pp: int = 1
     runtime_dtype: str = "float32"               # cpu flavour: compute dtype (weights are upcast at load)
     checkpoint_dir: Path | None = None           # cpu flavour
-    runtime: str = "torch"                       # cpu flavour: Engine.start(runtime=) -- "torch" or "onnx"
+    runtime: str = "torch"                       # cpu flavour: Engine.start(runtime=), a registry.RUNTIMES name
     engine_dir: Path | None = None               # trtllm flavour
     decoupled: bool = True
     batching_strategy: str = "inflight_fused_batching"
@@ -84,10 +84,13 @@ class RepoSettings:
     export_root: Path = field(default=EXPORT_ROOT)
 
     def check(self) -> None:
+        runtime = _runtime(self.runtime)
         rules = [(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}"),
-                 (self.runtime in RUNTIMES, f"runtime must be one of {RUNTIMES}, got {self.runtime!r}"),
                  (self.runtime_dtype in RUNTIME_DTYPES,
                   f"runtime_dtype must be one of {RUNTIME_DTYPES}, got {self.runtime_dtype!r}"),
+                 (self.runtime_dtype in runtime.dtypes or self.backend != "cpu",
+                  f"runtime {self.runtime!r} runs {', '.join(runtime.dtypes)} only, got runtime_dtype "
+                  f"{self.runtime_dtype!r}"),
                  (self.batching_strategy in BATCHING,
                   f"batching_strategy must be one of {BATCHING}, got {self.batching_strategy!r}"),
                  (0.0 < self.kv_cache_free_gpu_mem_fraction <= 1.0,
@@ -197,6 +200,7 @@ class Flavour:
     package: Callable[..., Path]   # (source, out, *, overwrite, **overrides) -> out
     help: str
     triton: bool = True            # a Triton model repository (else files for another server)
+    runtime: str | None = None     # the runtime its engine model runs, where the flavour fixes one
 
 
 def _llmapi(name: str) -> Callable[..., Path]:
@@ -208,17 +212,23 @@ def _llmapi(name: str) -> Callable[..., Path]:
 
 
 def _package_engine(engine_dir: str | Path, out: str | Path, *, backend: str = "cpu", overwrite: bool = False,
-                    **overrides: Any) -> Path:
-    """The ensemble/BLS repository; backend "onnx" is the cpu flavour whose engine model runs
-    engines/NAME/onnx with ONNX Runtime."""
+                    flag: str | None = None, **overrides: Any) -> Path:
+    """The ensemble/BLS repository. The cpu flavour's engine model runs `runtime` (a registry name):
+    one that runs its own engine beside the checkpoint (onnx: engines/NAME/onnx) needs it there,
+    and one that runs in one process only is rendered at tp = pp = 1."""
+    flag = flag or backend
     unknown = set(overrides) - {f.name for f in fields(RepoSettings)} | {"tp", "pp"} & set(overrides)
+    if backend != "cpu":
+        unknown |= {"runtime"} & set(overrides)  # the trtllm engine model is TensorRT-LLM's own
     if unknown:  # tp/pp: the checkpoint's own split
-        raise ExportError(f"package --backend {backend}: {', '.join(sorted(unknown))} do not apply to it")
+        raise ExportError(f"package --backend {flag}: {', '.join(sorted(unknown))} do not apply to it")
     check_output(out, inputs=[engine_dir, TEMPLATES], overwrite=overwrite)
-    if backend == "onnx":
-        _require_onnx(Path(engine_dir))
-        backend, overrides = "cpu", {**overrides, "runtime": "onnx"}
+    runtime = _runtime(overrides.get("runtime", "torch")) if backend == "cpu" else None
+    if runtime is not None and runtime.engine is not None:
+        _require_engine(Path(engine_dir), runtime.engine)
     settings = settings_from_manifest(Path(engine_dir), backend, **overrides)
+    if runtime is not None and not runtime.runs(settings.tp, settings.pp):
+        settings = replace(settings, tp=1, pp=1)  # it runs the whole model in one process, whatever the split
     if backend == "cpu" and not (settings.checkpoint_dir and settings.checkpoint_dir.is_dir()):
         raise ExportError(f"{engine_dir}: checkpoint directory {settings.checkpoint_dir} is missing (run `convert`)")
     return render_repo(settings, Path(out), overwrite=overwrite, bundle=settings.backend == "cpu")
@@ -227,8 +237,10 @@ def _package_engine(engine_dir: str | Path, out: str | Path, *, backend: str = "
 FLAVOURS: dict[str, Flavour] = {
     "cpu": Flavour(partial(_package_engine, backend="cpu"),
                    "ensemble/BLS repository; the engine model is the reference runtime on the python backend"),
-    "onnx": Flavour(partial(_package_engine, backend="onnx"),
-                    "the cpu repository, its engine model running engines/NAME/onnx with ONNX Runtime"),
+    # `--backend onnx` is the spelling from before `--runtime`: `--backend cpu --runtime onnx`
+    "onnx": Flavour(partial(_package_engine, backend="cpu", flag="onnx"),
+                    "the cpu repository, its engine model running engines/NAME/onnx with ONNX Runtime "
+                    "(= cpu --runtime onnx)", runtime="onnx"),
     "trtllm": Flavour(partial(_package_engine, backend="trtllm"),
                       "ensemble/BLS repository on the tensorrtllm backend (engines/NAME/trtllm, GPU host)"),
     "llmapi": Flavour(_llmapi("package_llmapi"),
@@ -247,8 +259,19 @@ def package_repo(engine_dir: str | Path, out: str | Path, *, backend: str = "cpu
     flavour = FLAVOURS.get(backend)
     if flavour is None:
         raise ExportError(f"package: backend must be one of {', '.join(FLAVOURS)}, got {backend!r}")
-    return flavour.package(engine_dir, out, overwrite=overwrite,
-                           **{k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if flavour.runtime is not None:
+        overrides["runtime"] = served_runtime(backend, overrides.get("runtime"))
+    return flavour.package(engine_dir, out, overwrite=overwrite, **overrides)
+
+
+def served_runtime(backend: str, runtime: str | None = None) -> str:
+    """The runtime the engine model of `package --backend BACKEND [--runtime RUNTIME]` runs."""
+    fixed = FLAVOURS[backend].runtime if backend in FLAVOURS else None
+    if fixed is not None and runtime not in (None, fixed):
+        raise ExportError(f"package --backend {backend} runs runtime {fixed!r}; got runtime {runtime!r} "
+                          f"(use --backend cpu --runtime {runtime})")
+    return fixed or runtime or "torch"
 
 
 BUNDLE = Path("tensorrt_llm", "engine")  # in the engine model's directory (a repository subdir would be a model)
@@ -261,8 +284,9 @@ def bundled_trees(settings: RepoSettings) -> dict[Path, Path]:
         engine = Path(settings.checkpoint_dir).parent
         trees[BUNDLE / "checkpoint"] = Path(settings.checkpoint_dir)
         trees[BUNDLE / "manifest.json"] = engine / "manifest.json"
-        if settings.runtime == "onnx":  # the onnx runtime finds engines/NAME/onnx beside checkpoint/
-            trees[BUNDLE / "onnx"] = engine / "onnx"
+        own = _runtime(settings.runtime).engine
+        if own is not None:  # the runtime finds its own engine beside checkpoint/ (engines/NAME/onnx)
+            trees[BUNDLE / own.name] = engine / own.name
     return trees
 
 
@@ -297,10 +321,18 @@ def _copy_bytes(trees: dict[Path, Path], out: Path) -> int:
                for src in trees.values() if src.stat().st_dev != parent.stat().st_dev)
 
 
-def _require_onnx(engine_dir: Path) -> None:
+def _runtime(name: str) -> registry.RuntimeEntry:
+    try:
+        return registry.get(name)
+    except ExportError as e:
+        raise ExportError(f"package: {e}") from None
+
+
+def _require_engine(engine_dir: Path, own: registry.OwnEngine) -> None:
+    """A runtime's own engine is recorded in the manifest and its model file is there."""
     from export.manifest import Manifest
 
     m = Manifest.load(engine_dir)
-    if "onnx" not in m.engines or not (m.path_of(engine_dir, "onnx") / m.engines["onnx"]["model"]).is_file():
-        raise ExportError(f"{engine_dir}: no ONNX engine (manifest engines: {', '.join(m.engines) or 'none'}); "
-                          f"create it with `python -m export build {engine_dir} --onnx`")
+    if own.name not in m.engines or not (m.path_of(engine_dir, own.name) / m.engines[own.name]["model"]).is_file():
+        raise ExportError(f"{engine_dir}: no {own.label} engine (manifest engines: {', '.join(m.engines) or 'none'}); "
+                          f"create it with `python -m export build {engine_dir} {own.build}`")

@@ -1,0 +1,84 @@
+"""The runtimes an `Engine` can run on, by name: one entry each, and every caller asks here.
+
+The CLI (`--runtime`), `package` (the Triton engine model's `runtime` parameter), the benches and
+`Engine.start` take the runtime as a name and look it up; none of them branches on a particular
+one, so adding a runtime is one `RuntimeEntry` below. An entry names its start function as
+"module:function" and it is imported only when that runtime starts: the runtime layer never imports
+`export.onnx` (which imports this package) at module import time, and this module stays cheap
+enough for argparse choices.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from export.errors import ExportError
+
+ALL_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class OwnEngine:
+    """An engine a runtime runs instead of the checkpoint's weights, written beside the checkpoint."""
+
+    name: str    # its manifest `engines` key and its directory, engines/NAME/<name>
+    label: str   # what messages call it
+    build: str   # the `build` option that writes it
+
+
+@dataclass(frozen=True)
+class RuntimeEntry:
+    """How to start one runtime, and what it can run."""
+
+    name: str
+    start: str                    # "module:function", called (source, *, tp, pp, dtype, threads, python)
+                                  # -> (ModelSpec, Mapping, backends.Backend)
+    help: str                     # one line for --runtime help
+    parallel: bool = True         # tp/pp > 1 (else the whole model in one process)
+    dtypes: tuple[str, ...] = ALL_DTYPES
+    engine: OwnEngine | None = None  # what it runs beside the checkpoint (package requires and bundles it)
+
+    def load(self) -> Callable[..., tuple[Any, Any, Any]]:
+        module, _, attr = self.start.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def runs(self, tp: int, pp: int) -> bool:
+        """Whether this runtime can run at tp x pp."""
+        return self.parallel or (tp, pp) == (1, 1)
+
+
+RUNTIMES: dict[str, RuntimeEntry] = {}
+
+
+def register(entry: RuntimeEntry) -> RuntimeEntry:
+    if entry.name in RUNTIMES:
+        raise ValueError(f"runtime {entry.name!r} is registered twice")
+    RUNTIMES[entry.name] = entry
+    return entry
+
+
+def names() -> tuple[str, ...]:
+    return tuple(RUNTIMES)
+
+
+def describe() -> str:
+    """The runtimes as one line of --runtime help."""
+    return "; ".join(f"{e.name}: {e.help}" for e in RUNTIMES.values())
+
+
+def get(name: str) -> RuntimeEntry:
+    """The entry for `name`, or the one-line refusal that lists the runtimes there are."""
+    entry = RUNTIMES.get(name)
+    if entry is None:
+        raise ExportError(f"runtime must be one of {names()}, got {name!r}")
+    return entry
+
+
+register(RuntimeEntry("torch", "export.runtime.torch_runtime:start_torch",
+                      "the reference Decoder in PyTorch (any tp x pp: worker processes beyond one rank)"))
+register(RuntimeEntry("onnx", "export.onnx.backend:start_onnx",
+                      "engines/NAME/onnx on ONNX Runtime (tp=1, fp32)",
+                      parallel=False, dtypes=("float32",), engine=OwnEngine("onnx", "ONNX", "--onnx")))
