@@ -37,7 +37,7 @@ class Engine:
     def __init__(self, spec: ModelSpec, mapping: Mapping, backend: LocalBackend | ProcessBackend, *,
                  max_batch: int = 16, max_queue: int = 256, kv_cache_tokens: int | None = None) -> None:
         self.spec, self.mapping, self.backend = spec, mapping, backend
-        self.leader = mapping.rank(0, mapping.pp - 1)  # last stage, tp rank 0 returns logits
+        self.leader = mapping.leader  # last stage, tp rank 0 returns logits
         self._lock = threading.Lock()  # one step command at a time: the ranks run in lockstep
         self.scheduler = Scheduler(self._call, max_batch=max_batch, max_queue=max_queue,
                                    kv_cache_tokens=kv_cache_tokens, max_seq_len=spec.max_position_embeddings,
