@@ -64,10 +64,9 @@ class TritonPythonModel:
 
         self.BusyError = BusyError
         self.pipeline, self.stub = pipeline, stub
-        self.max_seq_len = int(p["max_seq_len"])
         kv_tokens = int(p.get("kv_cache_tokens", "0")) or None
         sched = {"max_batch": int(p["max_num_sequences"]), "max_queue": int(p["max_queue_requests"]),
-                 "kv_cache_tokens": kv_tokens}
+                 "kv_cache_tokens": kv_tokens, "max_seq_len": int(p["max_seq_len"])}  # the build's: the one limit
         # ---- runtime switch (ONNX flavour): `package --backend onnx` renders runtime "onnx" ----
         if p.get("runtime", "torch") == "onnx":  # engines/NAME/onnx by ONNX Runtime (tp=1, fp32, 1 thread)
             start = {"runtime": "onnx"}
@@ -133,7 +132,7 @@ class TritonPythonModel:
                 self._stop(rid)
                 sender.send(flags=final)
                 return
-            req = self.pipeline.engine_request(inputs, self.max_seq_len, self.engine.spec.vocab)
+            req = self.pipeline.engine_request(inputs, self.engine.max_seq_len, self.engine.spec.vocab)
             with self.lock:
                 for n in names:
                     self.stops.setdefault(n, []).append(stop)
