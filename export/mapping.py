@@ -51,6 +51,27 @@ class Mapping:
     def ranks(self) -> range:
         return range(self.world_size)
 
+    def stage_ranks(self, pp_rank: int) -> list[int]:
+        """The ranks of stage `pp_rank`, in tp order: one tensor-parallel group."""
+        return [self.rank(t, pp_rank) for t in range(self.tp)]
+
+    def tp_group(self, rank: int) -> list[int]:
+        """The ranks `rank` all-reduces with (its own stage's)."""
+        return self.stage_ranks(self.pp_rank(rank))
+
+    def prev_rank(self, rank: int) -> int | None:
+        """The same tp rank of the previous stage, which sends `rank` its hidden states; None on the first."""
+        return None if self.is_first_stage(rank) else self.rank(self.tp_rank(rank), self.pp_rank(rank) - 1)
+
+    def next_rank(self, rank: int) -> int | None:
+        """The same tp rank of the next stage, which `rank` sends its hidden states to; None on the last."""
+        return None if self.is_last_stage(rank) else self.rank(self.tp_rank(rank), self.pp_rank(rank) + 1)
+
+    @property
+    def leader(self) -> int:
+        """The rank whose logits the driver reads: tp rank 0 of the last stage."""
+        return self.rank(0, self.pp - 1)
+
     def pp_layers(self, num_layers: int, pp_rank: int) -> range:
         """Stage `pp_rank`'s global layer indices, split as TRT-LLM 1.x splits them
         (`tensorrt_llm/mapping.py` `pp_layers`: `torch.tensor_split(torch.arange(num_layers), pp_size)`;

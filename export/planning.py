@@ -69,7 +69,7 @@ def stage_report(spec: ModelSpec, mapping: Mapping, dtype: str) -> list[dict[str
     attention = set(spec.attention_layers())
     out = []
     for s, layers in enumerate(mapping.stages(spec.num_layers)):
-        ranks = [mapping.rank(t, s) for t in range(mapping.tp)]
+        ranks = mapping.stage_ranks(s)
         weights = [rank_bytes(spec, mapping, r, dtype) for r in ranks]
         kv = [rank_kv_bytes_per_token(spec, mapping, r, dtype) for r in ranks]
         out.append({"stage": s, "first": layers.start, "last": layers.stop - 1, "layers": len(layers),

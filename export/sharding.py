@@ -43,24 +43,6 @@ class Shard:
         return tuple(out)
 
 
-def split(tensor: torch.Tensor, rank: int, tp: int, dim: int) -> torch.Tensor:
-    """TRT-LLM's `split`: equal chunks, the size must divide."""
-    size = tensor.shape[dim]
-    if size % tp:
-        raise ValueError(f"dimension {dim} of size {size} is not divisible by tp={tp}")
-    return tensor.narrow(dim, rank * (size // tp), size // tp)
-
-
-def dup_kv(weight: torch.Tensor, kv_heads: int, tp: int) -> torch.Tensor:
-    """TRT-LLM's `dup_kv_weight`: repeat each kv head's rows tp // kv times, contiguously."""
-    if tp % kv_heads:
-        raise ValueError(f"tp={tp} is not a multiple of {kv_heads} kv heads")
-    reps = tp // kv_heads
-    head_dim = weight.shape[0] // kv_heads
-    w = weight.reshape(kv_heads, 1, head_dim, -1).expand(kv_heads, reps, head_dim, weight.shape[-1])
-    return w.reshape(kv_heads * reps * head_dim, -1)
-
-
 def padded_vocab(vocab: int, tp: int) -> int:
     return -(-vocab // tp) * tp
 

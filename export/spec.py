@@ -4,8 +4,9 @@ A `ModelSpec` says, per layer, what the attention and the FFN are (full / linear
 their own kv-head count and width; SwiGLU or a plain MLP; or a Puzzletron `parallel_blocks` layer
 of such branches) plus the global shapes. It is parsed once from an HF config.json (DeciLM
 `block_configs` in the released Nemotron or the Model-Optimizer Puzzletron schema, or plain Llama)
-and serialises back to an HF DeciLM config in the source's schema (`BlockSchema`) and to
-TensorRT-LLM `layer_configs`. No other module reads HF config fields. A field no stage can honour
+and serialises back to an HF DeciLM config in the source's schema (`BlockSchema`); target formats
+(TensorRT-LLM's `layer_configs`, rotary fields) are rendered in `export.trtllm`. No other module reads
+HF config fields, and `parse_rope_scaling` is the one reader of a RoPE scaling object. A field no stage can honour
 is refused here, naming the layer and the field, never dropped.
 """
 
@@ -348,14 +349,6 @@ class ModelSpec:
             scaling = self.rope_scaling.to_hf() if self.rope_scaling else {"rope_type": "default"}
             out["rope_parameters"] = {**scaling, "rope_theta": self.rope_theta}
         return out
-
-    def to_trtllm_layer_configs(self) -> list[dict[str, Any]]:
-        """`layer_configs` entries with only the keys TRT-LLM's dataclasses accept."""
-        self.refuse_unsupported(TRTLLM_STAGE)
-        return [{"attention": {"impl": lay.attention.kind.value,
-                               "num_key_value_heads": lay.attention.kv_heads},
-                 "ffn": {"impl": lay.ffn.kind.value, "intermediate_size": lay.ffn.width}}
-                for lay in self.layers]
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelSpec:
@@ -741,7 +734,20 @@ def parse_rope(f: Fields) -> dict[str, Any]:
     return {"rope_theta": theta, "rope_scaling": scaling, "rope_schema": schema}
 
 
+def parse_rope_scaling(obj: Any, where: str) -> RopeScaling | None:
+    """A RoPE scaling object on its own (TRT-LLM's `rotary_scaling` is one: `to_hf()` plus `type`),
+    read by the same rules as an HF config's; one ConfigError naming `where` and the field."""
+    if obj is not None and not isinstance(obj, dict):
+        raise ConfigError(f"{where}: must be an object or null, got {obj!r}")
+    f = Fields(obj or {}, where)
+    scaling = _parse_scaling(f, obj, where)
+    f.raise_if_any()
+    return scaling
+
+
 def _parse_scaling(f: Fields, obj: dict[str, Any] | None, name: str) -> RopeScaling | None:
+    """The one reader of a scaling object (HF `rope_scaling` / `rope_parameters`, TRT-LLM
+    `rotary_scaling`): llama3 or none; problems go to `f`."""
     if not obj:
         return None
     kind = obj.get("rope_type") or obj.get("type")

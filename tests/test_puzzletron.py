@@ -28,6 +28,7 @@ from export.runtime.model import load_decoder
 from export.spec import FFNKind, ModelSpec, parse_hf_config, read_config_json
 from export.synthetic import write_random_checkpoint
 from export.tensors import Role, model_tensors
+from export.trtllm.config import trtllm_layer_configs
 from export.weights import HFRankWeights
 
 HIDDEN, HEADS = 64, 8
@@ -251,7 +252,7 @@ def test_plain_mlp_reads_runs_and_is_refused_by_trtllm(tmp_path):
         @ w[p + "mlp.down_proj.weight"].T
     torch.testing.assert_close(dec.block(2, x), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ConfigError, match=r"layer 2 ffn: field 'gated' = false.*TensorRT-LLM"):
-        spec.to_trtllm_layer_configs()
+        trtllm_layer_configs(spec)
     from export.trtllm.convert import convert
     with pytest.raises(ExportError, match="layer 2 ffn: field 'gated' = false"):
         convert(src, tmp_path / "engine", tp=1, progress=False)

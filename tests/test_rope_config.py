@@ -102,3 +102,17 @@ def test_llama3_scaled_logits_match_transformers_past_original_context(tmp_path)
     unscaled = load_decoder(HFRankWeights(CheckpointReader(tmp_path), replace(spec, rope_scaling=None), Mapping(), 0))
     with torch.inference_mode():
         assert (unscaled(ids) - ref)[0, 16:].abs().max().item() > 0.5  # the test can see the scaling
+
+
+def test_trtllm_rotary_fields_round_trip_through_the_one_scaling_parser():
+    """TRT-LLM's config renders the spec's rope (`rotary_*`); reading it back uses the spec's parser."""
+    from export.mapping import Mapping
+    from export.trtllm.config import parse_trtllm_config, trtllm_config
+    from tests.conftest import llama_spec
+
+    spec = replace(llama_spec(), rope_theta=500000.0, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 16))
+    cfg = trtllm_config(spec, Mapping(), "float32")
+    back, _ = parse_trtllm_config(cfg)
+    assert back.rope_theta == 500000.0 and back.rope_scaling == spec.rope_scaling
+    with pytest.raises(ConfigError, match=r"rotary_scaling: field 'rope_type' = 'yarn'"):
+        parse_trtllm_config({**cfg, "rotary_scaling": {**cfg["rotary_scaling"], "rope_type": "yarn", "type": "yarn"}})

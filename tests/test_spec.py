@@ -16,6 +16,7 @@ from export.spec import (
     width_to_ffn_mult,
 )
 from export.synthetic import llama_config
+from export.trtllm.config import trtllm_layer_configs
 from tests.conftest import hetero_spec, llama_spec
 
 ULTRA = Path(__file__).resolve().parent / "data/Llama-3_1-Nemotron-Ultra-253B-v1.config.json"
@@ -61,7 +62,7 @@ def test_hf_round_trip_keeps_structure_and_passthrough(ultra_cfg):
 
 
 def test_trtllm_layer_configs_use_only_allowed_keys(ultra_cfg):
-    lcs = parse_hf_config(ultra_cfg).to_trtllm_layer_configs()
+    lcs = trtllm_layer_configs(parse_hf_config(ultra_cfg))
     assert len(lcs) == 162
     for lc in lcs:
         assert set(lc) == {"attention", "ffn"}

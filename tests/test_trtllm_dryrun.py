@@ -16,8 +16,8 @@ from export.layout import rank_bytes
 from export.mapping import Mapping
 from export.spec import ModelSpec
 from export.trtllm.dryrun import dry_run
-from export.trtllm.plan import expected_shapes
 from tests.conftest import hetero_spec
+from tests.oracles import expected_shapes
 from tests.test_spec import ULTRA
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,6 +11,10 @@ from export.cli import command, with_args
 from export.io.paths import FOLLOW_SYMLINKS_HELP
 from export.runtime import registry
 
+# sampling setting -> its flag, so a bad value is refused naming the flag
+FLAGS = {"max_tokens": "--max-tokens", "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
+         "seed": "--seed"}
+
 
 def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", type=Path, help="HF checkpoint dir, TRT-LLM checkpoint dir, or engines/NAME")
@@ -46,8 +50,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from export.runtime.text import generate_text
 
     set_default_follow_symlinks(args.follow_symlinks)  # the weights are opened in worker processes
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed)
+    params = SamplingParams.from_request(FLAGS, max_tokens=args.max_tokens, temperature=args.temperature,
+                                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     prompt = _prompt_text(args)
     stream = not args.json
     if stream and not args.no_echo:

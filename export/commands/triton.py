@@ -45,7 +45,7 @@ def _package_args(p: argparse.ArgumentParser) -> None:
                    help="cpu: requests that may wait for a slot; more get 'engine busy' (default 64)")
     p.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="cpu: KV-cache tokens (prompt + max_tokens) running requests may reserve "
-                        "(default max_batch_size x max_position_embeddings)")
+                        "(default max_batch_size x max_seq_len)")
     p.add_argument("--runtime-dtype", choices=RUNTIME_DTYPES, default=None,
                    help="cpu: compute dtype of the PyTorch engine (default float32: the checkpoint's bf16/fp16 "
                         "weights are upcast once at load; CPUs without native bf16 run fp32 GEMMs faster)")

@@ -19,7 +19,7 @@ from export.errors import ExportError
 from export.mapping import Mapping
 from export.runtime import registry
 from export.runtime.backends import Backend
-from export.runtime.sampling import SamplingParams
+from export.runtime.sampling import SamplingParams, length_problem
 from export.runtime.scheduler import Handle, Scheduler
 from export.runtime.steps import Logits, Stats
 from export.spec import ModelSpec
@@ -30,18 +30,22 @@ class Engine:
     mapping: Mapping
 
     def __init__(self, spec: ModelSpec, mapping: Mapping, backend: Backend, *,
-                 max_batch: int = 16, max_queue: int = 256, kv_cache_tokens: int | None = None) -> None:
+                 max_batch: int = 16, max_queue: int = 256, kv_cache_tokens: int | None = None,
+                 max_seq_len: int | None = None) -> None:
         self.spec, self.mapping, self.backend = spec, mapping, backend
-        self.leader = mapping.rank(0, mapping.pp - 1)  # last stage, tp rank 0 returns logits
+        self.leader = mapping.leader  # last stage, tp rank 0 returns logits
+        # The one request limit (prompt + max_tokens): the build's max_seq_len, as the Triton configs
+        # and the manifest give it; the model's own context only when nobody gave one.
+        self.max_seq_len, self.limit_name = ((max_seq_len, "max_seq_len") if max_seq_len else
+                                             (spec.max_position_embeddings, "max_position_embeddings"))
         self._lock = threading.Lock()  # one step command at a time: the ranks run in lockstep
         self.scheduler = Scheduler(self._call, max_batch=max_batch, max_queue=max_queue,
-                                   kv_cache_tokens=kv_cache_tokens, max_seq_len=spec.max_position_embeddings,
-                                   check=lambda prompt, n: self._check([prompt], n))
+                                   kv_cache_tokens=kv_cache_tokens, max_seq_len=self.max_seq_len, check=self._check)
 
     @classmethod
     def start(cls, source: Path, *, tp: int | None = None, pp: int | None = None, dtype: str = "float32",
               threads: int = 1, python: str | None = None, runtime: str = "torch", max_batch: int = 16,
-              max_queue: int = 256, kv_cache_tokens: int | None = None) -> Engine:
+              max_queue: int = 256, kv_cache_tokens: int | None = None, max_seq_len: int | None = None) -> Engine:
         """tp/pp default to the source's own layout (a TRT-LLM checkpoint) or 1.
 
         `threads`: torch threads per worker process (ORT intra-op threads for onnx); `python`: the
@@ -49,12 +53,15 @@ class Engine:
         (this package's Decoder) or "onnx" (the graph `build --onnx` wrote beside the checkpoint, run
         by ONNX Runtime; tp = pp = 1).
         `max_batch` sequences run at once, `max_queue` more may wait, and running requests reserve at
-        most `kv_cache_tokens` (prompt + max_tokens each; default max_batch x max_position_embeddings)
-        -- see `export.runtime.scheduler`.
+        most `kv_cache_tokens` (prompt + max_tokens each; default max_batch x max_seq_len) -- see
+        `export.runtime.scheduler`. `max_seq_len` bounds prompt + max_tokens (default: the model's
+        max_position_embeddings). A single torch rank runs in this process (measured faster
+        under Triton than a worker process: no IPC per step, and the model's ops release the GIL).
         """
         spec, mapping, backend = registry.get(runtime).load()(Path(source), tp=tp, pp=pp, dtype=dtype,
                                                                threads=threads, python=python)
-        return cls(spec, mapping, backend, max_batch=max_batch, max_queue=max_queue, kv_cache_tokens=kv_cache_tokens)
+        return cls(spec, mapping, backend, max_batch=max_batch, max_queue=max_queue, kv_cache_tokens=kv_cache_tokens,
+                   max_seq_len=max_seq_len)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
@@ -105,7 +112,7 @@ class Engine:
 
     def logits(self, input_ids: list[list[int]]) -> torch.Tensor:
         """[B, T, vocab] fp32 prefill logits, no cache; a right-padded (ragged) batch is fine."""
-        self._check(input_ids, 0)
+        self._check(input_ids, None)
         return self._call(Logits(tuple(tuple(s) for s in input_ids)))
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
@@ -133,7 +140,9 @@ class Engine:
         return sum(s["kv_cache_bytes"] for s in self.stats())
 
     # ---- the generation loop -----------------------------------------------------------------
-    def _check(self, prompts: list[list[int]], max_tokens: int) -> None:
+    def _check(self, prompts: list[list[int]], params: SamplingParams | None) -> None:
+        """What every request must satisfy (the scheduler asks on submit; `logits` passes no params):
+        a non-empty prompt of vocabulary ids, and prompt + max_tokens within the one limit."""
         if not prompts:
             raise ExportError("no prompts given")
         for i, p in enumerate(prompts):
@@ -142,14 +151,14 @@ class Engine:
             bad = [t for t in p if not 0 <= t < self.spec.vocab]
             if bad:
                 raise ExportError(f"request {i}: token id {bad[0]} outside the vocabulary [0, {self.spec.vocab})")
-            if len(p) + max_tokens > self.spec.max_position_embeddings:
-                raise ExportError(f"request {i}: {len(p)} prompt + {max_tokens} new tokens exceed "
-                                  f"max_position_embeddings={self.spec.max_position_embeddings}")
+            problem = (params.length_problem(len(p), self.max_seq_len, self.limit_name) if params is not None
+                       else length_problem(len(p), 0, self.max_seq_len, self.limit_name))
+            if problem:
+                raise ExportError(f"request {i}: {problem}")
 
     def _steps(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[list[tuple[int, int]]]:
         """Per step, the (row, token) pairs produced (the k-th token of every row still going);
         the prompts go to the scheduler together, so as a batch that fits they prefill and decode as one."""
-        self._check(prompts, params.max_tokens)
         handles = self.scheduler.submit_many(prompts, params)
         try:
             live = list(enumerate(handles))

@@ -1,6 +1,7 @@
 """Token selection: greedy, or temperature / top-k / top-p sampling with a seeded generator.
 
-Settings are checked numerically, not only by sign: a temperature below `MIN_TEMPERATURE` is greedy
+The settings are `SamplingParams` (the request contract, `export.runtime.params`; re-exported
+here). They are checked numerically, not only by sign: a temperature below `MIN_TEMPERATURE` is greedy
 (logits / 1e-38 overflow fp32 to inf, and softmax of inf is NaN), and NaN / inf settings are refused.
 Logits a row cannot be sampled from (NaN, +inf, or nothing finite) raise `SamplingError` for that
 row, so the scheduler can fail that request alone.
@@ -8,48 +9,26 @@ row, so the scheduler can fail that request alone.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
 from export.errors import ExportError
+from export.runtime.params import MIN_TEMPERATURE, BadSamplingParams, SamplingParams, length_problem
 
-# Below this a temperature is greedy: the sampled distribution is already one-hot to fp32 precision
-# for any logit gap above ~1e-3, and dividing by smaller values overflows fp32 (HF's
-# `do_sample=False` and vLLM's `_SAMPLING_EPS = 1e-5` draw the same line).
-MIN_TEMPERATURE = 1e-5
+__all__ = [
+    "MIN_TEMPERATURE",
+    "BadSamplingParams",
+    "SamplingError",
+    "SamplingParams",
+    "check_logits",
+    "filter_logits",
+    "length_problem",
+    "make_generator",
+    "sample",
+]
 
 
 class SamplingError(ExportError):
     """This request's row cannot be sampled (non-finite logits); the request fails, the batch goes on."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()  # generation stops after emitting one of these (it is included)
-    stop_sequences: tuple[tuple[int, ...], ...] = ()  # ... or when the output ends with one of these (included)
-
-    def __post_init__(self) -> None:
-        problems = [msg for bad, msg in (
-            (self.max_tokens < 1, f"max_tokens must be >= 1 (got {self.max_tokens})"),
-            (not (math.isfinite(self.temperature) and self.temperature >= 0),
-             f"temperature must be a finite number >= 0 (got {self.temperature})"),
-            (self.top_k < 0, f"top_k must be >= 0 (got {self.top_k})"),
-            (not 0 < self.top_p <= 1, f"top_p must be in (0, 1] (got {self.top_p})"),  # False for NaN
-            (any(not s for s in self.stop_sequences), "stop_sequences must not contain an empty sequence"),
-        ) if bad]
-        if problems:
-            raise ExportError("bad sampling parameters: " + "; ".join(problems))
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < MIN_TEMPERATURE
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:

@@ -119,7 +119,7 @@ class Scheduler:
 
     def __init__(self, call: Callable[[Any], Any], *, max_batch: int = 16, max_queue: int = 256,
                  kv_cache_tokens: int | None = None, max_seq_len: int = 2048,
-                 check: Callable[[list[int], int], None] = lambda prompt, n: None) -> None:
+                 check: Callable[[list[list[int]], SamplingParams], None] = lambda prompts, params: None) -> None:
         if max_batch < 1 or max_queue < 1:
             raise ExportError(f"scheduler: need max_batch >= 1 and max_queue >= 1 (got {max_batch}, {max_queue})")
         self.call, self.check = call, check
@@ -141,8 +141,8 @@ class Scheduler:
 
     def submit_many(self, prompts: list[list[int]], params: SamplingParams) -> list[Handle]:
         """Queue requests together (they are admitted in order, so a batch that fits prefills as one)."""
+        self.check(prompts, params)
         for p in prompts:
-            self.check(p, params.max_tokens)
             if len(p) + params.max_tokens > self.kv_cache_tokens:
                 raise ExportError(f"request needs {len(p) + params.max_tokens} KV-cache tokens "
                                   f"({len(p)} prompt + {params.max_tokens} new), over the engine's cap of "

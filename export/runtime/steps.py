@@ -139,9 +139,8 @@ class Stepper(SlotSteps):
         self.dec = decoder
         self.cache: KVCache = decoder.new_cache()
         m, r = decoder.mapping, decoder.rank
-        self.prev = None if decoder.is_first else m.rank(m.tp_rank(r), m.pp_rank(r) - 1)
-        self.next = None if decoder.is_last else m.rank(m.tp_rank(r), m.pp_rank(r) + 1)
-        self.is_leader = decoder.is_last and decoder.tp_rank == 0
+        self.prev, self.next = m.prev_rank(r), m.next_rank(r)
+        self.is_leader = r == m.leader
         self.pp_syncs = 0
 
     def run(self, cmd: Any) -> Any:

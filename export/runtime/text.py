@@ -68,6 +68,17 @@ class GenerationResult:
         return asdict(self) | {"tokens_per_s": round(self.tokens_per_s, 2)}
 
 
+def build_max_seq_len(ckpt: Path) -> int | None:
+    """The request limit an `engines/NAME` directory was built for (its manifest's build.max_seq_len,
+    what its Triton repository serves with); None for a bare checkpoint (the engine then uses the
+    model's max_position_embeddings)."""
+    from export.manifest import MANIFEST, Manifest
+
+    if not ((ckpt / MANIFEST).is_file() and (ckpt / "checkpoint").is_dir()):
+        return None
+    return int(Manifest.load(ckpt).build["max_seq_len"])
+
+
 def generate_text(ckpt: Path, prompt: str, params: SamplingParams, *, tp: int | None = None, pp: int | None = None,
                   dtype: str = "float32", tokenizer: Path | None = None, stop_at_eos: bool = True,
                   threads: int = 1, runtime: str = "torch",
@@ -84,7 +95,8 @@ def generate_text(ckpt: Path, prompt: str, params: SamplingParams, *, tp: int | 
 
     tok = load_tokenizer(ckpt, tokenizer)
     ids = tok.encode(prompt)
-    with Engine.start(Path(ckpt), tp=tp, pp=pp, dtype=dtype, threads=threads, runtime=runtime) as eng:
+    with Engine.start(Path(ckpt), tp=tp, pp=pp, dtype=dtype, threads=threads, runtime=runtime,
+                      max_seq_len=build_max_seq_len(Path(ckpt))) as eng:
         eos = eng.spec.passthrough.get("eos_token_id", tok.eos_token_id)
         if stop_at_eos and eos is not None and not params.stop_token_ids:
             params = replace(params, stop_token_ids=tuple(eos) if isinstance(eos, list) else (eos,))

@@ -44,13 +44,8 @@ def join_group(args: argparse.Namespace, mapping: Mapping) -> tuple[dist.Process
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"file://{args.init}",
                             rank=args.rank, world_size=mapping.world_size, timeout=timedelta(seconds=args.timeout))
-    mine = None
-    for pp_rank in range(mapping.pp):
-        group = dist.new_group([mapping.rank(t, pp_rank) for t in range(mapping.tp)])
-        if pp_rank == mapping.pp_rank(args.rank):
-            mine = group
-    assert mine is not None
-    return mine, device
+    groups = [dist.new_group(mapping.stage_ranks(s)) for s in range(mapping.pp)]
+    return groups[mapping.pp_rank(args.rank)], device
 
 
 def serve(args: argparse.Namespace) -> int:

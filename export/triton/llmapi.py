@@ -29,10 +29,9 @@ from export.triton.pipeline import Arrays, EngineRequest, default_ids
 from export.triton.requests import (
     Limits,
     RequestError,
-    check_output_len,
-    check_sampling,
     check_text_bytes,
     decode_text,
+    request_params,
     scalar,
 )
 
@@ -49,6 +48,9 @@ SAMPLING = ("best_of", "temperature", "top_k", "top_p", "frequency_penalty", "pr
 OUTPUT_CONFIG = ("return_finish_reason", "return_stop_reason", "return_cumulative_logprob")
 INPUTS = ("text_input", "image_url", "streaming", *(f"sampling_param_{a}" for a in SAMPLING), "sampling_param_stop",
           *OUTPUT_CONFIG, "stop", "lora_id", "lora_name", "lora_path", "lora_ckpt_source")
+# setting -> the input that sets it, for errors
+LLMAPI_NAMES = {a: f"sampling_param_{a}" for a in ("max_tokens", "temperature", "top_k", "top_p", "seed")} | {
+    "stop_sequences": "sampling_param_stop"}
 DEFAULT_MAX_TOKENS = 32  # tensorrt_llm.SamplingParams.max_tokens' default, what upstream gets without the input
 
 
@@ -236,23 +238,21 @@ def llmapi_request(inputs: Arrays, tokenizer: Any, max_seq_len: int,
         if get[a] not in (None, 0.0):
             raise RequestError(f"sampling_param_{a}: not supported by the cpu engine")
     ids = tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-    n = check_output_len(DEFAULT_MAX_TOKENS if get["max_tokens"] is None else get["max_tokens"], len(ids),
-                         Limits(max_seq_len - 1, max_seq_len))
-    temperature = 0.0 if get["temperature"] is None else get["temperature"]
-    top_k, top_p = get["top_k"] or 0, 1.0 if get["top_p"] is None else get["top_p"]
-    check_sampling(temperature, top_k, top_p)
     raw = inputs.get("sampling_param_stop")
     stops = [] if raw is None else [decode_text(s, "sampling_param_stop")
                                     for s in np.asarray(raw, dtype=object).reshape(-1)]
     stop_ids = [tokenizer.encode(s, add_special_tokens=False) for s in stops if s]
     end_id, _ = default_ids(tokenizer)
+    params = request_params(LLMAPI_NAMES, len(ids), Limits(max_seq_len - 1, max_seq_len),
+                            max_tokens=DEFAULT_MAX_TOKENS if get["max_tokens"] is None else get["max_tokens"],
+                            temperature=get["temperature"], top_k=get["top_k"] or None, top_p=get["top_p"],
+                            seed=get["seed"], stop_token_ids=(end_id,) if end_id >= 0 else (),
+                            stop_sequences=[w for w in stop_ids if w])
     streaming = bool(scalar(inputs.get("streaming"), "streaming", False))
     cfg = OutputConfig(*(bool(scalar(inputs.get(k), k, False)) for k in OUTPUT_CONFIG))
     if cfg.cumulative_logprob:
         raise RequestError("return_cumulative_logprob: not supported by the cpu engine (no log probabilities)")
-    seed = get["seed"]
-    req = EngineRequest(ids, n, end_id, stop_ids, streaming, float(temperature), int(top_k), float(top_p),
-                        None if seed is None else int(seed))
+    req = EngineRequest.of(ids, params, end_id, stop_ids, streaming)
     return req, cfg, [s for s in stops if s]
 
 

@@ -7,21 +7,21 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from export.runtime.params import SamplingParams
 from export.triton.detok import text_delta
 from export.triton.requests import (
     Limits,
     RequestError,
     check_ids,
     check_length,
-    check_output_len,
-    check_sampling,
     check_text_bytes,
     decode_text,
+    request_params,
     scalar,
     split_word_list,
     stack_word_lists,
@@ -30,6 +30,11 @@ from export.triton.requests import (
 )
 
 Arrays = dict[str, np.ndarray | None]
+# setting -> the input a request sets it with, for errors: the ensemble's (and BLS') inputs, and the
+# `tensorrt_llm` model's own (its output length keeps the name `max_tokens` every layout's errors use)
+ENSEMBLE_NAMES = {"max_tokens": "max_tokens", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p"}
+ENGINE_NAMES = {"max_tokens": "max_tokens", "temperature": "temperature", "top_k": "runtime_top_k",
+                "top_p": "runtime_top_p", "seed": "seed", "stop_sequences": "stop_words_list"}
 
 
 def load_tokenizer(path: str) -> Any:
@@ -60,11 +65,12 @@ def preprocess(tokenizer: Any, inputs: Arrays, limits: Limits,
         if not text:
             raise RequestError("text_input: empty prompt")
         ids = tokenizer.encode(text, add_special_tokens=add_special_tokens)
-        out_lens.append(check_output_len(scalar(inputs.get("REQUEST_OUTPUT_LEN"), "max_tokens", None, b),
-                                         len(ids), limits))
-        check_sampling(scalar(inputs.get("TEMPERATURE"), "temperature", None, b),
-                       scalar(inputs.get("RUNTIME_TOP_K"), "top_k", None, b),
-                       scalar(inputs.get("RUNTIME_TOP_P"), "top_p", None, b))
+        params = request_params(ENSEMBLE_NAMES, len(ids), limits,
+                                max_tokens=scalar(inputs.get("REQUEST_OUTPUT_LEN"), "max_tokens", None, b),
+                                temperature=scalar(inputs.get("TEMPERATURE"), "temperature", None, b),
+                                top_k=scalar(inputs.get("RUNTIME_TOP_K"), "top_k", None, b),
+                                top_p=scalar(inputs.get("RUNTIME_TOP_P"), "top_p", None, b))
+        out_lens.append(params.max_tokens)
         rows.append(ids)
         ends.append(scalar(inputs.get("END_ID"), "end_id", end_default, b))
         pads.append(scalar(inputs.get("PAD_ID"), "pad_id", pad_default, b))
@@ -123,6 +129,9 @@ def no_text(inputs: Arrays) -> dict[str, np.ndarray]:
 # ---- the cpu engine model ------------------------------------------------------------------
 @dataclass(frozen=True)
 class EngineRequest:
+    """One request for the engine. `sampling` is the SamplingParams its front end built (and
+    checked) from the request; built directly (tests, benchmarks), it is made from these fields."""
+
     prompt: list[int]
     max_tokens: int
     end_id: int
@@ -132,6 +141,21 @@ class EngineRequest:
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+    sampling: SamplingParams | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.sampling is None:
+            object.__setattr__(self, "sampling", SamplingParams(
+                max_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                seed=self.seed, stop_token_ids=(self.end_id,) if self.end_id >= 0 else (),
+                stop_sequences=tuple(tuple(w) for w in self.stop_words if w)))
+
+    @classmethod
+    def of(cls, prompt: list[int], params: SamplingParams, end_id: int, stop_words: list[list[int]],
+           streaming: bool) -> EngineRequest:
+        """A request whose settings are `params` (already checked, with its inputs' names)."""
+        return cls(prompt, params.max_tokens, end_id, stop_words, streaming, params.temperature, params.top_k,
+                   params.top_p, params.seed, sampling=params)
 
 
 @dataclass(frozen=True)
@@ -156,19 +180,20 @@ def engine_request(inputs: Arrays, max_seq_len: int, vocab: int | None = None) -
     length = check_length(scalar(inputs.get("input_lengths"), "input_lengths", width), "input_lengths", width)
     prompt = ids.reshape(-1)[:length].tolist()
     check_ids(prompt, "input_ids", vocab)
-    n = check_output_len(scalar(inputs.get("request_output_len"), "request_output_len"), len(prompt),
-                         Limits(max_seq_len, max_seq_len))
-    temperature = scalar(inputs.get("temperature"), "temperature", 0.0)
-    top_k = scalar(inputs.get("runtime_top_k"), "runtime_top_k", 0)
-    top_p = scalar(inputs.get("runtime_top_p"), "runtime_top_p", 1.0)
-    check_sampling(temperature, top_k, top_p)
+    end_id = int(scalar(inputs.get("end_id"), "end_id", -1))
+    stop_words = split_word_list(inputs.get("stop_words_list"))
+    params = request_params(ENGINE_NAMES, len(prompt), Limits(max_seq_len, max_seq_len),
+                            max_tokens=scalar(inputs.get("request_output_len"), "request_output_len"),
+                            temperature=scalar(inputs.get("temperature"), "temperature"),
+                            top_k=scalar(inputs.get("runtime_top_k"), "runtime_top_k"),
+                            top_p=scalar(inputs.get("runtime_top_p"), "runtime_top_p"),
+                            seed=scalar(inputs.get("seed"), "seed"),
+                            stop_token_ids=(end_id,) if end_id >= 0 else (),
+                            stop_sequences=[w for w in stop_words if w])
     if split_word_list(inputs.get("bad_words_list")):
         raise RequestError("bad_words: not supported by the cpu engine (the reference runtime has no logit bans)")
-    seed = scalar(inputs.get("seed"), "seed")
-    return EngineRequest(prompt, n, int(scalar(inputs.get("end_id"), "end_id", -1)),
-                         split_word_list(inputs.get("stop_words_list")),
-                         bool(scalar(inputs.get("streaming"), "streaming", False)),
-                         float(temperature), int(top_k), float(top_p), None if seed is None else int(seed))
+    return EngineRequest.of(prompt, params, end_id, stop_words,
+                            bool(scalar(inputs.get("streaming"), "streaming", False)))
 
 
 class EngineRunner:
@@ -179,13 +204,9 @@ class EngineRunner:
     def __init__(self, engine: Any) -> None:
         self.engine = engine
 
-    def params(self, req: EngineRequest) -> Any:
-        from export.runtime.sampling import SamplingParams
-
-        return SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_k=req.top_k,
-                              top_p=req.top_p, seed=req.seed,
-                              stop_token_ids=(req.end_id,) if req.end_id >= 0 else (),
-                              stop_sequences=tuple(tuple(w) for w in req.stop_words if w))
+    def params(self, req: EngineRequest) -> SamplingParams:
+        assert req.sampling is not None  # set by EngineRequest.__post_init__
+        return req.sampling
 
     def steps(self, req: EngineRequest, cancelled: Callable[[], bool] = lambda: False) -> Iterator[Step]:
         """Streaming: a Step per engine step; else one Step. The last Step has final=True.

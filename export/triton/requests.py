@@ -1,18 +1,19 @@
 """Request validation and tensor preparation shared by the python models (no Triton imports).
 
 Each function takes plain numpy arrays (None for an absent optional input) and raises
-`RequestError` naming the input at fault, which the model returns as that request's error
-while the server keeps serving.
+`RequestError` naming the input at fault, which the model returns as that request's error while
+the server keeps serving. The sampling rules are `SamplingParams`' own (`request_params` builds it).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from export.runtime.params import BadSamplingParams, SamplingParams
 
 
 class RequestError(ValueError):
@@ -89,31 +90,22 @@ def check_length(length: Any, name: str, width: int, low: int = 1) -> int:
     return n
 
 
-def check_output_len(max_tokens: Any, input_len: int, limits: Limits) -> int:
-    if max_tokens is None:
-        raise RequestError("max_tokens: required input is missing")
-    n = int(max_tokens)
-    if n <= 0:
-        raise RequestError(f"max_tokens must be >= 1 (got {n})")
-    if input_len > limits.max_input_len:
-        raise RequestError(f"text_input: {input_len} prompt tokens exceed max_input_len {limits.max_input_len}")
-    room = limits.max_seq_len - input_len
-    if n > room:
-        raise RequestError(f"max_tokens {n} exceeds the limit {room} "
-                           f"(max_seq_len {limits.max_seq_len} - {input_len} prompt tokens)")
-    return n
-
-
-def check_sampling(temperature: Any, top_k: Any, top_p: Any) -> None:
-    """The same rules `export.runtime.sampling.SamplingParams` needs, reported by input name."""
-    if temperature is not None and not (float(temperature) >= 0.0):  # NaN too
-        raise RequestError(f"temperature must be >= 0 (got {temperature})")
-    if temperature is not None and math.isinf(float(temperature)):
-        raise RequestError(f"temperature must be finite (got {temperature})")
-    if top_k is not None and int(top_k) < 0:
-        raise RequestError(f"top_k must be >= 0 (got {top_k})")
-    if top_p is not None and not (0.0 < float(top_p) <= 1.0):
-        raise RequestError(f"top_p must be in (0, 1] (got {top_p})")
+def request_params(names: dict[str, str], prompt_len: int, limits: Limits, **values: Any) -> SamplingParams:
+    """One request's `SamplingParams`, built once here from its inputs (`names`: setting -> input
+    name, for the errors), its prompt held to max_input_len and prompt + max_tokens to max_seq_len
+    (`length_problem`, the rule the engine applies with the same limit). RequestError names the input."""
+    if values.get("max_tokens") is None:
+        raise RequestError(f"{names.get('max_tokens', 'max_tokens')}: required input is missing")
+    try:
+        params = SamplingParams.from_request(names, **values)
+    except BadSamplingParams as e:
+        raise RequestError("; ".join(e.problems)) from None
+    if prompt_len > limits.max_input_len:
+        raise RequestError(f"text_input: {prompt_len} prompt tokens exceed max_input_len {limits.max_input_len}")
+    problem = params.length_problem(prompt_len, limits.max_seq_len)
+    if problem:
+        raise RequestError(problem)
+    return params
 
 
 def word_list(words: Sequence[str], encode: Any) -> np.ndarray:

@@ -1,5 +1,8 @@
 """The TRT-LLM checkpoint config.json (`DeciConfig`), written from and read back into a ModelSpec.
 
+TRT-LLM's format lives here: `layer_configs` and the rotary fields are rendered from the spec's
+model description, and `rotary_scaling` is read back with the spec's one RoPE-scaling parser.
+
 Only keys `DeciConfig(**cfg)` accepts in every release up to 1.3.0rc20 are written: `mapping`
 and `quantization` hold only their minimal sub-keys (unknown sub-keys raise TypeError in some
 versions) and `layer_configs` entries only `impl` plus kv heads / intermediate size.
@@ -13,7 +16,19 @@ from typing import Any
 
 from export.errors import ConfigError
 from export.mapping import Mapping
-from export.spec import DECILM, FFN, Attention, AttentionKind, FFNKind, Layer, ModelSpec, RopeScaling, normalize_dtype
+from export.spec import (
+    DECILM,
+    FFN,
+    TRTLLM_STAGE,
+    Attention,
+    AttentionKind,
+    FFNKind,
+    Layer,
+    ModelSpec,
+    RopeScaling,
+    normalize_dtype,
+    parse_rope_scaling,
+)
 
 REQUIRED = ("architecture", "dtype", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
             "hidden_act", "max_position_embeddings", "layer_configs", "mapping")
@@ -39,8 +54,18 @@ def trtllm_config(spec: ModelSpec, mapping: Mapping, dtype: str) -> dict[str, An
         # Embedding with tp_size/tp_rank/sharding_dim before the rank file is loaded
         "use_parallel_embedding": mapping.parallel_embedding,
         "embedding_sharding_dim": mapping.embedding_shard if mapping.parallel_embedding else 0,
-        "layer_configs": spec.to_trtllm_layer_configs(),
+        "layer_configs": trtllm_layer_configs(spec),
     }
+
+
+def trtllm_layer_configs(spec: ModelSpec) -> list[dict[str, Any]]:
+    """`layer_configs` entries with only the keys TRT-LLM's dataclasses accept (parsed back by
+    `_parse_layers`); a layer nemotron_nas cannot express is refused, naming it."""
+    spec.refuse_unsupported(TRTLLM_STAGE)
+    return [{"attention": {"impl": lay.attention.kind.value,
+                           "num_key_value_heads": lay.attention.kv_heads},
+             "ffn": {"impl": lay.ffn.kind.value, "intermediate_size": lay.ffn.width}}
+            for lay in spec.layers]
 
 
 def _rotary_scaling(rs: RopeScaling | None) -> dict[str, Any] | None:
@@ -86,7 +111,8 @@ def parse_trtllm_config(cfg: dict[str, Any], where: str = "config") -> tuple[Mod
     spec = ModelSpec(
         hidden=cfg["hidden_size"], heads=heads, head_dim=cfg.get("head_size") or cfg["hidden_size"] // heads,
         vocab=cfg["vocab_size"], layers=tuple(layers), rope_theta=float(cfg.get("rotary_base", 10000.0)),
-        rope_scaling=_parse_scaling(cfg.get("rotary_scaling"), where), norm_eps=float(cfg.get("norm_epsilon", 1e-5)),
+        rope_scaling=parse_rope_scaling(cfg.get("rotary_scaling"), f"{where}: rotary_scaling"),
+        norm_eps=float(cfg.get("norm_epsilon", 1e-5)),
         tie_embeddings=False, dtype=normalize_dtype(cfg["dtype"]),
         max_position_embeddings=int(cfg["max_position_embeddings"]), architecture=DECILM)
     return spec, mapping
@@ -120,11 +146,3 @@ def _parse_layers(entries: Any, n: int, problems: list[str]) -> list[Layer]:
     return layers
 
 
-def _parse_scaling(rs: Any, where: str) -> RopeScaling | None:
-    if not rs:
-        return None
-    kind = rs.get("rope_type") or rs.get("type")
-    if kind != "llama3":
-        raise ConfigError(f"{where}: rotary_scaling type {kind!r} is not supported (only llama3)")
-    return RopeScaling(float(rs["factor"]), float(rs.get("low_freq_factor", 1.0)),
-                       float(rs.get("high_freq_factor", 4.0)), int(rs["original_max_position_embeddings"]))

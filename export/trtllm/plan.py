@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 from export.layout import Piece, check_layout, rank_pieces
 from export.mapping import Mapping
-from export.sharding import Shard, kv_heads_per_rank, padded_vocab
-from export.spec import DTYPE_BYTES, TRTLLM_STAGE, AttentionKind, ModelSpec, normalize_dtype
+from export.sharding import Shard
+from export.spec import DTYPE_BYTES, TRTLLM_STAGE, ModelSpec, normalize_dtype
 from export.tensors import Role, TensorRef, model_tensors
 from export.trtllm.names import check_name_table, packed_parts, trtllm_name
 
@@ -146,39 +146,6 @@ def _check_coverage(spec: ModelSpec, mapping: Mapping, plans: list[RankPlan]) ->
             size[key] = dim_size
     return [f"stage {k[2]}: {k[0].value} of layer {k[1]}: tp ranks hold {len(v)} of {size[k]} slices"
             for k, v in covered.items() if len(v) != size[k]]
-
-
-def expected_shapes(spec: ModelSpec, mapping: Mapping, rank: int) -> dict[str, tuple[int, ...]]:
-    """The contract's shapes written out directly (not via the plan): a second opinion for tests
-    and `--dry-run` checks."""
-    tp, h, hd = mapping.tp, spec.hidden, spec.head_dim
-    stage = mapping.pp_layers(spec.num_layers, mapping.pp_rank(rank))
-    out: dict[str, tuple[int, ...]] = {}
-    if mapping.is_first_stage(rank):
-        emb = {None: (spec.vocab, h), 0: (padded_vocab(spec.vocab, tp) // tp, h), 1: (spec.vocab, h // tp)}
-        out["transformer.vocab_embedding.weight"] = emb[mapping.embedding_shard if tp > 1 else None]
-    for i, g in enumerate(stage):
-        lay, pre = spec.layers[g], f"transformer.layers.{i}."
-        if lay.attention.kind is AttentionKind.FULL:
-            kv = kv_heads_per_rank(lay.attention.kv_heads, tp)  # type: ignore[arg-type]
-            out[pre + "input_layernorm.weight"] = (h,)
-            out[pre + "attention.qkv.weight"] = ((spec.heads // tp + 2 * kv) * hd, h)
-            out[pre + "attention.dense.weight"] = (h, spec.heads * hd // tp)
-        elif lay.attention.kind is AttentionKind.LINEAR:
-            out[pre + "input_layernorm.weight"] = (h,)
-            out[pre + "attention.weight"] = (h // tp, h)
-        if lay.ffn.width is not None:
-            w = lay.ffn.width // tp
-            out[pre + "post_layernorm.weight"] = (h,)
-            out.update({pre + "ffn.fc.weight": (w, h), pre + "ffn.gate.weight": (w, h),
-                        pre + "ffn.proj.weight": (h, w)})
-        elif lay.has_ffn:
-            out[pre + "post_layernorm.weight"] = (h,)
-            out[pre + "ffn.weight"] = (h // tp, h)
-    if mapping.is_last_stage(rank):
-        out["transformer.ln_f.weight"] = (h,)
-        out["lm_head.weight"] = (padded_vocab(spec.vocab, tp) // tp, h)
-    return out
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -64,10 +64,9 @@ class TritonPythonModel:
 
         self.BusyError = BusyError
         self.pipeline, self.stub = pipeline, stub
-        self.max_seq_len = int(p["max_seq_len"])
         kv_tokens = int(p.get("kv_cache_tokens", "0")) or None
         sched = {"max_batch": int(p["max_num_sequences"]), "max_queue": int(p["max_queue_requests"]),
-                 "kv_cache_tokens": kv_tokens}
+                 "kv_cache_tokens": kv_tokens, "max_seq_len": int(p["max_seq_len"])}  # the build's: the one limit
         # `runtime` is a name in export.runtime.registry; `package` rendered tp/pp/dtype it can run
         # (tp = pp = 1 runs in this process: measured faster than a worker process, no IPC per step;
         # the model's ops release the GIL, 85 vs 62 tokens/s at 1 stream, 409 vs 328 at 16)
@@ -129,7 +128,7 @@ class TritonPythonModel:
                 self._stop(rid)
                 sender.send(flags=final)
                 return
-            req = self.pipeline.engine_request(inputs, self.max_seq_len, self.engine.spec.vocab)
+            req = self.pipeline.engine_request(inputs, self.engine.max_seq_len, self.engine.spec.vocab)
             with self.lock:
                 for n in names:
                     self.stops.setdefault(n, []).append(stop)

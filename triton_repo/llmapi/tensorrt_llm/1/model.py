@@ -53,12 +53,11 @@ class TritonPythonModel:
         if conf.get("backend", "pytorch") != "pytorch":
             raise pb_utils.TritonModelException(f"model.yaml backend {conf.get('backend')!r}: only 'pytorch' here")
         self.decoupled = bool(conf["triton_config"]["decoupled"])
-        self.max_seq_len = int(conf["max_seq_len"])
         model = Path(conf["model"])
         self.tokenizer = pipeline.load_tokenizer(str(model))
         self.engine = Engine.start(model, tp=int(conf.get("tensor_parallel_size", 1)),
                                    pp=int(conf.get("pipeline_parallel_size", 1)),
-                                   max_batch=int(conf["max_batch_size"]))
+                                   max_batch=int(conf["max_batch_size"]), max_seq_len=int(conf["max_seq_len"]))
         self.runner = pipeline.EngineRunner(self.engine)
         from export.triton.health import EngineWatchdog
 
@@ -87,7 +86,7 @@ class TritonPythonModel:
             if inputs["stop"] is not None and bool(inputs["stop"].reshape(-1)[0]):
                 self._stop(rid, sender)
                 return
-            req, out_cfg, stops = self.llmapi.llmapi_request(inputs, self.tokenizer, self.max_seq_len)
+            req, out_cfg, stops = self.llmapi.llmapi_request(inputs, self.tokenizer, self.engine.max_seq_len)
             if req.streaming and not self.decoupled:
                 raise self.pipeline.RequestError("Streaming is only supported in decoupled mode.")
             if rid:
