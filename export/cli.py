@@ -1,66 +1,17 @@
 """`python -m export <command>`: a thin argparse layer over typed library functions.
 
-Each subcommand lives in its own `_cmd_*` function and imports its stage lazily, so
-`inspect` starts fast and works without torch-heavy modules being loaded.
+Each subcommand lives in an `export.commands` module, registered in `export.commands.registry`,
+and imports its stage lazily, so `inspect` starts fast and works without torch-heavy modules.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-from collections.abc import Callable
-from pathlib import Path
 
+from export.commands.registry import COMMANDS
 from export.errors import ExportError
-
-Handler = Callable[[argparse.Namespace], int]
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler]] = {}
-
-
-def command(name: str, help_text: str) -> Callable[[Callable], Callable]:
-    """Register `fn(args) -> exit code`; its `configure(parser)` attribute adds the flags."""
-    def deco(fn: Callable) -> Callable:
-        COMMANDS[name] = (help_text, getattr(fn, "configure", lambda p: None), fn)
-        return fn
-    return deco
-
-
-def with_args(configure: Callable[[argparse.ArgumentParser], None]) -> Callable[[Callable], Callable]:
-    def deco(fn: Callable) -> Callable:
-        fn.configure = configure  # type: ignore[attr-defined]
-        return fn
-    return deco
-
-
-# ---- inspect ---------------------------------------------------------------------------
-def _inspect_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="config.json, a checkpoint directory holding one, or an engines/NAME directory")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to plan for")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to plan for")
-    p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: the config's)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--target", choices=("trtllm", "cpu"), default="trtllm",
-                   help="what the exit status judges the layout for: trtllm (convert, trtllm-build; the default) "
-                        "or cpu (the reference engine: verify, generate), which runs stages trtllm-build cannot")
-
-
-@command("inspect", "plan a deployment from config.json: layers, parameters, KV cache, per-rank and "
-                    "per-stage bytes")
-@with_args(_inspect_args)
-def _cmd_inspect(args: argparse.Namespace) -> int:
-    from export.mapping import Mapping
-    from export.model_dir import load_spec
-    from export.planning import format_report, plan_report
-    from export.spec import normalize_dtype
-
-    spec = load_spec(args.path)
-    dtype = normalize_dtype(args.dtype) if args.dtype else None
-    rep = plan_report(spec, Mapping(args.tp, args.pp), dtype)
-    print(json.dumps(rep, indent=2) if args.json else format_report(rep))
-    return 0 if rep["targets"][args.target]["ok"] else 2
-
 
 def _load_extensions() -> None:
     """Stages register their own subcommands; a stage not yet present is simply absent."""
@@ -113,7 +64,3 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
 
-
-def default_path(*parts: str) -> Path:
-    """A path inside the repository (demo model, engines/), independent of the cwd."""
-    return Path(__file__).resolve().parent.parent.joinpath(*parts)

@@ -1,1 +1,1 @@
-"""One module per pipeline stage; each registers its subcommands with `export.cli.command`."""
+"""One module per pipeline stage; each registers its subcommands with `export.commands.registry.command`."""

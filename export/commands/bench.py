@@ -16,7 +16,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from export.cli import command, with_args
+from export.commands.registry import command, with_args
 from export.runtime import registry
 
 Configure = Callable[[argparse.ArgumentParser], None]

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from export.cli import default_path
+from export.commands.registry import default_path
 from export.commands.bench import bench
 
 

@@ -6,7 +6,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from export.cli import command, with_args
+from export.commands.registry import command, with_args
 
 
 def _clean_args(p: argparse.ArgumentParser) -> None:

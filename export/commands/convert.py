@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from export.cli import command, with_args
+from export.commands.registry import command, with_args
 from export.io.paths import FOLLOW_SYMLINKS_HELP
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from export.cli import command, default_path, with_args
+from export.commands.registry import command, default_path, with_args
 
 
 def _args(p: argparse.ArgumentParser) -> None:

@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from export.cli import command, with_args
+from export.commands.registry import command, with_args
 from export.errors import ExportError
 from export.io.paths import FOLLOW_SYMLINKS_HELP
 

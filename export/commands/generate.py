@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from export.cli import command, with_args
+from export.commands.registry import command, with_args
 from export.io.paths import FOLLOW_SYMLINKS_HELP
 from export.runtime import registry
 

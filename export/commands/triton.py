@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from export.cli import command, default_path, with_args
+from export.commands.registry import command, default_path, with_args
 from export.runtime import registry
 
 

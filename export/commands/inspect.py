@@ -1,0 +1,35 @@
+"""`inspect`: plan a deployment from config files alone (no torch, no weights read)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from export.commands.registry import command, with_args
+
+
+def _inspect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="config.json, a checkpoint directory holding one, or an engines/NAME directory")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to plan for")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to plan for")
+    p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: the config's)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--target", choices=("trtllm", "cpu"), default="trtllm",
+                   help="what the exit status judges the layout for: trtllm (convert, trtllm-build; the default) "
+                        "or cpu (the reference engine: verify, generate), which runs stages trtllm-build cannot")
+
+
+@command("inspect", "plan a deployment from config.json: layers, parameters, KV cache, per-rank and "
+                    "per-stage bytes")
+@with_args(_inspect_args)
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from export.mapping import Mapping
+    from export.model_dir import load_spec
+    from export.planning import format_report, plan_report
+    from export.spec import normalize_dtype
+
+    spec = load_spec(args.path)
+    dtype = normalize_dtype(args.dtype) if args.dtype else None
+    rep = plan_report(spec, Mapping(args.tp, args.pp), dtype)
+    print(json.dumps(rep, indent=2) if args.json else format_report(rep))
+    return 0 if rep["targets"][args.target]["ok"] else 2
