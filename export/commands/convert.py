@@ -50,8 +50,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         return 0 if not rep["problems"] else 1
     if not args.source or not args.out:
         raise ExportError("convert needs a source checkpoint and --out engines/NAME (or --dry-run CONFIG)")
+    from export.engine_dir import hf_checkpoint
     from export.io.output import check_output
-    from export.model_dir import hf_checkpoint
 
     args.source = hf_checkpoint(args.source)
     check_output(args.out, inputs=[args.source], overwrite=args.overwrite)  # refuse before torch is even imported
@@ -85,9 +85,9 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
 @command("verify", "run the reference runtime on the rank files (at their tp/pp); compare logits with the source")
 @with_args(_verify_args)
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from export.checks.verify import verify
     from export.io.paths import set_default_follow_symlinks
     from export.manifest import Manifest
-    from export.trtllm.verify import verify
 
     set_default_follow_symlinks(args.follow_symlinks)  # the reference runs in worker processes
     against = args.against or Manifest.load(args.engine_dir).source_path

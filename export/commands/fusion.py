@@ -114,8 +114,8 @@ def _fuse_args(p: argparse.ArgumentParser) -> None:
 @command("fuse", "fuse FFN groups of an HF DeciLM checkpoint into wide FFNs (Ultra-style checkpoint)")
 @with_args(_fuse_args)
 def _cmd_fuse(args: argparse.Namespace) -> int:
+    from export.engine_dir import hf_checkpoint
     from export.io.output import check_output
-    from export.model_dir import hf_checkpoint
 
     args.ckpt = hf_checkpoint(args.ckpt)
     check_output(args.out, inputs=[args.ckpt, args.plan], overwrite=args.overwrite)  # before torch is imported

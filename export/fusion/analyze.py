@@ -114,7 +114,7 @@ def analyze_checkpoint(ckpt: str | Path, calib: str | Path, out: str | Path, *, 
     inputs = [ckpt, calib, tokenizer]
     check_output(out, inputs=inputs, overwrite=overwrite)
     spec, dec = load_model(ckpt)
-    tok = find_tokenizer(*([tokenizer] if tokenizer else []), ckpt)
+    tok = find_tokenizer(ckpt, tokenizer)
     ids = token_batch(calib, tok, spec.vocab, tokens, seq_len)
     dep = dependency_matrix(dec, ids, batch, progress)
     plan = propose_plan(spec, options or PlanOptions(), dep.matrix)

@@ -23,8 +23,8 @@ from export.runtime.backends import LocalBackend, ProcessBackend
 from export.runtime.model import load_decoder
 from export.runtime.sampling import SamplingParams
 from export.runtime.scheduler import Handle, Scheduler
-from export.runtime.sources import open_source
 from export.runtime.steps import Logits, Stats, Stepper
+from export.sources import open_source
 from export.spec import ModelSpec, normalize_dtype
 
 RUNTIMES = ("torch", "onnx")
