@@ -60,7 +60,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     check_output_file(args.out, inputs=[args.ckpt, args.matrix], overwrite=args.overwrite)  # before the imports
     from export.fusion.plan import propose_plan
-    from export.model_dir import load_spec
+    from export.sources import load_spec
 
     spec = load_spec(args.ckpt)
     matrix = _load_matrix(args.matrix) if args.matrix else None

@@ -1,8 +1,8 @@
 """Calibration / held-out text as token batches, and a model loaded whole for analysis (tp = 1).
 
 Text comes from a file or a directory of `*.txt` / `*.md` files, tokenized with the checkpoint's
-own `tokenizer.json` and cut into equal-length sequences, so every metric averages over the same
-number of tokens for every model compared.
+own `tokenizer.json` (`export.io.tokenizer`, kind "tokenizers") and cut into equal-length
+sequences, so every metric averages over the same number of tokens for every model compared.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 
 from export.errors import ExportError
-from export.io.tokenizer import load_tokenizer
 from export.mapping import Mapping
 from export.spec import ModelSpec
 
@@ -40,11 +39,6 @@ def token_ids(path: str | Path, tokenizer, limit: int) -> list[int]:
         if len(ids) >= limit:
             break
     return ids
-
-
-def find_tokenizer(model: str | Path, tokenizer: str | Path | None = None):
-    """The model's `tokenizer.json` (or the one in `tokenizer`), loaded with `tokenizers`."""
-    return load_tokenizer(model, tokenizer, kind="tokenizers")
 
 
 def token_batch(path: str | Path, tokenizer, vocab: int, tokens: int, seq_len: int) -> torch.Tensor:

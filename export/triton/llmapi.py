@@ -122,7 +122,7 @@ def settings_for(source: Path, **overrides: Any) -> LlmApiSettings:
         m = EngineDir(source).manifest
         model, build, tp, pp = hf_checkpoint(source).resolve(), dict(m.build), m.tp, m.pp
     elif (source / "config.json").is_file():
-        from export.model_dir import load_spec
+        from export.sources import load_spec
         from export.trtllm.convert import default_build
 
         model, build, tp, pp = source, default_build(load_spec(source)), 1, 1
