@@ -144,6 +144,10 @@ class CheckpointReader:
             return self.get(ref.hf_name)
         return take(self.get_slice(ref.hf_name), shard, ref.shape)
 
+    def hf_name(self, ref: TensorRef) -> str:
+        """The name `ref`'s bytes are stored under (for a tied tensor, the aliased one's)."""
+        return ref.hf_name
+
     def close(self) -> None:
         self._handles.clear()
 
