@@ -13,6 +13,7 @@ import sys
 from export.commands.registry import COMMANDS
 from export.errors import ExportError
 
+
 def _load_extensions() -> None:
     """Stages register their own subcommands; a stage not yet present is simply absent."""
     import importlib

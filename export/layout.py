@@ -13,7 +13,7 @@ from export.errors import ExportError
 from export.mapping import Mapping
 from export.sharding import Shard, check_tp, kv_heads_per_rank, shard_for
 from export.spec import DTYPE_BYTES, AttentionKind, ModelSpec, normalize_dtype
-from export.tensors import Role, TensorRef, model_tensors
+from export.tensors import Role, TensorRef, model_tensors, tied_tensors
 
 
 @dataclass(frozen=True)
@@ -101,16 +101,11 @@ def on_rank(ref: TensorRef, spec: ModelSpec, mapping: Mapping, rank: int) -> boo
     return ref.layer in mapping.pp_layers(spec.num_layers, mapping.pp_rank(rank))
 
 
-def lm_head_ref(spec: ModelSpec) -> TensorRef:
-    return TensorRef(Role.LM_HEAD, None, (spec.vocab, spec.hidden))
-
-
 def rank_pieces(spec: ModelSpec, mapping: Mapping, rank: int) -> list[Piece]:
     """The rank's tensors in checkpoint order. A tied lm_head still gets its own (padded) piece,
-    since TRT-LLM's DeciLM always has an lm_head parameter on the last stage."""
-    refs = model_tensors(spec)
-    if spec.tie_embeddings:
-        refs.append(lm_head_ref(spec))
+    read from the embedding it aliases, since TRT-LLM's DeciLM always has an lm_head parameter on
+    the last stage."""
+    refs = model_tensors(spec) + tied_tensors(spec)
     tp_rank = mapping.tp_rank(rank)
     return [Piece(r, shard_for(spec, r, tp_rank, mapping.tp, mapping.embedding_shard))
             for r in refs if on_rank(r, spec, mapping, rank)]

@@ -50,6 +50,11 @@ HF_NAMES: dict[Role, str] = {
     Role.LM_HEAD: "lm_head.weight",
 }
 
+# A tied model (`tie_word_embeddings`) stores no tensor for these roles: each is read from the
+# role it names. Every reader, the planners and the runtime go through `TensorRef.alias`, so the
+# tie is this one row, not a special case per stage.
+TIED_ALIASES: dict[Role, Role] = {Role.LM_HEAD: Role.EMBED}
+
 # Names found in HF checkpoints that carry no weight we need (recomputed at load time).
 HF_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -67,10 +72,12 @@ class TensorRef:
     layer: int | None  # global layer index; None for embed / final norm / lm_head
     shape: tuple[int, ...]
     branch: int | None = None  # the parallel_blocks branch of `layer`, if any
+    alias: Role | None = None  # a tied tensor: its bytes are this role's (`TIED_ALIASES`)
 
     @property
     def hf_name(self) -> str:
-        name = HF_NAMES[self.role].format(l=self.layer)
+        """The name the bytes are stored under (the aliased role's, for a tied tensor)."""
+        name = HF_NAMES[self.alias or self.role].format(l=self.layer)
         if self.branch is None:
             return name
         plain = f"model.layers.{self.layer}."
@@ -78,7 +85,7 @@ class TensorRef:
 
     def at(self, layer: int) -> TensorRef:
         """The same tensor of source layer `layer` (a copied layer's name in its source)."""
-        return TensorRef(self.role, layer, self.shape, self.branch)
+        return TensorRef(self.role, layer, self.shape, self.branch, self.alias)
 
     def numel(self) -> int:
         n = 1
@@ -118,16 +125,30 @@ def _roles(spec: ModelSpec, lay: Layer) -> list[tuple[Role, tuple[int, ...]]]:
     return out
 
 
+def global_ref(spec: ModelSpec, role: Role) -> TensorRef:
+    """The model-wide tensor `role` (embed, final norm, lm_head), aliased when the model ties it."""
+    shapes = {Role.EMBED: (spec.vocab, spec.hidden), Role.FINAL_NORM: (spec.hidden,),
+              Role.LM_HEAD: (spec.vocab, spec.hidden)}
+    if role not in shapes:
+        raise KeyError(f"{role.value} needs a layer index")
+    return TensorRef(role, None, shapes[role], alias=TIED_ALIASES.get(role) if spec.tie_embeddings else None)
+
+
+def tied_tensors(spec: ModelSpec) -> list[TensorRef]:
+    """The tensors a tied model has no bytes for (each an alias of one it has)."""
+    return [global_ref(spec, r) for r in TIED_ALIASES] if spec.tie_embeddings else []
+
+
 def model_tensors(spec: ModelSpec) -> list[TensorRef]:
-    """Every tensor the description needs, in checkpoint order (embed, layers, norm, head)."""
-    refs = [TensorRef(Role.EMBED, None, (spec.vocab, spec.hidden))]
+    """Every tensor the description needs, in checkpoint order (embed, layers, norm, head); a tied
+    tensor is not one (`tied_tensors`)."""
+    refs = [global_ref(spec, Role.EMBED)]
     for i in range(spec.num_layers):
         refs += [TensorRef(role, i, shape) for role, shape in layer_roles(spec, i)]
         refs += [TensorRef(role, i, shape, k) for k, role, shape in branch_roles(spec, i)]
-    refs.append(TensorRef(Role.FINAL_NORM, None, (spec.hidden,)))
-    if not spec.tie_embeddings:
-        refs.append(TensorRef(Role.LM_HEAD, None, (spec.vocab, spec.hidden)))
-    return refs
+    refs.append(global_ref(spec, Role.FINAL_NORM))
+    head = global_ref(spec, Role.LM_HEAD)
+    return refs if head.alias else [*refs, head]
 
 
 def parameter_count(spec: ModelSpec) -> int:

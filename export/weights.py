@@ -1,8 +1,10 @@
 """Where a rank's weights come from, behind one interface the reference runtime consumes.
 
 `RankWeights.get(role, layer)` returns the rank-local (already sharded) tensor. The HF source
-slices with `export.sharding`; the TRT-LLM source reads the rank file we wrote for TRT-LLM. The
-runtime cannot tell them apart, which is how `verify` checks the exported files themselves.
+slices with `export.sharding`; the TRT-LLM source (`export.trtllm.weights`) reads the rank file we
+wrote for TRT-LLM. Both read through `CheckpointReader`, and `export.sources` picks the format of a
+path, so the runtime cannot tell them apart: that is how `verify` checks the exported files
+themselves.
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ from typing import Protocol
 import torch
 
 from export.io.reader import CheckpointReader
-from export.layout import lm_head_ref, on_rank
+from export.layout import on_rank
 from export.mapping import Mapping
 from export.sharding import shard_for
 from export.spec import ModelSpec
-from export.tensors import Role, TensorRef, branch_roles, layer_roles
+from export.tensors import Role, TensorRef, branch_roles, global_ref, layer_roles
 
 
 class RankWeights(Protocol):
@@ -30,12 +32,9 @@ class RankWeights(Protocol):
 
 
 def find_ref(spec: ModelSpec, role: Role, layer: int | None, branch: int | None = None) -> TensorRef:
+    """The full tensor (role, global layer[, branch]) of the description; KeyError if it has none."""
     if layer is None:
-        shapes = {Role.EMBED: (spec.vocab, spec.hidden), Role.FINAL_NORM: (spec.hidden,),
-                  Role.LM_HEAD: (spec.vocab, spec.hidden)}
-        if role not in shapes:
-            raise KeyError(f"{role.value} needs a layer index")
-        return TensorRef(role, None, shapes[role])
+        return global_ref(spec, role)
     if branch is not None:  # a parallel_blocks branch's own tensor
         for k, r, shape in branch_roles(spec, layer):
             if (k, r) == (branch, role):
@@ -55,7 +54,7 @@ class HFRankWeights:
         self.reader, self.spec, self.mapping, self.rank, self.dtype = reader, spec, mapping, rank, dtype
 
     def get(self, role: Role, layer: int | None = None, branch: int | None = None) -> torch.Tensor:
-        ref = lm_head_ref(self.spec) if role is Role.LM_HEAD else find_ref(self.spec, role, layer, branch)
+        ref = find_ref(self.spec, role, layer, branch)
         if not on_rank(ref, self.spec, self.mapping, self.rank):
             raise KeyError(f"rank {self.rank} holds no {role.value} of layer {layer}")
         shard = shard_for(self.spec, ref, self.mapping.tp_rank(self.rank), self.mapping.tp,

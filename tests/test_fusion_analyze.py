@@ -99,9 +99,10 @@ def test_evaluate_against_itself_and_a_fused_candidate(ckpt, tmp_path):
     assert (base.non_empty_layers, cand.non_empty_layers) == (9, 7)
     assert base.sync_points_per_token - cand.sync_points_per_token == 2
     # perplexity and KL, recomputed here independently from the two models' logits
-    from export.fusion.calib import find_tokenizer, token_batch
+    from export.fusion.calib import token_batch
+    from export.io.tokenizer import load_tokenizer
 
-    ids = token_batch(tmp_path / "held.txt", find_tokenizer(ckpt), 99, 256, 32)
+    ids = token_batch(tmp_path / "held.txt", load_tokenizer(ckpt, kind="tokenizers"), 99, 256, 32)
     with torch.inference_mode():
         lb, lc = load_model(ckpt)[1](ids), load_model(fused)[1](ids)
     ppl = F.cross_entropy(lc[:, :-1].transpose(1, 2), ids[:, 1:]).exp().item()

@@ -212,8 +212,8 @@ def test_tied_checkpoint_reads_embedding_for_lm_head(tmp_path):
     path = write_random_checkpoint(tmp_path / "t", spec)
     reader = CheckpointReader(path)
     reader.validate(spec)
-    from export.layout import lm_head_ref
-    assert torch.equal(reader.read(lm_head_ref(spec)), reader.get("model.embed_tokens.weight"))
+    from export.tensors import global_ref
+    assert torch.equal(reader.read(global_ref(spec, Role.LM_HEAD)), reader.get("model.embed_tokens.weight"))
     assert Role.LM_HEAD not in {r.role for r in model_tensors(spec)}
 
 

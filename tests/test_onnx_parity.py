@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from export.demo.paths import DEMO_PUZZLE
+from export.io.tokenizer import FastTokenizer as Tokenizer
 from export.onnx.export import export_onnx
 from export.onnx.graph import MODEL_FILE
 from export.planning import attention_free_runs
@@ -16,7 +17,6 @@ from export.runtime.engine import Engine
 from export.runtime.sampling import SamplingParams
 from export.runtime.steps import Decode, Free, Prefill, Reserve
 from export.spec import ModelSpec
-from export.triton.tokenizer import Tokenizer
 
 TOL = 1e-4
 PROMPTS = ["def main(argv):\n    return", "import os\nclass Path:\n    def __init__(self"]

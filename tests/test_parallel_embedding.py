@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from export.checks.verify import verify
 from export.cli import main
 from export.errors import ExportError
 from export.layout import rank_bytes
@@ -18,7 +19,6 @@ from export.trtllm.config import parse_trtllm_config, trtllm_config
 from export.trtllm.convert import convert
 from export.trtllm.dryrun import dry_run
 from export.trtllm.plan import check_complete, plan_checkpoint
-from export.trtllm.verify import verify
 from tests.conftest import hetero_spec
 from tests.oracles import expected_shapes
 from tests.trtllm_helpers import make_source, rank_tensors, read_all

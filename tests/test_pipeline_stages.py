@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from export.checks.verify import verify
 from export.errors import ExportError
 from export.layout import check_trtllm_stages, rank_bytes, rank_kv_bytes_per_token, trtllm_pp_values
 from export.mapping import Mapping
 from export.spec import ModelSpec
 from export.trtllm.convert import convert
-from export.trtllm.verify import verify
 from tests.conftest import EMPTY, LINEAR, ROPE, attn_only, ffn_only, full, hetero_spec
 from tests.test_spec import ULTRA as ULTRA_CONFIG  # the real Ultra-253B config: one path constant
 from tests.trtllm_helpers import make_source, rank_tensors, read_all

@@ -447,8 +447,8 @@ def test_parallel_blocks_form_refused_where_the_source_cannot_load_it(tmp_path):
 # ---- convert: an attention-free parallel_blocks layer as one wide TRT-LLM FFN ------------------
 @pytest.mark.parametrize("tp", [1, 2])
 def test_convert_parallel_blocks_to_one_wide_ffn_and_verify(tmp_path, tp):
+    from export.checks.verify import verify
     from export.trtllm.convert import convert
-    from export.trtllm.verify import verify
     from tests.trtllm_helpers import rank_tensors
 
     cfg = parallel_config()

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from export.cli import main
+from export.io.tokenizer import load_tokenizer
 from export.runtime.engine import Engine
 from export.runtime.sampling import SamplingParams
-from export.runtime.text import load_tokenizer
 from export.synthetic import write_random_checkpoint
 from tests.conftest import hetero_spec
 

@@ -179,7 +179,7 @@ def test_bf16_and_llama_and_tied(tmp_path):
 
 
 def test_each_source_tensor_read_once(source, tmp_path, monkeypatch):
-    from export.trtllm.convert import RawTensors
+    from export.io.raw_tensors import RawTensors
     reads: list[tuple[str, int, int]] = []
     original = RawTensors.read
 
@@ -260,7 +260,7 @@ def test_cli_convert(source, tmp_path):
 
 
 def test_failure_mid_pass_leaves_nothing(source, tmp_path, monkeypatch):
-    from export.trtllm.convert import RawTensors
+    from export.io.raw_tensors import RawTensors
     original, calls = RawTensors.read, []
 
     def failing(self, name, first=0, stop=None):

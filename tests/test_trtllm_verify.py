@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from export.checks.verify import verify
 from export.cli import main
 from export.manifest import Manifest
 from export.trtllm.convert import convert
-from export.trtllm.verify import verify
 from tests.conftest import hetero_spec
 from tests.trtllm_helpers import make_source
 

@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from export.commands.registry import default_path
 from export.commands.bench import bench
+from export.commands.registry import default_path
 
 
 def _sizes(text: str) -> tuple[int, ...]:

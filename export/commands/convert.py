@@ -39,7 +39,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     embedding = args.embedding_sharding_dim if args.parallel_embedding else None
     if args.dry_run is not None:
-        from export.model_dir import load_spec
+        from export.sources import load_spec
         from export.trtllm.dryrun import dry_run, format_dry_run
 
         config = args.dry_run or args.source
@@ -50,8 +50,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         return 0 if not rep["problems"] else 1
     if not args.source or not args.out:
         raise ExportError("convert needs a source checkpoint and --out engines/NAME (or --dry-run CONFIG)")
+    from export.engine_dir import hf_checkpoint
     from export.io.output import check_output
-    from export.model_dir import hf_checkpoint
 
     args.source = hf_checkpoint(args.source)
     check_output(args.out, inputs=[args.source], overwrite=args.overwrite)  # refuse before torch is even imported
@@ -85,12 +85,12 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
 @command("verify", "run the reference runtime on the rank files (at their tp/pp); compare logits with the source")
 @with_args(_verify_args)
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from export.checks.verify import verify
+    from export.engine_dir import EngineDir
     from export.io.paths import set_default_follow_symlinks
-    from export.manifest import Manifest
-    from export.trtllm.verify import verify
 
     set_default_follow_symlinks(args.follow_symlinks)  # the reference runs in worker processes
-    against = args.against or Manifest.load(args.engine_dir).source_path
+    against = args.against or EngineDir(args.engine_dir).manifest.source_path
     res = verify(args.engine_dir, against, tol=args.tol)
     print(json.dumps(res.to_json(), indent=2) if args.json else res.summary())
     return 0 if res.passed else 1

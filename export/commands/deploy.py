@@ -36,7 +36,7 @@ def _args(p: argparse.ArgumentParser) -> None:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from export.deploy import GiB, format_plan, parse_gpu, plan_deployment
     from export.manifest import DEFAULT_BUILD
-    from export.model_dir import load_spec
+    from export.sources import load_spec
     from export.trtllm.convert import default_build
 
     spec = load_spec(args.config)

@@ -60,7 +60,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     check_output_file(args.out, inputs=[args.ckpt, args.matrix], overwrite=args.overwrite)  # before the imports
     from export.fusion.plan import propose_plan
-    from export.model_dir import load_spec
+    from export.sources import load_spec
 
     spec = load_spec(args.ckpt)
     matrix = _load_matrix(args.matrix) if args.matrix else None
@@ -114,8 +114,8 @@ def _fuse_args(p: argparse.ArgumentParser) -> None:
 @command("fuse", "fuse FFN groups of an HF DeciLM checkpoint into wide FFNs (Ultra-style checkpoint)")
 @with_args(_fuse_args)
 def _cmd_fuse(args: argparse.Namespace) -> int:
+    from export.engine_dir import hf_checkpoint
     from export.io.output import check_output
-    from export.model_dir import hf_checkpoint
 
     args.ckpt = hf_checkpoint(args.ckpt)
     check_output(args.out, inputs=[args.ckpt, args.plan], overwrite=args.overwrite)  # before torch is imported

@@ -24,8 +24,8 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
 @with_args(_inspect_args)
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from export.mapping import Mapping
-    from export.model_dir import load_spec
     from export.planning import format_report, plan_report
+    from export.sources import load_spec
     from export.spec import normalize_dtype
 
     spec = load_spec(args.path)

@@ -54,7 +54,7 @@ def _package_args(p: argparse.ArgumentParser) -> None:
 @command("package", "render a Triton model repository (ensemble, BLS, pre/postprocessing, engine) for engines/NAME")
 @with_args(_package_args)
 def _cmd_package(args: argparse.Namespace) -> int:
-    from export.manifest import Manifest
+    from export.engine_dir import EngineDir
     from export.triton.package import package_repo
 
     t = time.perf_counter()
@@ -66,7 +66,7 @@ def _cmd_package(args: argparse.Namespace) -> int:
                        max_seq_len=args.max_seq_len, runtime=args.runtime, overwrite=args.overwrite)
     if args.backend in ("llmapi", "trtllm-serve"):
         return _llm_api_summary(args, out, time.perf_counter() - t)
-    build = Manifest.load(args.engine_dir).build
+    build = EngineDir(args.engine_dir).manifest.build
     if args.json:
         print(json.dumps({"repo": str(out), "backend": args.backend, "seconds": round(time.perf_counter() - t, 3),
                           "max_input_len": int(build["max_input_len"]), "max_seq_len": int(build["max_seq_len"]),

@@ -32,9 +32,9 @@ def encode(tokenizer: Any, text: str) -> list[int]:
 
 
 def load_tokenizer(directory: str | Path) -> Any:
-    from export.runtime.text import load_tokenizer as load
+    from export.io.tokenizer import load_tokenizer as load
 
-    return load(Path(directory), Path(directory))
+    return load(None, directory)
 
 
 def document_tokens(tokenizer: Any, text: str) -> list[int]:

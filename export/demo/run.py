@@ -95,11 +95,11 @@ def run_demo(cfg: DemoConfig, out: Callable[[str], None] | None = None) -> DemoR
 
 
 def _deploy(cfg: DemoConfig, fused: Path, rep: DemoReport) -> None:
+    from export.checks.verify import verify
     from export.onnx.export import build_onnx
     from export.triton.package import package_repo
     from export.trtllm.build import build
     from export.trtllm.convert import convert
-    from export.trtllm.verify import verify
 
     with step(rep, "convert", f"TensorRT-LLM checkpoint at tp={cfg.tp} (one streaming pass)") as r:
         conv = convert(fused, cfg.engine_dir, tp=cfg.tp, progress=cfg.progress, overwrite=True)

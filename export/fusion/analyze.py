@@ -23,10 +23,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from export.fusion.calib import find_tokenizer, load_model, token_batch
+from export.fusion.calib import load_model, token_batch
 from export.fusion.heatmap import write_heatmap
 from export.fusion.plan import FusionPlan, PlanOptions, propose_plan
 from export.io.output import check_output, output_dir
+from export.io.tokenizer import load_tokenizer
 from export.progress import item_progress
 
 AGGREGATION = ("per-token cosine distance 1 - cos(h_j, h~_j^i), averaged over every calibration token "
@@ -114,7 +115,7 @@ def analyze_checkpoint(ckpt: str | Path, calib: str | Path, out: str | Path, *, 
     inputs = [ckpt, calib, tokenizer]
     check_output(out, inputs=inputs, overwrite=overwrite)
     spec, dec = load_model(ckpt)
-    tok = find_tokenizer(*([tokenizer] if tokenizer else []), ckpt)
+    tok = load_tokenizer(ckpt, tokenizer, kind="tokenizers")
     ids = token_batch(calib, tok, spec.vocab, tokens, seq_len)
     dep = dependency_matrix(dec, ids, batch, progress)
     plan = propose_plan(spec, options or PlanOptions(), dep.matrix)

@@ -1,8 +1,8 @@
 """Calibration / held-out text as token batches, and a model loaded whole for analysis (tp = 1).
 
 Text comes from a file or a directory of `*.txt` / `*.md` files, tokenized with the checkpoint's
-own `tokenizer.json` and cut into equal-length sequences, so every metric averages over the same
-number of tokens for every model compared.
+own `tokenizer.json` (`export.io.tokenizer`, kind "tokenizers") and cut into equal-length
+sequences, so every metric averages over the same number of tokens for every model compared.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 
 from export.errors import ExportError
-from export.io.tokenizer_file import check_tokenizer_json
 from export.mapping import Mapping
 from export.spec import ModelSpec
 
@@ -42,20 +41,6 @@ def token_ids(path: str | Path, tokenizer, limit: int) -> list[int]:
     return ids
 
 
-def find_tokenizer(*paths: str | Path):
-    """The first `tokenizer.json` in the given dirs (or their `tokenizer/`), loaded with `tokenizers`."""
-    from tokenizers import Tokenizer
-
-    tried = []
-    for base in paths:
-        for p in (Path(base) / "tokenizer.json", Path(base) / "tokenizer" / "tokenizer.json"):
-            tried.append(str(p))
-            if p.is_file():
-                check_tokenizer_json(p)  # a broken file is one clear line, not a traceback
-                return Tokenizer.from_file(str(p))
-    raise ExportError("no tokenizer.json found (looked at " + ", ".join(tried) + "); pass --tokenizer DIR")
-
-
 def token_batch(path: str | Path, tokenizer, vocab: int, tokens: int, seq_len: int) -> torch.Tensor:
     """[N, seq_len] token ids, N = tokens // seq_len sequences cut from the start of the text."""
     ids = token_ids(path, tokenizer, tokens)
@@ -71,7 +56,7 @@ def token_batch(path: str | Path, tokenizer, vocab: int, tokens: int, seq_len: i
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
     """(spec, Decoder) for the whole model in this process; HF or exported TRT-LLM checkpoint."""
     from export.runtime.model import load_decoder
-    from export.runtime.sources import open_source
+    from export.sources import open_source
 
     spec, _, weights = open_source(Path(path))
     return spec, load_decoder(weights(Mapping(), 0), dtype=dtype)

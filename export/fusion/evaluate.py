@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from export.errors import ExportError
-from export.fusion.calib import find_tokenizer, load_model, non_empty_layers, token_batch
+from export.fusion.calib import load_model, non_empty_layers, token_batch
+from export.io.tokenizer import load_tokenizer
 from export.mapping import Mapping
 from export.progress import item_progress
 from export.tensors import parameter_count
@@ -77,7 +78,7 @@ def evaluate(base: str | Path, candidates: list[str | Path], text: str | Path, *
     scored, so a typo in the last path fails in a second, not after minutes of scoring.
     """
     from export.runtime.model import load_decoder
-    from export.runtime.sources import open_source
+    from export.sources import open_source
 
     spec, dec = load_model(base)
     opened = []
@@ -86,7 +87,7 @@ def evaluate(base: str | Path, candidates: list[str | Path], text: str | Path, *
         if cspec.vocab != spec.vocab:
             raise ExportError(f"{path}: vocab {cspec.vocab} differs from the base's {spec.vocab}")
         opened.append((path, cspec, weights))
-    tok = find_tokenizer(*([tokenizer] if tokenizer else []), base)
+    tok = load_tokenizer(base, tokenizer, kind="tokenizers")
     ids = token_batch(text, tok, spec.vocab, tokens, seq_len)
     bar = item_progress(len(candidates) + 1, "evaluate", unit="model", enabled=progress)
     t0 = time.perf_counter()

@@ -187,7 +187,7 @@ def _producer(reader: CheckpointReader, ref: TensorRef, src: int | Group | None,
             Role.DOWN: lambda: _concat(reader, src, spec.hidden, dtype),
         }
         return fused[ref.role]()
-    name = ref.at(src).hf_name if ref.layer is not None else reader.hf_name(ref)
+    name = ref.at(src).hf_name if ref.layer is not None else ref.hf_name
     return _copy(reader, name, ref.shape, dtype)
 
 
@@ -221,7 +221,7 @@ def _widened_chunks(reader: CheckpointReader, spec: ModelSpec, ref: TensorRef, d
     """Where the rows of one tensor of the widened checkpoint come from."""
     lay = spec.layers[ref.layer] if ref.layer is not None else None
     if ref.layer is None or lay is None or not lay.is_parallel or lay.has_attention:
-        return _copy(reader, ref.hf_name if ref.layer is not None else reader.hf_name(ref), ref.shape, dtype)
+        return _copy(reader, ref.hf_name, ref.shape, dtype)
     branches = [k for k, b in enumerate(lay.branches) if b.has_ffn]
     if ref.role is Role.FFN_NORM:
         return iter([(0, torch.ones(spec.hidden, dtype=dtype))])

@@ -1,4 +1,7 @@
-"""Lazy, memory-mapped reading of HF safetensors checkpoints, one tensor or one slice at a time.
+"""Lazy, memory-mapped reading of safetensors checkpoints, one tensor or one slice at a time.
+
+The one validated reader every weights format reads through (`export.sources`): an HF checkpoint
+(one file, or shards named by an index), or a chosen set of files (a TRT-LLM rank file).
 
 `CheckpointReader.validate(spec)` checks the index against the files and every tensor the
 description needs (presence, shape, dtype, bytes on disk) and reports all problems at once,
@@ -19,7 +22,7 @@ from export.io.paths import checkpoint_file, default_follow_symlinks
 from export.io.safetensors_format import TensorInfo, json_kind, read_header, torch_dtype
 from export.sharding import Shard, take
 from export.spec import ModelSpec
-from export.tensors import HF_IGNORED_SUFFIXES, HF_NAMES, Role, TensorRef, model_tensors
+from export.tensors import HF_IGNORED_SUFFIXES, HF_NAMES, TensorRef, model_tensors, tied_tensors
 
 INDEX = "model.safetensors.index.json"
 CONFIG = "config.json"
@@ -33,8 +36,11 @@ class CheckpointReader:
     it or the hub cache's blobs unless `follow_symlinks`) and every header by `read_header`.
     """
 
-    def __init__(self, path: str | Path, *, follow_symlinks: bool | None = None) -> None:
+    def __init__(self, path: str | Path, *, follow_symlinks: bool | None = None,
+                 files: list[str] | None = None) -> None:
+        """`files`: read only these weight files of the directory (no index), e.g. one rank's."""
         self.path = Path(path)
+        self._only = files
         self.follow_symlinks = default_follow_symlinks() if follow_symlinks is None else follow_symlinks
         if self.path.is_file() and self.path.suffix in PICKLE_SUFFIXES:
             raise CheckpointError(_pickle_msg([self.path.name]), self.path)
@@ -52,7 +58,9 @@ class CheckpointReader:
     def _index(self) -> tuple[list[str], dict[str, TensorInfo], dict[str, str]]:
         index = self._file(INDEX)
         problems: list[str] = []
-        if index.is_file():
+        if self._only is not None:
+            files, weight_map = list(self._only), {}
+        elif index.is_file():
             weight_map = read_index(index)
             files = sorted(set(weight_map.values()))
         else:
@@ -130,16 +138,14 @@ class CheckpointReader:
         return self._handle(self._where[name]).get_slice(name)
 
     def read(self, ref: TensorRef, shard: Shard | None = None) -> torch.Tensor:
-        """The tensor for `ref` (or only the `shard` of it: a sliced read, not a full one)."""
-        name = self.hf_name(ref)
+        """The tensor for `ref` (or only the `shard` of it: a sliced read, not a full one); a tied
+        tensor is read under the name of the one it aliases (`TensorRef.hf_name`)."""
         if shard is None or shard.dim is None:
-            return self.get(name)
-        return take(self.get_slice(name), shard, ref.shape)
+            return self.get(ref.hf_name)
+        return take(self.get_slice(ref.hf_name), shard, ref.shape)
 
     def hf_name(self, ref: TensorRef) -> str:
-        """Tied checkpoints may lack lm_head; the embedding stands in for it."""
-        if ref.role is Role.LM_HEAD and ref.hf_name not in self._infos:
-            return HF_NAMES[Role.EMBED]
+        """The name `ref`'s bytes are stored under (for a tied tensor, the aliased one's)."""
         return ref.hf_name
 
     def close(self) -> None:
@@ -200,7 +206,7 @@ def _dt(dtype: torch.dtype) -> str:
 def _ignorable(name: str, spec: ModelSpec) -> bool:
     if name.endswith(HF_IGNORED_SUFFIXES):
         return True
-    return spec.tie_embeddings and name == HF_NAMES[Role.LM_HEAD]
+    return name in {HF_NAMES[r.role] for r in tied_tensors(spec)}  # a tied tensor's own copy, unused
 
 
 def _pickle_msg(names: list[str]) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from export.engine_dir import onnx_dir as find_onnx_dir
 from export.errors import ExportError
 from export.mapping import Mapping
 from export.onnx.graph import MODEL_FILE, kv_names
@@ -23,19 +24,6 @@ from export.runtime.steps import SlotSteps
 from export.spec import ModelSpec, normalize_dtype
 
 GRAPH_DTYPE = "float32"
-
-
-def find_onnx(source: Path) -> Path:
-    """The ONNX directory for `source`: itself, SOURCE/onnx, or (engines/NAME/checkpoint) ../onnx."""
-    source = Path(source)
-    places = [source, source / "onnx"]
-    if (source.parent / "manifest.json").is_file():  # engines/NAME/checkpoint -> engines/NAME/onnx
-        places.append(source.parent / "onnx")
-    for d in places:
-        if (d / MODEL_FILE).is_file():
-            return d
-    raise ExportError(f"{source}: no ONNX graph ({MODEL_FILE}) here, in {source / 'onnx'} or {source.parent / 'onnx'}; "
-                      f"create it with `python -m export build engines/NAME --onnx`")
 
 
 def make_session(model: Path, threads: int = 1, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> Any:
@@ -118,6 +106,6 @@ def start_onnx(source: Path, *, tp: int | None, pp: int | None, dtype: str, thre
                           f"Use runtime='torch' for tensor/pipeline parallelism")
     if normalize_dtype(dtype) != GRAPH_DTYPE:
         raise ExportError(f"runtime 'onnx': the exported graph is {GRAPH_DTYPE}; dtype={dtype} is not available")
-    onnx_dir = find_onnx(Path(source))
+    onnx_dir = find_onnx_dir(Path(source))
     spec = ModelSpec.load(onnx_dir)
     return spec, Mapping(1, 1), OnnxBackend(onnx_dir, spec, threads)

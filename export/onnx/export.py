@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from export.engine_dir import ONNX_DIR, EngineDir
 from export.errors import ExportError
 from export.io.output import check_output, output_dir
 from export.io.writer import write_config
@@ -23,7 +24,6 @@ from export.onnx.graph import DATA_FILE, IR_VERSION, MODEL_FILE, OPSET, build_mo
 from export.progress import byte_progress
 from export.spec import ModelSpec
 
-ONNX_DIR = "onnx"
 GRAPH_DTYPE = "float32"
 
 
@@ -52,7 +52,7 @@ def export_onnx(source: str | Path, out: str | Path, *, progress: bool = True, o
     """Checkpoint (HF dir, unsplit TRT-LLM checkpoint or engines/NAME) -> ONNX directory `out`."""
     import onnx
 
-    from export.runtime.sources import open_source
+    from export.sources import open_source
 
     t0 = time.perf_counter()
     check_output(out, inputs=[source], overwrite=overwrite)
@@ -95,34 +95,19 @@ def _export_parallel(source: Path, out: Path, spec: ModelSpec, *, progress: bool
     return dataclasses.replace(res, source=source)
 
 
-def tp1_source(engine_dir: Path) -> Path:
-    """Where tp=1 weights for engines/NAME are: its checkpoint if unsplit, else the recorded source."""
-    from export.manifest import Manifest
-
-    m = Manifest.load(engine_dir)
-    if m.mapping.world_size == 1:
-        return Path(engine_dir) / m.checkpoint
-    if Path(m.source_path).is_dir():
-        return Path(m.source_path)
-    raise ExportError(f"{engine_dir}: the checkpoint is split for tp={m.tp} pp={m.pp} and the source checkpoint "
-                      f"{m.source_path} is gone; the ONNX graph needs tp=1 weights (convert again with --tp 1)")
-
-
 def build_onnx(engine_dir: str | Path, *, progress: bool = True, overwrite: bool = False) -> OnnxResult:
     """engines/NAME -> engines/NAME/onnx/, recorded as manifest.engines["onnx"]."""
     import onnx
 
-    from export.manifest import Manifest
-
-    engine_dir = Path(engine_dir)
-    source = tp1_source(engine_dir)
-    res = export_onnx(source, engine_dir / ONNX_DIR, progress=progress, overwrite=overwrite)
-    m = Manifest.load(engine_dir)
+    engine = EngineDir(engine_dir)
+    source = engine.tp1_weights()
+    res = export_onnx(source, engine.path / ONNX_DIR, progress=progress, overwrite=overwrite)
+    m = EngineDir(engine.path).manifest  # re-read: export_onnx ran in between
     m.engines["onnx"] = {
         "path": ONNX_DIR, "model": MODEL_FILE, "data": DATA_FILE, "opset": OPSET, "ir_version": IR_VERSION,
         "dtype": GRAPH_DTYPE, "tp": 1, "built_from": str(source), "onnx": onnx.__version__,
         "kv_layers": res.spec.attention_layers(), "nodes": res.nodes, "weight_bytes": res.weight_bytes}
-    m.save(engine_dir)
+    m.save(engine.path)
     return res
 
 
@@ -130,11 +115,10 @@ def gpu_hint(engine_dir: str | Path) -> str:
     """The trtexec command for this engine's graph and build limits (to run on a GPU host)."""
     import shlex
 
-    from export.manifest import Manifest
     from export.onnx.tensorrt import profile_shapes, trtexec_command
 
-    engine_dir = Path(engine_dir)
-    m, onnx_dir = Manifest.load(engine_dir), engine_dir / ONNX_DIR
+    engine = EngineDir(engine_dir)
+    m, onnx_dir = engine.manifest, engine.onnx
     shapes = profile_shapes(ModelSpec.load(onnx_dir), int(m.build["max_batch_size"]), int(m.build["max_input_len"]),
                             int(m.build["max_seq_len"]))
     cmd = trtexec_command(onnx_dir / MODEL_FILE, shapes, onnx_dir / "model.plan")

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from onnx import GraphProto, ModelProto, TensorProto, helper, numpy_helper
 
+from export.engine_dir import ONNX_MODEL
 from export.onnx.external import ExternalData
 from export.runtime import rope
 from export.spec import AttentionKind, FFNKind, ModelSpec
@@ -35,7 +36,7 @@ from export.weights import RankWeights
 
 OPSET = 17
 IR_VERSION = 8  # what TensorRT 8.6+/10 and ORT >= 1.14 all read
-MODEL_FILE = "model.onnx"
+MODEL_FILE = ONNX_MODEL
 DATA_FILE = "model.onnx.data"
 NEG = -1e30  # additive mask: exp() of it is exactly 0 in fp32, with no inf - inf
 BLOCK_BYTES = 64 << 20  # bytes per streamed row block of one initializer
@@ -221,11 +222,8 @@ class DecoderGraph:
         return helper.make_graph(g.nodes, "decoder", self.inputs(), self.outputs(), initializer=g.initializers)
 
     def lm_head(self) -> str:
-        """[hidden, vocab]; a tied model's embedding written transposed (rows beyond vocab cut)."""
-        try:
-            t = self.weights.get(Role.LM_HEAD)
-        except KeyError:
-            t = self.weights.get(Role.EMBED)
+        """[hidden, vocab], written transposed (rows beyond vocab cut); a tied model's reads the embedding."""
+        t = self.weights.get(Role.LM_HEAD)
         return self.g.weight("lm_head", [t[:self.spec.vocab]], transpose=True)
 
     def inputs(self) -> list[Any]:

@@ -77,7 +77,7 @@ def bench_decode(ckpt: Path, tps: list[int], *, pp: int = 1, prompt_len: int = 1
     for row in rows:
         for key in [k for k in row if k.endswith("_per_s")]:
             row[key.replace("tokens_per_s", "vs_base")] = row[key] / base[key]
-    from export.runtime.sources import open_source
+    from export.sources import open_source
     spec = open_source(Path(ckpt))[0]
     return {"checkpoint": str(ckpt), "dtype": dtype, "threads_per_rank": threads, "prompt_len": prompt_len,
             "decode_steps": steps, "layers": spec.num_layers, "hidden": spec.hidden,

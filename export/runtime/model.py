@@ -239,8 +239,8 @@ def load_decoder(weights: RankWeights, *, dtype: torch.dtype = torch.float32,
     for piece in rank_pieces(spec, mapping, rank):
         ref = piece.ref
         where = f"{ref.role.value} of " + (f"layer {ref.layer}" if ref.layer is not None else "the model")
-        if ref.role is Role.LM_HEAD and spec.tie_embeddings and mapping.tp == 1 and dec.is_first:
-            dec._store(ref.role, None, dec.w(Role.EMBED))  # tied and whole: share, not a second copy
+        if ref.alias is not None and mapping.tp == 1 and dec.is_first:
+            dec._store(ref.role, None, dec.w(ref.alias))  # tied and whole: share, not a second copy
             continue
         try:
             t = (weights.get(ref.role, ref.layer) if ref.branch is None

@@ -3,49 +3,13 @@
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from export.errors import ExportError
-from export.io.tokenizer_file import TOKENIZER_JSON, check_tokenizer_json
+from export.io.tokenizer import load_tokenizer
 from export.runtime.sampling import SamplingParams
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-
-
-def tokenizer_dirs(ckpt: Path) -> list[Path]:
-    """Where a checkpoint's tokenizer may live: beside the weights, or `engines/NAME/tokenizer`."""
-    ckpt = Path(ckpt)
-    return [ckpt, ckpt / "tokenizer", ckpt.parent / "tokenizer"]
-
-
-def load_tokenizer(ckpt: Path, tokenizer: Path | None = None) -> Any:
-    """transformers tokenizer, offline; a clear error when the checkpoint ships none."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # it warns about DeciLM's model_type, which tokenizers do not need
-    dirs = [Path(tokenizer)] if tokenizer else tokenizer_dirs(ckpt)
-    for d in dirs:
-        if any((d / f).is_file() for f in TOKENIZER_FILES):
-            if (d / TOKENIZER_JSON).is_file():  # a broken one is one clear line, not a traceback
-                check_tokenizer_json(d / TOKENIZER_JSON)
-            try:
-                with warnings.catch_warnings():  # it reads config.json only to pick a class; a legacy
-                    # `rope_scaling` key there draws transformers 5's deprecation warning on every run
-                    warnings.filterwarnings("ignore", message=".*rope_scaling.*", category=FutureWarning)
-                    # never the checkpoint's remote code (a tokenizer needs none): with it left
-                    # unset, a config with auto_map makes transformers ask on stdin
-                    return AutoTokenizer.from_pretrained(str(d), local_files_only=True, trust_remote_code=False)
-            except Exception:  # an unknown model_type etc.: the raw tokenizer.json still works
-                if (d / "tokenizer.json").is_file():
-                    return PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"))
-                raise
-    raise ExportError(f"{ckpt}: no tokenizer found (looked for {', '.join(TOKENIZER_FILES)} in "
-                      f"{', '.join(str(d) for d in dirs)}); pass --tokenizer DIR")
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from export.layout import require_layout
 from export.mapping import Mapping
 from export.runtime.backends import Backend, LocalBackend, ProcessBackend
 from export.runtime.model import load_decoder
-from export.runtime.sources import open_source
 from export.runtime.steps import Stepper
+from export.sources import open_source
 from export.spec import ModelSpec, normalize_dtype
 
 

@@ -23,8 +23,8 @@ from export.io.safetensors_format import torch_dtype
 from export.mapping import Mapping
 from export.runtime import wire
 from export.runtime.model import load_decoder
-from export.runtime.sources import open_source
 from export.runtime.steps import Exit, Stepper
+from export.sources import open_source
 from export.spec import normalize_dtype
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from export.engine_dir import EngineDir, hf_checkpoint
 from export.errors import ExportError
 from export.triton.pipeline import Arrays, EngineRequest, default_ids
 from export.triton.requests import (
@@ -119,14 +120,11 @@ def settings_for(source: Path, **overrides: Any) -> LlmApiSettings:
     """The sizing of an engines/NAME directory (its manifest's build limits and TP/PP; the model is
     its HF source) or of an HF checkpoint (the model's context, trtllm-build's default sizes)."""
     source = Path(source).resolve()
-    if (source / "manifest.json").is_file():
-        from export.manifest import Manifest
-        from export.model_dir import hf_checkpoint
-
-        m = Manifest.load(source)
+    if EngineDir.holds_manifest(source):
+        m = EngineDir(source).manifest
         model, build, tp, pp = hf_checkpoint(source).resolve(), dict(m.build), m.tp, m.pp
     elif (source / "config.json").is_file():
-        from export.model_dir import load_spec
+        from export.sources import load_spec
         from export.trtllm.convert import default_build
 
         model, build, tp, pp = source, default_build(load_spec(source)), 1, 1

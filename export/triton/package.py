@@ -20,8 +20,8 @@ from typing import Any
 from export.errors import ExportError
 from export.io.output import check_output, output_dir, tree_bytes
 from export.io.tokenizer_file import TOKENIZER_JSON, check_tokenizer_json
-from export.model_dir import load_spec
 from export.runtime import registry
+from export.sources import load_spec
 from export.triton.binary import EXPORT_ROOT
 from export.triton.render import fill, parse_model_config, pbtxt_bool
 from export.triton.server import DEPLOY_FILE

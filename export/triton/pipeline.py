@@ -38,10 +38,10 @@ ENGINE_NAMES = {"max_tokens": "max_tokens", "temperature": "temperature", "top_k
 
 
 def load_tokenizer(path: str) -> Any:
-    """The engine's own tokenizer files, offline (see `export.triton.tokenizer` for why not transformers)."""
-    from export.triton.tokenizer import Tokenizer
+    """The engine's own tokenizer files, offline (`tokenizers` only: see `export.io.tokenizer` for why)."""
+    from export.io.tokenizer import load_tokenizer as load
 
-    return Tokenizer(path)
+    return load(None, path, kind="serving")
 
 
 def default_ids(tokenizer: Any) -> tuple[int, int]:

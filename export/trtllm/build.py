@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from export.engine_dir import EngineDir
 from export.errors import ExportError
 from export.io.output import output_dir
-from export.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +93,13 @@ def build(engine_dir: Path, *, options: dict[str, int] | None = None, require: b
 
     Raises ExportError when the build is impossible and `require` is set, or when trtllm-build fails.
     """
-    engine_dir = Path(engine_dir)
-    manifest = Manifest.load(engine_dir)
+    engine = EngineDir(engine_dir)
+    engine_dir, manifest, ckpt = engine.path, engine.manifest, engine.checkpoint
     settings = {**manifest.build, **{k: v for k, v in (options or {}).items() if v is not None}}
     missing = missing_requirements()
     if missing:
         msg = ("TensorRT-LLM engine NOT built. Missing:\n  - " + "\n  - ".join(missing)
-               + f"\nStill works: the CPU engine, i.e. the TRT-LLM checkpoint in {engine_dir / manifest.checkpoint} "
+               + f"\nStill works: the CPU engine, i.e. the TRT-LLM checkpoint in {ckpt} "
                f"run by the reference runtime (`python -m export verify {engine_dir} --against SOURCE`, "
                f"then `package`/`serve`). On a GPU host with tensorrt-llm=={PINNED}: `python -m export build "
                f"{engine_dir}`.")
@@ -109,8 +109,8 @@ def build(engine_dir: Path, *, options: dict[str, int] | None = None, require: b
     out = engine_dir / "trtllm"
     sizes = {k: int(settings[k]) for k in BUILD_KEYS}
     workers = manifest.mapping.world_size
-    with output_dir(out, inputs=[engine_dir / manifest.checkpoint], overwrite=overwrite) as tmp:
-        args = trtllm_build_args(engine_dir / manifest.checkpoint, tmp, workers=workers, **sizes)
+    with output_dir(out, inputs=[ckpt], overwrite=overwrite) as tmp:
+        args = trtllm_build_args(ckpt, tmp, workers=workers, **sizes)
         log.info("running %s", " ".join(args))
         proc = subprocess.run(args, check=False)
         if proc.returncode != 0:
@@ -118,6 +118,6 @@ def build(engine_dir: Path, *, options: dict[str, int] | None = None, require: b
     manifest.build = sizes
     manifest.engines["trtllm"] = {
         "path": out.name, "tensorrt_llm": metadata.version("tensorrt-llm"),
-        "command": trtllm_build_args(engine_dir / manifest.checkpoint, out, workers=workers, **sizes)}
+        "command": trtllm_build_args(ckpt, out, workers=workers, **sizes)}
     manifest.save(engine_dir)
     return BuildOutcome(True, f"built {out} ({manifest.mapping.world_size} rank engines)")

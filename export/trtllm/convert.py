@@ -11,24 +11,21 @@ written, and the output appears atomically with its manifest.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from export.errors import CheckpointError, ExportError
+from export.errors import ExportError
 from export.io.output import check_output, output_dir
 from export.io.paths import check_tree, checkpoint_file
+from export.io.raw_tensors import RawTensors
 from export.io.reader import CheckpointReader
 from export.io.safetensors_format import SafetensorsWriter, torch_dtype
 from export.io.tokenizer_file import TOKENIZER_JSON, check_tokenizer_json
@@ -197,7 +194,7 @@ def write_rank_files(reader: CheckpointReader, plans: list[RankPlan], ckpt: Path
                 step = max(1, window_bytes // max(1, info.nbytes // max(rows, 1)))
                 for first in range(0, rows, step):
                     stop = min(rows, first + step)
-                    chunk = source.read(name, first, stop)  # also hashed, in a thread, while it is written
+                    chunk = source.get_slice(name, first, stop)  # also hashed, in a thread, while it is written
                     for p in placements:
                         written += _write_window(writers[p.rank], p, chunk, first, stop, tdtype, scratch)
                     bar.update(chunk.numel() * chunk.element_size())
@@ -252,100 +249,12 @@ def _write_padding(w: SafetensorsWriter, p: Placement, dtype: torch.dtype) -> in
     return w.write_rows(p.name, p.row + s.stop - s.start, zeros)
 
 
-class RawTensors:
-    """Row windows by `pread` into one of two reused buffers (not a memory map), hashed on the way.
-
-    A map keeps every page it touched resident in this process until it is closed, so the RSS of
-    a long pass would grow to the model size. A fresh buffer per window is no better for speed: a
-    64 MiB allocation is a new mapping each time, and faulting in and zeroing its pages cost more
-    than the read itself. So two buffers alternate: one being hashed while the next is read into
-    the other; a window returned by `read` stays valid until the second `read` after it. Each
-    file's sha256 (header, then tensors in offset order) is fed from these same buffers by a helper
-    thread (hashlib releases the GIL), so the manifest's content hash costs no second read. A file
-    read with gaps (tensors the model does not use) is left for `tree_sha256` to hash itself.
-    """
-
-    def __init__(self, reader: CheckpointReader) -> None:
-        self.reader = reader
-        self._files: dict[str, tuple[int, int]] = {}  # name -> (fd, data_start)
-        self._hash: dict[str, tuple[Any, int]] = {}  # file -> (sha256, next data offset expected)
-        self._hasher = ThreadPoolExecutor(1)
-        self._pending: Future | None = None
-        self._buffers: list[torch.Tensor] = [torch.empty(0, dtype=torch.uint8)] * 2
-        self._turn = 0
-
-    def _buffer(self, nbytes: int) -> torch.Tensor:
-        """The next of the two buffers, grown to `nbytes`. Its last window (the one before last) is
-        hashed already: `_feed` of the last window waited for it."""
-        self._turn ^= 1
-        if self._buffers[self._turn].numel() < nbytes:
-            self._buffers[self._turn] = torch.empty(nbytes, dtype=torch.uint8)
-        return self._buffers[self._turn][:nbytes]
-
-    def _file(self, fname: str) -> tuple[int, int]:
-        """(fd, data_start) of a weight file, by the reader's validated header (offsets are trusted
-        only because `read_header` checked they tile the file; the file must not have changed since)."""
-        if fname not in self._files:
-            path = self.reader.file_path(fname)
-            data_start, size = self.reader.data_layout(fname)
-            fd = os.open(path, os.O_RDONLY)
-            if os.fstat(fd).st_size != size:
-                os.close(fd)
-                raise CheckpointError(f"changed since its header was checked ({size} bytes then, "
-                                      f"{path.stat().st_size} now)", path)
-            self._files[fname] = (fd, data_start)
-            self._hash[fname] = (hashlib.sha256(os.pread(fd, data_start, 0)), 0)
-        return self._files[fname]
-
-    def read(self, name: str, first: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Rows [first, stop) of tensor `name` (all of it by default)."""
-        info, fname = self.reader.info(name), self.reader.file_of(name)
-        fd, data_start = self._file(fname)
-        rows = info.shape[0] if info.shape else 1
-        stop = rows if stop is None else stop
-        row_bytes = info.nbytes // rows if rows else 0
-        begin = info.begin + first * row_bytes
-        buf = self._buffer((stop - first) * row_bytes)
-        view, pos = memoryview(buf.numpy()), data_start + begin
-        while view:
-            n = os.preadv(fd, [view], pos)
-            if n == 0:
-                raise CheckpointError(f"tensor {name}: file ends early", self.reader.path / fname)
-            view, pos = view[n:], pos + n
-        self._feed(fname, begin, buf)
-        return buf.view(info.dtype).reshape((stop - first, *info.shape[1:]) if info.shape else ())
-
-    def _feed(self, fname: str, begin: int, buf: torch.Tensor) -> None:
-        if self._pending is not None:
-            self._pending.result()  # at most one buffer waits for the hash
-        h, expected = self._hash[fname]
-        if h is None or begin != expected:
-            self._hash[fname] = (None, -1)
-            return
-        self._hash[fname] = (h, begin + buf.numel())
-        self._pending = self._hasher.submit(h.update, buf.numpy())
-
-    def close(self) -> dict[str, bytes]:
-        """Close the files; sha256 of every file read whole."""
-        if self._pending is not None:
-            self._pending.result()
-        self._hasher.shutdown()
-        done = {}
-        for fname, (fd, data_start) in self._files.items():
-            h, end = self._hash[fname]
-            if h is not None and end == os.fstat(fd).st_size - data_start:
-                done[fname] = h.digest()
-            os.close(fd)
-        self._files.clear()
-        return done
-
-
 def _by_source(reader: CheckpointReader, plans: list[RankPlan]) -> Iterator[tuple[str, list[Placement]]]:
     """Placements grouped by the source tensor they read, in file-locality order."""
     groups: dict[str, list[Placement]] = {}
     for plan in plans:
         for p in plan.placements:
-            groups.setdefault(reader.hf_name(p.piece.ref), []).append(p)
+            groups.setdefault(p.piece.ref.hf_name, []).append(p)
     yield from sorted(groups.items(), key=lambda kv: (reader.file_of(kv[0]), reader.info(kv[0]).begin))
 
 

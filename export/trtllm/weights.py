@@ -1,23 +1,22 @@
-"""Read a TRT-LLM checkpoint's rank files back as `RankWeights`, for the reference runtime.
+"""The TRT-LLM checkpoint format (config.json + rank{r}.safetensors) read back as `RankWeights`.
 
 `verify` runs the runtime on exactly the bytes TRT-LLM would load: each `get` maps (role, global
 layer) to the rank file's name (local layer index) through the same plan the converter wrote, and
-cuts q, k or v out of the packed qkv by row range. Reads are lazy slices of a memory map.
+cuts q, k or v out of the packed qkv by row range. Each rank file is opened by `CheckpointReader`
+(paths and header checked), so reads are lazy slices of a memory map.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import safe_open
 
+from export.engine_dir import weights_dir
 from export.errors import CheckpointError, ExportError
-from export.io.safetensors_format import read_header, torch_dtype
-from export.layout import lm_head_ref
-from export.manifest import MANIFEST, Manifest
+from export.io.reader import CheckpointReader
+from export.io.safetensors_format import torch_dtype
 from export.mapping import Mapping
 from export.spec import ModelSpec
 from export.tensors import Role
@@ -26,18 +25,17 @@ from export.trtllm.plan import RankPlan, plan_rank
 from export.weights import RankWeights, find_ref
 
 
-def checkpoint_dir(path: Path) -> Path:
-    """`engines/NAME` (via its manifest) or the checkpoint directory itself."""
-    path = Path(path)
-    if (path / MANIFEST).is_file():
-        return path / Manifest.load(path).checkpoint
-    if (path / "checkpoint" / "config.json").is_file():
-        return path / "checkpoint"
-    return path
-
-
 def rank_file(ckpt: Path, rank: int) -> Path:
-    return Path(ckpt) / f"rank{rank}.safetensors"
+    return Path(ckpt) / rank_name(rank)
+
+
+def rank_name(rank: int) -> str:
+    return f"rank{rank}.safetensors"
+
+
+def rank_reader(ckpt: Path, rank: int) -> CheckpointReader:
+    """The validated reader of one rank file (CheckpointError naming it if its header is bad)."""
+    return CheckpointReader(ckpt, files=[rank_name(rank)])
 
 
 def check_rank_files(ckpt: Path, spec: ModelSpec, mapping: Mapping) -> None:
@@ -50,19 +48,21 @@ def check_rank_files(ckpt: Path, spec: ModelSpec, mapping: Mapping) -> None:
             problems.append(f"{f.name} is missing (world size {mapping.world_size})")
             continue
         try:
-            infos, _, _ = read_header(f)
+            reader = rank_reader(ckpt, rank)
         except CheckpointError as e:
-            problems += [f"{f.name}: {p}" for p in e.problems]
+            problems += e.problems
             continue
         plan = plan_rank(spec, mapping, rank)
+        names = set(reader.names())
         for name, shape in plan.tensors.items():
-            info = infos.get(name)
-            if info is None:
+            if name not in names:
                 problems.append(f"{f.name}: missing tensor {name}")
-            elif info.shape != shape or info.dtype != want:
+                continue
+            info = reader.info(name)
+            if info.shape != shape or info.dtype != want:
                 problems.append(f"{f.name}: {name} is {list(info.shape)} {info.dtype}, "
                                 f"expected {list(shape)} {want}")
-        problems += [f"{f.name}: unexpected tensor {n}" for n in infos if n not in plan.tensors]
+        problems += [f"{f.name}: unexpected tensor {n}" for n in reader.names() if n not in plan.tensors]
     if problems:
         raise CheckpointError(problems, ckpt)
 
@@ -73,24 +73,25 @@ class TRTLLMRankWeights:
     def __init__(self, ckpt: Path, spec: ModelSpec, mapping: Mapping, rank: int) -> None:
         self.spec, self.mapping, self.rank = spec, mapping, rank
         self.plan: RankPlan = plan_rank(spec, mapping, rank)
-        self._file: Any = safe_open(str(rank_file(ckpt, rank)), framework="pt")
+        self.reader = rank_reader(ckpt, rank)
 
     def get(self, role: Role, layer: int | None = None) -> torch.Tensor:
-        ref = lm_head_ref(self.spec) if role is Role.LM_HEAD else find_ref(self.spec, role, layer)
+        ref = find_ref(self.spec, role, layer)
         p = self.plan.placement(ref.role, ref.layer)
         if p.rows == self.plan.tensors[p.name][0]:
-            return self._file.get_tensor(p.name)
-        return self._file.get_slice(p.name)[p.row:p.row + p.rows]
+            return self.reader.get(p.name)
+        return self.reader.get_slice(p.name)[p.row:p.row + p.rows]
 
 
 def open_trtllm_checkpoint(path: Path) -> tuple[ModelSpec, Mapping, Callable[[Mapping, int], RankWeights]]:
-    """(spec, the checkpoint's mapping, (mapping, rank) -> RankWeights) for a TRT-LLM checkpoint.
+    """(spec, the checkpoint's mapping, (mapping, rank) -> RankWeights) for a TRT-LLM checkpoint
+    (or the engine directory holding it).
 
     The files are checked against the plan up front, so a bad file fails here, by name, not
     halfway through a model load. The mapping passed to the factory must be the checkpoint's own:
     rank files cannot be re-sharded.
     """
-    ckpt = checkpoint_dir(Path(path))
+    ckpt = weights_dir(path)
     spec, mapping = read_trtllm_config(ckpt)
     check_rank_files(ckpt, spec, mapping)
 

@@ -1,7 +1,7 @@
 """`verify`: the exported rank files, run by the reference runtime at their own tp/pp, must give
 the source checkpoint's logits (run at tp = 1).
 
-The runtime reads the rank files through `open_trtllm_checkpoint`, so this checks exactly the bytes
+The runtime reads the rank files through `export.sources` (the TRT-LLM format), so this checks exactly the bytes
 TRT-LLM would load: names, local layer indices, the qkv packing, kv duplication, the padded
 lm_head. Both sides compute in fp32. When every source value is exactly representable in the
 checkpoint's dtype (the same dtype, or a widening such as bf16 -> fp32) the difference must be
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
+from export.engine_dir import EngineDir
 from export.errors import ExportError
-from export.manifest import Manifest
 from export.spec import ModelSpec, casts_exactly
 
 LOSSY_FRACTION = 0.05  # of max |logit|, only when the checkpoint's dtype cannot hold every source value
@@ -67,13 +67,14 @@ def _same_model(a: ModelSpec, b: ModelSpec) -> list[str]:
 def verify(engine_dir: Path, against: Path, *, tol: float = 1e-4, threads: int = 1) -> VerifyResult:
     """Compare logits, record the outcome in the manifest (`engines.cpu`), return it."""
     from export.runtime.engine import Engine
-    from export.runtime.sources import open_source
+    from export.sources import open_source
 
     engine_dir, against = Path(engine_dir), Path(against)
-    manifest = Manifest.load(engine_dir)
+    engine = EngineDir(engine_dir)
+    manifest = engine.manifest
     source_spec = open_source(against)[0]  # the reference's config and weight headers, checked before any run
     start = time.perf_counter()
-    with Engine.start(engine_dir / manifest.checkpoint, dtype="float32", threads=threads) as eng:
+    with Engine.start(engine.checkpoint, dtype="float32", threads=threads) as eng:
         differs = _same_model(eng.spec, source_spec.widened())  # parallel blocks convert to wide FFNs
         if differs:
             raise ExportError(f"{engine_dir} was not converted from {against}: they differ in {', '.join(differs)}")
