@@ -22,10 +22,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from export.deployment_plan import human_bytes
 from export.errors import ExportError
 from export.layout import check_layout, check_trtllm_stages, rank_bytes, rank_kv_bytes_per_token, sync_points_per_token
 from export.mapping import Mapping
-from export.planning import human_bytes
 from export.spec import ModelSpec
 
 GiB = 1 << 30

@@ -31,7 +31,7 @@ from export.spec import ModelSpec
 from export.trtllm.config import read_trtllm_config
 
 if TYPE_CHECKING:
-    from export.weights import RankWeights
+    from export.rank_weights import RankWeights
 
 
 class Source(NamedTuple):
@@ -62,7 +62,7 @@ def is_trtllm_checkpoint(path: Path) -> bool:
 def open_hf_checkpoint(path: Path) -> Source:
     """An HF checkpoint: config and every weight header checked, then each rank's pieces sliced on read."""
     from export.io.reader import CheckpointReader
-    from export.weights import HFRankWeights
+    from export.rank_weights import HFRankWeights
 
     spec = ModelSpec.load(path)
     reader = CheckpointReader(path)
@@ -72,7 +72,7 @@ def open_hf_checkpoint(path: Path) -> Source:
 
 def open_trtllm(path: Path) -> Source:
     """Our TRT-LLM checkpoint: every rank file checked against the plan; only its own split loads."""
-    from export.trtllm.weights import open_trtllm_checkpoint
+    from export.trtllm.rank_files import open_trtllm_checkpoint
 
     return Source(*open_trtllm_checkpoint(path))
 

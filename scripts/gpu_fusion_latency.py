@@ -21,10 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export.mapping import Mapping
+from export.rank_weights import find_ref
 from export.runtime.model import load_decoder
 from export.spec import FFN, Attention, AttentionKind, FFNKind, Layer, ModelSpec
 from export.tensors import Role
-from export.weights import find_ref
 
 
 class RandomWeights:

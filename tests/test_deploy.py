@@ -9,10 +9,10 @@ import pytest
 
 from export.cli import main
 from export.deploy import GPUS, GiB, Option, candidates, evaluate, parse_gpu, plan_deployment
+from export.deployment_plan import plan_report
 from export.errors import ExportError
 from export.layout import trtllm_pp_values
 from export.mapping import Mapping
-from export.planning import plan_report
 from export.spec import AttentionKind, ModelSpec
 from tests.conftest import hetero_spec
 from tests.test_spec import ULTRA

@@ -4,9 +4,9 @@ import json
 
 from export.cli import main
 from export.demo.paths import DEMO_PUZZLE
+from export.demo.study import write_demo_texts
+from export.deployment_plan import attention_free_runs
 from export.fusion.evaluate import evaluate
-from export.fusion.study import write_demo_texts
-from export.planning import attention_free_runs
 from export.spec import ModelSpec
 
 

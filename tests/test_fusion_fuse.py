@@ -171,8 +171,8 @@ def test_whole_fused_model_in_runtime_equals_parallel_form_of_original(tmp_path,
     """Through the runtime Decoder: the fused checkpoint's logits equal the original model run with
     each group's blocks applied in parallel to the same input (fold mode)."""
     from export.mapping import Mapping
+    from export.rank_weights import HFRankWeights
     from export.runtime.model import load_decoder
-    from export.weights import HFRankWeights
 
     spec = fusion_spec()
     src = write_random_checkpoint(tmp_path / "src", spec, seed=11, std=0.08)

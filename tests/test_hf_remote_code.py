@@ -10,17 +10,17 @@ import torch
 from conftest import EMPTY, LINEAR, ROPE, attn_only, ffn_only, full, hetero_spec, write_tokenizer
 
 from export.demo.paths import DEMO_LLAMA, DEMO_PUZZLE
+from export.deployment_plan import attention_free_runs
 from export.fusion.fuse import fuse_checkpoint
 from export.fusion.plan import FusionPlan
 from export.hf_code import AUTO_MAP, CODE_FILES, HF_CODE_DIR, install_remote_code
 from export.io.reader import CheckpointReader
 from export.mapping import Mapping
-from export.planning import attention_free_runs
+from export.rank_weights import HFRankWeights
 from export.runtime.model import load_decoder
 from export.runtime.steps import Decode, Prefill, Stepper
 from export.spec import ModelSpec, RopeSchema
 from export.synthetic import llama_config, write_random_checkpoint
-from export.weights import HFRankWeights
 
 NEW_TOKENS = 12
 

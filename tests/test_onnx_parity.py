@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from export.demo.paths import DEMO_PUZZLE
+from export.deployment_plan import attention_free_runs
 from export.io.tokenizer import FastTokenizer as Tokenizer
 from export.onnx.export import export_onnx
 from export.onnx.graph import MODEL_FILE
-from export.planning import attention_free_runs
 from export.runtime.engine import Engine
 from export.runtime.sampling import SamplingParams
 from export.runtime.steps import Decode, Free, Prefill, Reserve

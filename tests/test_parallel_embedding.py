@@ -18,7 +18,7 @@ from export.tensors import Role, TensorRef
 from export.trtllm.config import parse_trtllm_config, trtllm_config
 from export.trtllm.convert import convert
 from export.trtllm.dryrun import dry_run
-from export.trtllm.plan import check_complete, plan_checkpoint
+from export.trtllm.rank_layout import check_complete, plan_checkpoint
 from tests.conftest import hetero_spec
 from tests.oracles import expected_shapes
 from tests.trtllm_helpers import make_source, rank_tensors, read_all

@@ -24,12 +24,12 @@ from export.fusion.fuse import fuse_checkpoint
 from export.fusion.plan import FusionPlan, PlanError
 from export.io.reader import CheckpointReader
 from export.mapping import Mapping
+from export.rank_weights import HFRankWeights
 from export.runtime.model import load_decoder
 from export.spec import FFNKind, ModelSpec, parse_hf_config, read_config_json
 from export.synthetic import write_random_checkpoint
 from export.tensors import Role, model_tensors
 from export.trtllm.config import trtllm_layer_configs
-from export.weights import HFRankWeights
 
 HIDDEN, HEADS = 64, 8
 EPS = 1e-5

@@ -89,8 +89,8 @@ def test_llama3_scaled_logits_match_transformers_past_original_context(tmp_path)
     the low frequencies: a runtime that ignored the scaling (or the theta) is far off here."""
     from export.io.reader import CheckpointReader
     from export.mapping import Mapping
+    from export.rank_weights import HFRankWeights
     from export.runtime.model import load_decoder
-    from export.weights import HFRankWeights
 
     hf = _hf_llama(tmp_path, rope_scaling=dict(LLAMA3), save_model=True)
     spec = ModelSpec.load(tmp_path)

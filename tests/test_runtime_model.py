@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 
 from export.io.reader import CheckpointReader
 from export.mapping import Mapping
+from export.rank_weights import HFRankWeights
 from export.runtime.model import load_decoder
 from export.runtime.steps import Decode, Prefill, Stepper
 from export.synthetic import write_random_checkpoint
-from export.weights import HFRankWeights
 from tests.conftest import hetero_spec, llama_spec
 
 torch.manual_seed(0)

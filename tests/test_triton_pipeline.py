@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from triton_support import tiny_spec, write_tokenizer
 
-from export.triton.detok import IncrementalDecoder, text_delta
+from export.runtime.detok import IncrementalDecoder, text_delta
 from export.triton.pipeline import (
     EngineRequest,
     EngineRunner,

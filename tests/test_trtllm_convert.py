@@ -18,7 +18,7 @@ from export.sharding import padded_vocab
 from export.spec import AttentionKind
 from export.trtllm import names
 from export.trtllm.convert import convert
-from export.trtllm.plan import check_complete, plan_checkpoint
+from export.trtllm.rank_layout import check_complete, plan_checkpoint
 from tests.conftest import hetero_spec, llama_spec
 from tests.oracles import expected_shapes
 from tests.trtllm_helpers import make_source, rank_tensors, read_all

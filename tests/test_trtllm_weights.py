@@ -12,11 +12,11 @@ from export.errors import CheckpointError, ConfigError, ExportError
 from export.io.reader import CheckpointReader
 from export.manifest import Manifest
 from export.mapping import Mapping
+from export.rank_weights import HFRankWeights
 from export.tensors import Role, layer_roles
 from export.trtllm.config import parse_trtllm_config, trtllm_config
 from export.trtllm.convert import convert
-from export.trtllm.weights import open_trtllm_checkpoint
-from export.weights import HFRankWeights
+from export.trtllm.rank_files import open_trtllm_checkpoint
 from tests.conftest import hetero_spec
 from tests.trtllm_helpers import make_source
 

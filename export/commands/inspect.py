@@ -23,8 +23,8 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
                     "per-stage bytes")
 @with_args(_inspect_args)
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from export.deployment_plan import format_report, plan_report
     from export.mapping import Mapping
-    from export.planning import format_report, plan_report
     from export.sources import load_spec
     from export.spec import normalize_dtype
 

@@ -59,10 +59,10 @@ def step(report: DemoReport, name: str, what: str) -> Iterator[dict[str, Any]]:
 
 def run_demo(cfg: DemoConfig, out: Callable[[str], None] | None = None) -> DemoReport:
     """Every stage on the demo model; raises ExportError at the first failing step."""
+    from export.demo.study import write_demo_texts
     from export.fusion.analyze import analyze_checkpoint
     from export.fusion.evaluate import evaluate
     from export.fusion.fuse import fuse_checkpoint
-    from export.fusion.study import write_demo_texts
     from export.spec import ModelSpec
 
     rep = DemoReport()

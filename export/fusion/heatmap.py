@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from export.deployment_plan import attention_free_runs
 from export.fusion.plan import Group
-from export.planning import attention_free_runs
 from export.spec import ModelSpec
 
 

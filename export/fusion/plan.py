@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from export.deployment_plan import attention_free_runs
 from export.errors import ExportError
 from export.io.atomic import atomic_write_text
-from export.planning import attention_free_runs
 from export.spec import DTYPE_BYTES, FFNKind, Layer, ModelSpec, normalize_dtype
 
 PLAN_FORMAT = "ffn-fusion-plan/1"

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from onnx import GraphProto, ModelProto, TensorProto, helper, numpy_helper
 
+from export import rope
 from export.engine_dir import ONNX_MODEL
 from export.onnx.external import ExternalData
-from export.runtime import rope
+from export.rank_weights import RankWeights
 from export.spec import AttentionKind, FFNKind, ModelSpec
 from export.tensors import Role
-from export.weights import RankWeights
 
 OPSET = 17
 IR_VERSION = 8  # what TensorRT 8.6+/10 and ORT >= 1.14 all read

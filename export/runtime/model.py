@@ -19,14 +19,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from export import rope
 from export.errors import CheckpointError
 from export.layout import rank_kv_heads, rank_pieces, require_layout
 from export.mapping import Mapping
-from export.runtime import rope
+from export.rank_weights import RankWeights
 from export.runtime.cache import KVCache
 from export.spec import CPU_RUNS, CPU_STAGE, AttentionKind, FFNKind, ModelSpec
 from export.tensors import Role
-from export.weights import RankWeights
 
 GLOBAL = "global"
 

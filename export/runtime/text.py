@@ -54,8 +54,8 @@ def generate_text(ckpt: Path, prompt: str, params: SamplingParams, *, tp: int | 
     """
     from dataclasses import replace
 
+    from export.runtime.detok import IncrementalDecoder
     from export.runtime.engine import Engine
-    from export.triton.detok import IncrementalDecoder
 
     tok = load_tokenizer(ckpt, tokenizer)
     ids = tok.encode(prompt)

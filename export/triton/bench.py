@@ -256,9 +256,9 @@ def _direct_side(engine_dir: Path, levels: tuple[int, ...], max_tokens: int,
     import torch
 
     from export.manifest import Manifest
+    from export.runtime.detok import IncrementalDecoder
     from export.runtime.engine import Engine
     from export.runtime.sampling import SamplingParams
-    from export.triton.detok import IncrementalDecoder
     from export.triton.pipeline import load_tokenizer
 
     m = Manifest.load(engine_dir)

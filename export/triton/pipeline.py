@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from export.runtime.detok import text_delta
 from export.runtime.params import SamplingParams
-from export.triton.detok import text_delta
 from export.triton.requests import (
     Limits,
     RequestError,

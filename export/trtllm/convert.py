@@ -36,8 +36,8 @@ from export.progress import byte_progress
 from export.sharding import take
 from export.spec import TRTLLM_STAGE, ModelSpec, normalize_dtype
 from export.trtllm.config import write_trtllm_config
-from export.trtllm.plan import Placement, RankPlan, check_complete, plan_checkpoint, window
-from export.trtllm.weights import rank_file
+from export.trtllm.rank_files import rank_file
+from export.trtllm.rank_layout import Placement, RankPlan, check_complete, plan_checkpoint, window
 
 log = logging.getLogger(__name__)
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from export.deployment_plan import human_bytes
 from export.layout import rank_bytes, require_layout
 from export.mapping import Mapping
-from export.planning import human_bytes
 from export.spec import DTYPE_BYTES, TRTLLM_STAGE, ModelSpec, normalize_dtype
 from export.trtllm.config import trtllm_config
-from export.trtllm.plan import check_complete, plan_checkpoint
+from export.trtllm.rank_layout import check_complete, plan_checkpoint
 
 
 def dry_run(spec: ModelSpec, mapping: Mapping, dtype: str | None = None) -> dict[str, Any]:

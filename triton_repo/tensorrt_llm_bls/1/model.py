@@ -51,7 +51,8 @@ def _params(args):
 class TritonPythonModel:
     def initialize(self, args):
         p = _params(args)
-        from export.triton import detok, pipeline, stub
+        from export.runtime import detok
+        from export.triton import pipeline, stub
 
         self.detok, self.stub, self.pipeline = detok, stub, pipeline
         self.tokenizer = pipeline.load_tokenizer(p["tokenizer_dir"])

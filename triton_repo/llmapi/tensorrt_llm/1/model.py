@@ -40,10 +40,10 @@ class TritonPythonModel:
 
         import torch
 
+        from export.runtime.detok import stable_text
         from export.runtime.engine import Engine
         from export.runtime.scheduler import BusyError
         from export.triton import llmapi, pipeline, stub
-        from export.triton.detok import stable_text
 
         torch.set_num_threads(1)
         sys.setswitchinterval(0.0005)  # see the cpu engine model: request threads share the driver's GIL

@@ -1,7 +1,7 @@
 """Where a rank's weights come from, behind one interface the reference runtime consumes.
 
 `RankWeights.get(role, layer)` returns the rank-local (already sharded) tensor. The HF source
-slices with `export.sharding`; the TRT-LLM source (`export.trtllm.weights`) reads the rank file we
+slices with `export.sharding`; the TRT-LLM source (`export.trtllm.rank_files`) reads the rank file we
 wrote for TRT-LLM. Both read through `CheckpointReader`, and `export.sources` picks the format of a
 path, so the runtime cannot tell them apart: that is how `verify` checks the exported files
 themselves.

@@ -1,6 +1,6 @@
 """The small-scale counterpart of the paper's 49B tables: analyze -> plan -> fuse -> evaluate.
 
-    python -m export.fusion.study PUZZLE [--calib TEXT --text HELDOUT] [--unpruned DIR] [--out DIR]
+    python -m export.demo.study PUZZLE [--calib TEXT --text HELDOUT] [--unpruned DIR] [--out DIR]
 
 Fuses the Puzzle-style model's attention-free runs four ways (whole run vs last FFN excluded,
 `fold` vs `last` norm), evaluates every variant against the Puzzle-style model on held-out text
@@ -105,7 +105,7 @@ def markdown_table(study: Study) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export.fusion.study", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m export.demo.study", description=__doc__.splitlines()[0])
     p.add_argument("puzzle", type=Path)
     p.add_argument("--calib", type=Path, default=None, help="default: the demo corpus's training split")
     p.add_argument("--text", type=Path, default=None, help="default: the demo corpus's held-out split")

@@ -18,11 +18,11 @@ from export.errors import CheckpointError, ExportError
 from export.io.reader import CheckpointReader
 from export.io.safetensors_format import torch_dtype
 from export.mapping import Mapping
+from export.rank_weights import RankWeights, find_ref
 from export.spec import ModelSpec
 from export.tensors import Role
 from export.trtllm.config import read_trtllm_config
-from export.trtllm.plan import RankPlan, plan_rank
-from export.weights import RankWeights, find_ref
+from export.trtllm.rank_layout import RankPlan, plan_rank
 
 
 def rank_file(ckpt: Path, rank: int) -> Path:
