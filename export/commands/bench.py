@@ -12,11 +12,10 @@ All command modules are imported before the parser is built, so the registry is 
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from pathlib import Path
 
-from export.commands.registry import command, with_args
+from export.commands.registry import command, print_report, with_args
 from export.runtime import registry
 
 Configure = Callable[[argparse.ArgumentParser], None]
@@ -76,7 +75,6 @@ def _runtimes(text: str) -> tuple[str, ...]:
 
 @bench("decode", "prefill/decode tokens/s and sync points per token, per runtime (torch, onnx) and tp", _decode_args)
 def _bench_decode(args: argparse.Namespace) -> int:
-    from export.io.atomic import atomic_write_text
     from export.io.output import check_output_file
     from export.runtime.bench import bench_decode, format_table
 
@@ -84,9 +82,4 @@ def _bench_decode(args: argparse.Namespace) -> int:
         check_output_file(args.json_out, inputs=[args.ckpt], overwrite=True)
     report = bench_decode(args.ckpt, args.tp, pp=args.pp, prompt_len=args.prompt_len, batches=tuple(args.batches),
                           steps=args.steps, dtype=args.dtype, threads=args.threads, runtimes=args.runtime)
-    text = json.dumps(report, indent=2)
-    print(format_table(report))
-    print(text)
-    if args.json_out:
-        atomic_write_text(args.json_out, text + "\n")
-    return 0
+    return print_report(format_table(report), report, args.json_out)

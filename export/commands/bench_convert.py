@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from export.commands.bench import bench
-from export.commands.registry import default_path
-
-
-def _sizes(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers wants comma-separated integers, got {text!r}") from None
+from export.commands.registry import comma_ints, default_path, print_report
 
 
 def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", type=Path, default=default_path("out", "bench"),
                    help="where the synthetic Llama-3.1-8B-shaped checkpoints are generated once (default: out/bench)")
-    p.add_argument("--layers", type=_sizes, default=(16, 32),
+    p.add_argument("--layers", type=comma_ints("--layers"), default=(16, 32),
                    help="model sizes in decoder layers of the real 8B shapes (default 16,32: half and the whole "
                         "model, 7.9 and 16.1 GB; about 45 GB of free disk for cache and outputs)")
     p.add_argument("--tp", type=int, default=4, help="tensor-parallel size to convert for")
@@ -31,13 +23,7 @@ def _args(p: argparse.ArgumentParser) -> None:
 @bench("convert", "convert --tp 4 GB/s (embedding whole, and --parallel-embedding) vs a plain copy of the same "
                   "files, and peak RSS at two model sizes", _args)
 def _bench_convert(args: argparse.Namespace) -> int:
-    from export.io.atomic import atomic_write_text
     from export.trtllm.bench import bench_convert, format_report
 
     rep = bench_convert(args.cache, sizes=args.layers, tp=args.tp, repeats=args.repeats)
-    text = json.dumps(rep, indent=2)
-    print(format_report(rep))
-    print(text)
-    if args.json_out:
-        atomic_write_text(args.json_out, text + "\n")
-    return 0
+    return print_report(format_report(rep), rep, args.json_out)

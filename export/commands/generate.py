@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from export.commands.registry import command, with_args
+from export.commands.registry import command, prompt_args, with_args
 from export.io.paths import FOLLOW_SYMLINKS_HELP
 from export.runtime import registry
 
@@ -18,12 +18,8 @@ FLAGS = {"max_tokens": "--max-tokens", "temperature": "--temperature", "top_k": 
 
 def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", type=Path, help="HF checkpoint dir, TRT-LLM checkpoint dir, or engines/NAME")
-    text = p.add_mutually_exclusive_group(required=True)
-    text.add_argument("prompt", nargs="?", help="the prompt text; - reads it from standard input")
-    text.add_argument("--chat", default=None, metavar="TEXT",
-                      help="a user turn, rendered with the checkpoint's chat template into the prompt")
-    p.add_argument("--system", default=None, metavar="TEXT",
-                   help='--chat: the system turn, e.g. "detailed thinking on" (default: the template\'s own)')
+    prompt_args(p, "the prompt text; - reads it from standard input",
+                "a user turn, rendered with the checkpoint's chat template into the prompt")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel worker processes (default: 1, "
                                                         "or the TRT-LLM checkpoint's own)")
     p.add_argument("--pp", type=int, default=None, help="pipeline stages (default: 1, or the checkpoint's own)")

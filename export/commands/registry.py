@@ -7,8 +7,10 @@ decorating its handler, never by editing the CLI.
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 Handler = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler]] = {}
@@ -32,3 +34,34 @@ def with_args(configure: Callable[[argparse.ArgumentParser], None]) -> Callable[
 def default_path(*parts: str) -> Path:
     """A path inside the repository (demo model, engines/), independent of the cwd."""
     return Path(__file__).resolve().parents[2].joinpath(*parts)
+
+
+def prompt_args(p: argparse.ArgumentParser, prompt_help: str, chat_help: str) -> None:
+    """A positional prompt, or --chat (with --system) rendered by the checkpoint's chat template."""
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("prompt", nargs="?", help=prompt_help)
+    text.add_argument("--chat", default=None, metavar="TEXT", help=chat_help)
+    p.add_argument("--system", default=None, metavar="TEXT",
+                   help='--chat: the system turn, e.g. "detailed thinking on" (default: the template\'s own)')
+
+
+def comma_ints(flag: str) -> Callable[[str], tuple[int, ...]]:
+    """An argparse type: comma-separated integers, the error naming `flag`."""
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(x) for x in text.split(",") if x)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} wants comma-separated integers, got {text!r}") from None
+    return parse
+
+
+def print_report(table: str, report: dict[str, Any], json_out: Path | None) -> int:
+    """A benchmark's table and its JSON on stdout; the JSON also to `json_out` (atomically)."""
+    from export.io.atomic import atomic_write_text
+
+    text = json.dumps(report, indent=2)
+    print(table)
+    print(text)
+    if json_out:
+        atomic_write_text(json_out, text + "\n")
+    return 0

@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from export.commands.registry import command, default_path, with_args
+from export.commands.registry import comma_ints, command, default_path, prompt_args, with_args
 from export.runtime import registry
 
 
@@ -181,12 +181,8 @@ def follow_log(server: object) -> threading.Thread:
 
 
 def _query_args(p: argparse.ArgumentParser) -> None:
-    text = p.add_mutually_exclusive_group(required=True)
-    text.add_argument("prompt", nargs="?", help="the prompt text, sent as it is")
-    text.add_argument("--chat", default=None, metavar="TEXT",
-                      help="a user turn: rendered with the checkpoint's chat template (needs --tokenizer) and sent")
-    p.add_argument("--system", default=None, metavar="TEXT",
-                   help='--chat: the system turn, e.g. "detailed thinking on" (default: the template\'s own)')
+    prompt_args(p, "the prompt text, sent as it is",
+                "a user turn: rendered with the checkpoint's chat template (needs --tokenizer) and sent")
     p.add_argument("--tokenizer", type=Path, default=None, metavar="DIR",
                    help="--chat: the model repository `package` wrote, engines/NAME, or an HF checkpoint or "
                         "tokenizer directory (the server takes text, so the template is applied here)")
@@ -234,17 +230,11 @@ def _prompt_text(args: argparse.Namespace) -> str:
     return prompt_or_chat(args.prompt, args.chat, args.system, args.tokenizer)
 
 
-def _levels(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--concurrency wants comma-separated integers, got {text!r}") from None
-
-
 def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("engine_dirs", nargs="+", type=Path,
                    help="engines/NAME (served with the cpu flavour); several are reported side by side")
-    p.add_argument("--concurrency", type=_levels, default=(1, 4, 16), help="concurrent streams per level")
+    p.add_argument("--concurrency", type=comma_ints("--concurrency"), default=(1, 4, 16),
+                   help="concurrent streams per level")
     p.add_argument("--rounds", type=int, default=2,
                    help="requests per client and level (at least 24 requests per level and path in all)")
     p.add_argument("--pairs", type=int, default=6,

@@ -8,7 +8,10 @@ module importable there.
 
 from __future__ import annotations
 
+import json
 import os
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -24,6 +27,20 @@ def resolve_paths(params: dict[str, str], args: dict[str, str]) -> dict[str, str
     root = os.path.dirname(model_dir) if os.path.basename(model_dir) == args.get("model_name") else model_dir
     return {k: os.path.join(root, v) if k in REPO_PATHS and v and not os.path.isabs(v) else v
             for k, v in params.items()}
+
+
+def model_params(args: dict[str, str]) -> dict[str, str]:
+    """A python model's config parameters (string values), repository paths resolved."""
+    cfg = json.loads(args["model_config"])
+    return resolve_paths({k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}, args)
+
+
+def serve_in_thread(serve: Callable[[Any], None], request: Any, threads: set[threading.Thread]) -> None:
+    """A decoupled model answers each request from a thread of its own, so `execute` returns at
+    once and requests run side by side; `threads` is what `finalize` joins (`serve` discards its own)."""
+    t = threading.Thread(target=serve, args=(request,), daemon=True)
+    threads.add(t)
+    t.start()
 
 
 def gather(pb: Any, request: Any, names: tuple[str, ...]) -> dict[str, np.ndarray | None]:

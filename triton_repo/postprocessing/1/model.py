@@ -11,16 +11,6 @@ import triton_python_backend_utils as pb_utils
 INPUTS = ("TOKENS_BATCH", "SEQUENCE_LENGTH", "GENERATED_IDS", "IS_FINAL", "REQUEST_KEY")
 
 
-def _params(args):
-    cfg = json.loads(args["model_config"])
-    params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
-    if params["export_root"] not in sys.path:
-        sys.path.insert(0, params["export_root"])
-    from export.triton.stub import resolve_paths
-
-    return resolve_paths(params, args)
-
-
 class TritonPythonModel:
     def initialize(self, args):
         p = _params(args)
@@ -60,3 +50,12 @@ class TritonPythonModel:
             self.stub.stop_engine(pb_utils, self.engine_name, self.pipeline.stop_id(int(key.reshape(-1)[0])))
         except Exception as e:  # the request is gone either way; say why the slot may stay busy
             pb_utils.Logger.log_warn(f"postprocessing: could not stop the engine's request: {e}")
+
+
+def _params(args):
+    """The model's parameters; first `export_root` (rendered by `package`) goes on sys.path."""
+    root = json.loads(args["model_config"])["parameters"]["export_root"]["string_value"]
+    sys.path[:0] = [] if root in sys.path else [root]
+    from export.triton.stub import model_params
+
+    return model_params(args)

@@ -13,16 +13,6 @@ INPUTS = ("QUERY", "REQUEST_OUTPUT_LEN", "BAD_WORDS_DICT", "STOP_WORDS_DICT", "E
           "TEMPERATURE", "RUNTIME_TOP_K", "RUNTIME_TOP_P")
 
 
-def _params(args):
-    cfg = json.loads(args["model_config"])
-    params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
-    if params["export_root"] not in sys.path:
-        sys.path.insert(0, params["export_root"])
-    from export.triton.stub import resolve_paths
-
-    return resolve_paths(params, args)
-
-
 class TritonPythonModel:
     def initialize(self, args):
         p = _params(args)
@@ -47,3 +37,12 @@ class TritonPythonModel:
                 continue
             responses.append(self.stub.response(pb_utils, out))
         return responses
+
+
+def _params(args):
+    """The model's parameters; first `export_root` (rendered by `package`) goes on sys.path."""
+    root = json.loads(args["model_config"])["parameters"]["export_root"]["string_value"]
+    sys.path[:0] = [] if root in sys.path else [root]
+    from export.triton.stub import model_params
+
+    return model_params(args)

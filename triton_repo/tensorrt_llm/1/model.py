@@ -36,16 +36,6 @@ INPUTS = ("input_ids", "input_lengths", "request_output_len", "end_id", "pad_id"
           "bad_words_list", "temperature", "runtime_top_k", "runtime_top_p", "seed", "streaming", "stop")
 
 
-def _params(args):
-    cfg = json.loads(args["model_config"])
-    params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
-    if params["export_root"] not in sys.path:
-        sys.path.insert(0, params["export_root"])
-    from export.triton.stub import resolve_paths
-
-    return resolve_paths(params, args)
-
-
 class TritonPythonModel:
     def initialize(self, args):
         p = _params(args)
@@ -106,9 +96,7 @@ class TritonPythonModel:
             if self.health.down is not None:
                 self._error(request.get_response_sender(), request, self.health.down, "UNAVAILABLE")
                 continue
-            t = threading.Thread(target=self._serve, args=(request,), daemon=True)
-            self.threads.add(t)
-            t.start()
+            self.stub.serve_in_thread(self._serve, request, self.threads)
         return None
 
     def _stop(self, request_id):
@@ -179,3 +167,12 @@ class TritonPythonModel:
         for t in list(self.threads):
             t.join(timeout=10)
         self.engine.close()
+
+
+def _params(args):
+    """The model's parameters; first `export_root` (rendered by `package`) goes on sys.path."""
+    root = json.loads(args["model_config"])["parameters"]["export_root"]["string_value"]
+    sys.path[:0] = [] if root in sys.path else [root]
+    from export.triton.stub import model_params
+
+    return model_params(args)

@@ -38,16 +38,6 @@ PRE_TO_ENGINE = {"INPUT_ID": "input_ids", "REQUEST_INPUT_LEN": "input_lengths",
                  "STOP_WORDS_IDS": "stop_words_list", "BAD_WORDS_IDS": "bad_words_list"}
 
 
-def _params(args):
-    cfg = json.loads(args["model_config"])
-    params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
-    if params["export_root"] not in sys.path:
-        sys.path.insert(0, params["export_root"])
-    from export.triton.stub import resolve_paths
-
-    return resolve_paths(params, args)
-
-
 class TritonPythonModel:
     def initialize(self, args):
         p = _params(args)
@@ -64,9 +54,7 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for request in requests:
-            t = threading.Thread(target=self._serve, args=(request,), daemon=True)
-            self.threads.add(t)
-            t.start()
+            self.stub.serve_in_thread(self._serve, request, self.threads)
         return None
 
     def _serve(self, request):
@@ -196,3 +184,12 @@ def _is_cpu_engine(engine_dir):
 def _text(tensor):
     value = tensor.as_numpy().reshape(-1)[0]
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _params(args):
+    """The model's parameters; first `export_root` (rendered by `package`) goes on sys.path."""
+    root = json.loads(args["model_config"])["parameters"]["export_root"]["string_value"]
+    sys.path[:0] = [] if root in sys.path else [root]
+    from export.triton.stub import model_params
+
+    return model_params(args)

@@ -72,9 +72,7 @@ class TritonPythonModel:
                 self._send_error(request.get_response_sender(), f"Error generating request: {self.health.down}",
                                  "UNAVAILABLE")
                 continue
-            t = threading.Thread(target=self._serve, args=(request,), daemon=True)
-            self.threads.add(t)
-            t.start()
+            self.stub.serve_in_thread(self._serve, request, self.threads)
         return None
 
     def _serve(self, request):
