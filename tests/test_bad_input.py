@@ -402,6 +402,7 @@ def _subprocess_check(case: Case, command: str, base: Path, engine: Path, tmp_pa
     check_refused(r.returncode, r.stderr, expect, tmp_path / "case", before, out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("case", "command"), [p for p in PAIRS if p.values[0].name in SUBPROCESS_ROWS
                                                 and p.values[1] == "convert"]
                          + [p for p in PAIRS if p.values[0].name == "header a list" and p.values[1] == "fuse"])

@@ -80,6 +80,7 @@ def test_a_template_bos_is_not_doubled_by_a_tokenizer_that_adds_one(tmp_path):
     assert tok.encode(text).count(tok.bos_token_id) == 1
 
 
+@pytest.mark.slow
 def test_a_tokenizer_without_a_template_is_one_line_exit_2(tmp_path):
     from triton_support import write_tokenizer
 
@@ -101,6 +102,7 @@ def test_prompt_or_chat():
         prompt_or_chat(None, USER, None, None)
 
 
+@pytest.mark.slow
 def test_generate_chat_equals_generate_of_the_rendered_prompt():
     from export.runtime.sampling import SamplingParams
     from export.runtime.text import generate_text
@@ -155,6 +157,7 @@ def test_repositories_name_the_tokenizer_they_serve_with(engine_dir, tmp_path):
         assert render_chat(load_chat_tokenizer(where), USER, SYSTEM) == want
 
 
+@pytest.mark.slow
 def test_query_chat_through_a_served_repository_equals_the_rendered_prompt(engine_dir, tmp_path):
     """As a user runs it: `package --backend llmapi` (tp 1), `serve`, `query --chat --stream` against the
     repository's tokenizer; the same text as `query` of the rendered prompt (the tp 2 CLI run and the

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from export import __version__
 from export.cli import build_parser
 
@@ -23,11 +25,13 @@ def _subparsers(parser: argparse.ArgumentParser | None = None, prefix: str = "")
     return out
 
 
+@pytest.mark.slow
 def test_version():
     out = subprocess.run([sys.executable, "-m", "export", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == f"python -m export {__version__}"
 
 
+@pytest.mark.slow
 def test_query_without_a_server_is_one_clear_error_every_time():
     """No traceback from the gRPC stream's race ("the stream is no longer in valid state")."""
     from export.triton.server import free_port
@@ -56,6 +60,7 @@ def test_every_flag_has_help_and_every_default_is_shown():
     assert not hidden, f"defaults not shown: {hidden}"
 
 
+@pytest.mark.slow
 def test_generate_never_asks_to_trust_the_checkpoints_remote_code():
     """The demo configs carry auto_map (they load in transformers); loading only the tokenizer must
     neither run nor ask about that code (transformers asks on stdin when trust_remote_code is unset)."""

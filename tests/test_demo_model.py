@@ -86,6 +86,7 @@ def test_tokenizer_loads_offline_and_round_trips_python(directory):
     assert len(ids) < len(src) / 2, "BPE should compress Python source"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("directory", MODELS, ids=["llama", "puzzle"])
 def test_heldout_perplexity_matches_card(directory):
     facts = card_facts(directory)

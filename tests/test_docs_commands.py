@@ -100,6 +100,7 @@ def runnable(cmd: str) -> bool:
 RUNS = [(page, [(no, cmd) for no, cmd in page_commands(page) if runnable(cmd)]) for page in PAGES]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("page", "cmds"), [r for r in RUNS if r[1]], ids=[p.name for p, c in RUNS if c])
 def test_concrete_commands_run_on_the_demo_model(page, cmds, tmp_path):
     for name in ("export", "tests"):

@@ -2,12 +2,16 @@
 
 import json
 
+import pytest
+
 from export.cli import main
 from export.demo.paths import DEMO_PUZZLE
 from export.demo.study import write_demo_texts
 from export.deployment_plan import attention_free_runs
 from export.fusion.evaluate import evaluate
 from export.spec import ModelSpec
+
+pytestmark = pytest.mark.slow
 
 
 def test_demo_analyze_fuse_evaluate(tmp_path, capsys):

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.test_spec import ULTRA
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,6 +29,7 @@ def test_ultra_tp8_figures():
     assert "9-12           4  empty" in text  # runs of identical layers are compressed
 
 
+@pytest.mark.slow
 def test_ultra_json_per_rank_bytes():
     rep = json.loads(run(str(ULTRA), "--tp", "8", "--json").stdout)
     assert rep["parameters"] == 253_401_268_224
@@ -39,12 +42,14 @@ def test_ultra_json_per_rank_bytes():
     assert sizes[0] == (rep["parameters"] * 2 - embed - norms) // 8 + embed + norms
 
 
+@pytest.mark.slow
 def test_bad_tp_names_the_problem_and_fails():
     out = run(str(ULTRA), "--tp", "3")
     assert out.returncode == 2
     assert "tp=3 does not divide num_attention_heads=128" in out.stdout
 
 
+@pytest.mark.slow
 def test_missing_config_is_a_clear_error(tmp_path):
     out = run(str(tmp_path))
     assert out.returncode == 2 and "no config.json found" in out.stderr

@@ -173,6 +173,7 @@ with output_dir(sys.argv[1]) as tmp:
 """
 
 
+@pytest.mark.slow
 def test_killed_writer_leaves_no_output_and_next_run_succeeds(tmp_path):
     target = tmp_path / "ckpt"
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(target)], cwd=REPO,

@@ -102,6 +102,7 @@ def test_overrides_and_hf_source(engine_dir, tmp_path):
         llmapi.settings_for(tmp_path)
 
 
+@pytest.mark.slow
 def test_trtllm_serve_files(engine_dir, tmp_path):
     out = package_repo(engine_dir, tmp_path / "serve", backend="trtllm-serve", tp=2, max_num_tokens=4096)
     opts = yaml.safe_load((out / llmapi.SERVE_YAML).read_text())
@@ -169,6 +170,7 @@ def ensemble_texts(engine_dir, tmp_path_factory):
     return out["ensemble"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp", [2, 1])
 def test_llmapi_served_streams_the_same_greedy_text(engine_dir, ensemble_texts, tmp_path, tp):
     from export.triton.client import StreamSession
@@ -196,6 +198,7 @@ def test_llmapi_served_streams_the_same_greedy_text(engine_dir, ensemble_texts, 
             ensemble_texts[1]  # still serving after the bad requests
 
 
+@pytest.mark.slow
 def test_cli_package_serve_query(engine_dir, ensemble_texts, tmp_path):
     from export.triton.server import free_port
 
@@ -225,6 +228,7 @@ def test_cli_package_serve_query(engine_dir, ensemble_texts, tmp_path):
     assert serve.returncode == 0
 
 
+@pytest.mark.slow
 def test_a_dead_tp_worker_ends_the_stream_and_stops_the_server(engine_dir, tmp_path):
     """The cpu engine model's health rule holds for the LLM-API model too (export.triton.health)."""
     import os
@@ -283,6 +287,7 @@ def test_client_picks_the_model_and_contract():
                       "sampling_param_stop": [2], "return_finish_reason": [1]}  # max_batch_size 0: no batch dim
 
 
+@pytest.mark.slow
 def test_stop_request_ends_the_running_request(engine_dir, tmp_path):
     """Upstream's cancellation: a request with `stop` = true and a running request's id ends it; both
     are answered CANCELLED ("Request cancelled by client")."""

@@ -112,6 +112,7 @@ def test_hetero_parity_with_the_reference_runtime(hetero):
         assert ort.stats()[0]["kv_bytes_per_token"] == ref.stats()[0]["kv_bytes_per_token"]
 
 
+@pytest.mark.slow
 def test_build_onnx_cli_records_the_engine_in_the_manifest(tmp_path):
     from triton_support import make_engine_dir
 
@@ -135,6 +136,7 @@ def test_build_onnx_cli_records_the_engine_in_the_manifest(tmp_path):
     assert json.loads(gen.stdout)["new_tokens"] == ref.new_tokens
 
 
+@pytest.mark.slow
 def test_a_split_engine_builds_from_its_source_or_says_why_not(tmp_path):
     from triton_support import make_engine_dir
 

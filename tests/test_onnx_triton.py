@@ -41,6 +41,7 @@ def served(tmp_path_factory):
     assert server.process.returncode == 0, "tritonserver did not stop cleanly (a model outlived its exit timeout)"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("model", "protocol", "stream"),
                          [("ensemble", "grpc", True), ("tensorrt_llm_bls", "http", False)])
 def test_onnx_flavour_text_equals_reference_greedy_output(served, model, protocol, stream):

@@ -100,6 +100,7 @@ def test_out_overlapping_the_source_is_refused_and_the_source_is_intact(world, w
     assert snapshot(source.parent) == before and not (source / "sub").exists()
 
 
+@pytest.mark.slow
 def test_fuse_out_may_not_contain_the_plan_and_package_not_the_engine(world, tmp_path):
     plan_dir = tmp_path / "plans"
     plan_dir.mkdir()
@@ -112,6 +113,7 @@ def test_fuse_out_may_not_contain_the_plan_and_package_not_the_engine(world, tmp
     assert snapshot(world["engine"]) == before
 
 
+@pytest.mark.slow
 def test_an_existing_file_at_out_is_refused(world, tmp_path):
     f = tmp_path / "engine.txt"
     f.write_text("not a directory")
@@ -125,6 +127,7 @@ def test_an_existing_file_at_out_is_refused(world, tmp_path):
 
 
 # ---- our own previous output ----------------------------------------------------------------
+@pytest.mark.slow
 def test_our_previous_output_is_replaced_only_with_overwrite(world, tmp_path):
     out = convert(world["source"], tmp_path / "e", tp=1, progress=False).out
     assert json.loads((out / MARKER).read_text())["entries"] == ["checkpoint", "manifest.json", "tokenizer"]
@@ -141,6 +144,7 @@ def test_our_previous_output_is_replaced_only_with_overwrite(world, tmp_path):
     assert (out / "my-notes.txt").read_text() == "added by hand"
 
 
+@pytest.mark.slow
 def test_outputs_from_before_the_marker_are_recognised(world, tmp_path):
     out = tmp_path / "old"
     shutil.copytree(world["engine"], out)
@@ -190,6 +194,7 @@ def test_free_space_is_checked_before_writing(world, small_fs):
     assert [p.name for p in small_fs.iterdir()] == ["filler"]
 
 
+@pytest.mark.slow
 def test_running_out_of_space_mid_write_is_one_clear_error_and_leaves_nothing(world, small_fs):
     """A real ENOSPC from a real (tmpfs) filesystem: the free space passes the precheck (which counts
     the tensors and tokenizer bytes) but not the write (headers, config, manifest, page rounding)."""
@@ -218,6 +223,7 @@ def hold_temp_dir(target: Path) -> tuple[subprocess.Popen, Path]:
     return proc, Path(proc.stdout.readline().strip())
 
 
+@pytest.mark.slow
 def test_stale_temp_dirs_are_removed_beside_any_target_and_by_clean(world, tmp_path):
     parent = tmp_path / "engines"
     live, live_tmp = hold_temp_dir(parent / "b")
@@ -252,6 +258,7 @@ def test_stale_temp_dirs_are_removed_beside_any_target_and_by_clean(world, tmp_p
     assert sorted(p.name for p in parent.iterdir()) == [lookalike.name, "other"]
 
 
+@pytest.mark.slow
 def test_clean_keeps_an_old_format_temp_dir_until_it_is_idle(tmp_path):
     old = tmp_path / ".x.tmp-999999-abcdef12"  # the pre-marker name: pid and tag only
     old.mkdir()

@@ -92,6 +92,7 @@ def test_dry_run_and_inspect_show_the_saving():
     assert split["rank_bytes_saved"] == saved and whole["rank_bytes_saved"] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,pp,dim", [(2, 1, 0), (4, 1, 0), (2, 2, 0), (2, 1, 1)])
 def test_convert_round_trips_through_verify(source, tmp_path, tp, pp, dim):
     eng = convert(source, tmp_path / "e", tp=tp, pp=pp, progress=False, embedding_shard=dim).out
@@ -122,6 +123,7 @@ def test_cli_flags(source, tmp_path, capsys):
     assert json.loads((out / "checkpoint" / "config.json").read_text())["embedding_sharding_dim"] == 1
 
 
+@pytest.mark.slow
 def test_runtime_issues_one_more_collective_per_forward(source, tmp_path):
     """What the ranks issue is what `layout.sync_points_per_token` reports: + 1 at the lookup."""
     from export.layout import sync_points_per_token

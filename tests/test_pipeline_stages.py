@@ -67,6 +67,7 @@ def five_source(tmp_path_factory) -> Path:
     return make_source(tmp_path_factory.mktemp("five") / "src", five_layers(), seed=3)
 
 
+@pytest.mark.slow
 def test_convert_uneven_pp_writes_trtllm_stages_and_verifies(five_source, tmp_path):
     spec = five_layers()
     eng = convert(five_source, tmp_path / "e", tp=1, pp=2, progress=False).out
@@ -125,6 +126,7 @@ def test_ultra_nearest_pp_values():
         "needs one per pipeline stage); nearest pp that works: 7"]
 
 
+@pytest.mark.slow
 def test_convert_refuses_attention_free_stage_tiny(five_source, tmp_path):
     # 5 layers at pp 3: stages 0-1, 2-3, 4; stage 1 = layers 2 (linear) and 3 (full) -> fine; pp 4: 0-1, 2, 3, 4
     with pytest.raises(ExportError, match=r"stage 1 \(layer 2\) has no full-attention layer.*nearest pp that "
@@ -138,6 +140,7 @@ def test_convert_refuses_attention_free_stage_tiny(five_source, tmp_path):
         "trtllm-build cannot build (TRT-LLM needs one per pipeline stage); nearest pp that works: 3"]
 
 
+@pytest.mark.slow
 def test_convert_refuses_demo_puzzle_at_pp4(tmp_path):
     out = cli("convert", str(PUZZLE), "--pp", "4", "--out", str(tmp_path / "e"))
     assert out.returncode == 2, out.stderr
@@ -149,6 +152,7 @@ def test_convert_refuses_demo_puzzle_at_pp4(tmp_path):
 
 
 # ---- inspect ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_inspect_ultra_pp4_per_stage_figures():
     out = cli("inspect", str(ULTRA_CONFIG), "--tp", "8", "--pp", "4")
     assert out.returncode == 0, out.stderr
@@ -173,6 +177,7 @@ def test_inspect_ultra_pp4_per_stage_figures():
     assert max(stages, key=lambda s: s["rank_weight_bytes"])["stage"] == 3
 
 
+@pytest.mark.slow
 def test_inspect_puzzle_pp4_ok_for_cpu_not_trtllm():
     out = cli("inspect", str(PUZZLE), "--pp", "4")
     assert out.returncode == 2

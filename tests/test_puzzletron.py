@@ -445,7 +445,7 @@ def test_parallel_blocks_form_refused_where_the_source_cannot_load_it(tmp_path):
 
 
 # ---- convert: an attention-free parallel_blocks layer as one wide TRT-LLM FFN ------------------
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp", [1, pytest.param(2, marks=pytest.mark.slow)])  # tp 2 verifies in 2 processes
 def test_convert_parallel_blocks_to_one_wide_ffn_and_verify(tmp_path, tp):
     from export.checks.verify import verify
     from export.trtllm.convert import convert
@@ -532,6 +532,7 @@ def test_runtime_runs_attention_branches_exactly_with_a_cache(tmp_path):
         assert (out[0] - full[j]).abs().max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_parallel_blocks_under_tensor_parallelism_match_tp1(tmp_path):
     """tp=2 ranks (real processes and collectives) give tp=1's logits for attention + MLP branches."""
     from export.runtime.engine import Engine
@@ -603,6 +604,7 @@ def test_mixed_plain_and_swiglu_branches_are_not_widened():
 
 
 # ---- end to end: inspect -> fuse -> convert -> verify -> generate -----------------------------
+@pytest.mark.slow
 def test_puzzletron_checkpoint_end_to_end_through_the_cli(tmp_path, capsys):
     """A v2 Puzzletron checkpoint (per-block num_key_value_heads, weights_precision, its top-level
     fields) with a parallel_blocks layer and an attention-free run: every command honours it and

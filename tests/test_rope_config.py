@@ -72,6 +72,7 @@ def test_disagreeing_schemas_are_refused(tmp_path):
         parse_hf_config({**cfg, "rope_parameters": {**cfg["rope_parameters"], "factor": "8"}})
 
 
+@pytest.mark.slow
 def test_convert_writes_rotary_base_and_llama3_scaling(tmp_path):
     """The issue's acceptance check, through the CLI on a checkpoint transformers saved."""
     _hf_llama(tmp_path / "src", rope_scaling=dict(LLAMA3), save_model=True)

@@ -47,6 +47,7 @@ def ckpt(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_generate_tp2_prints_text_and_speed(ckpt):
     tok = load_tokenizer(ckpt)
     with Engine.start(ckpt) as eng:  # what tp = 1 makes of it, in-process
@@ -72,6 +73,7 @@ def test_generate_without_tokenizer_is_a_clear_error(tmp_path, capsys):
     assert "no tokenizer found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_generate_streams_after_echoing_the_prompt_and_reads_stdin(ckpt):
     """What is printed is the prompt, then exactly the generated text (streamed piece by piece)."""
     tok = load_tokenizer(ckpt)

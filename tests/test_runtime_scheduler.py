@@ -101,6 +101,7 @@ def test_cancel_frees_the_slot_within_one_step(eng):
     assert alone(eng, PROMPTS[3], SamplingParams(max_tokens=3)) == alone(eng, PROMPTS[3], SamplingParams(max_tokens=3))
 
 
+@pytest.mark.slow
 def test_tp2_concurrent_streams_equal_the_single_request_runs(ckpt, eng):
     params = [SamplingParams(max_tokens=10), SamplingParams(max_tokens=7, temperature=1.1, seed=3),
               SamplingParams(max_tokens=12), SamplingParams(max_tokens=4, top_k=5, temperature=0.7, seed=4)]

@@ -32,6 +32,7 @@ def _same_logits(got: torch.Tensor, want: torch.Tensor) -> None:
     assert (got - want).abs().max().item() <= 1e-4
 
 
+@pytest.mark.slow
 def test_tp2_matches_tp1(reference):
     path, ref = reference
     spec = hetero_spec()
@@ -50,12 +51,14 @@ def test_tp2_matches_tp1(reference):
     assert [s["kv_bytes_per_token"] for s in stats] == [per_rank, per_rank]
 
 
+@pytest.mark.slow
 def test_tp4_matches_tp1(reference):
     path, ref = reference
     with Engine.start(path, tp=4) as eng:
         _same_logits(eng.logits(PROMPTS), ref["logits"])
 
 
+@pytest.mark.slow
 def test_tp2_pp2_matches_tp1(reference):
     path, ref = reference
     with Engine.start(path, tp=2, pp=2) as eng:
@@ -65,6 +68,7 @@ def test_tp2_pp2_matches_tp1(reference):
     assert stream == [[t] for t in ref["greedy"][1]]
 
 
+@pytest.mark.slow
 def test_uneven_pp3_with_an_attention_free_stage_matches_tp1(reference):
     """8 layers at pp 3: TRT-LLM's split gives 3, 3, 2 layers; the last stage (linear + empty layers)
     has no KV cache at all. trtllm-build refuses such a stage, the cpu engine runs it."""
@@ -92,6 +96,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow
 def test_workers_die_with_their_driver(reference, tmp_path):
     """A driver killed outright (no close, no atexit) leaves no worker behind."""
     import os

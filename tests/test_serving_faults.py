@@ -134,6 +134,7 @@ def stream_in_thread(server, model: str, out: dict) -> threading.Thread:
     return thread
 
 
+@pytest.mark.slow
 def test_a_dead_tp_worker_ends_streams_with_an_error_and_readiness_goes_false(repo):
     """kill -9 of TP rank 1 mid-stream: the BLS stream hung forever (its thread leaked, shutdown waited
     out the 10 s exit timeout) and /v2/health/ready stayed 200 while every request failed."""
@@ -163,6 +164,7 @@ def test_a_dead_tp_worker_ends_streams_with_an_error_and_readiness_goes_false(re
         server.stop()
 
 
+@pytest.mark.slow
 def test_a_dead_engine_stub_makes_the_server_not_ready(repo):
     """kill -9 of the tensorrt_llm model's stub: Triton 2.51 answered "Stub process is not healthy" to
     every request and kept /v2/health/ready at 200; the reaper now stops the server."""
@@ -179,6 +181,7 @@ def test_a_dead_engine_stub_makes_the_server_not_ready(repo):
         server.stop()
 
 
+@pytest.mark.slow
 def test_a_killed_server_leaves_no_stub_worker_or_shm_region(repo):
     """kill -9 of tritonserver orphaned its python stubs and the TP workers, and left its shm regions."""
     from export.triton.procs import tree_pids
@@ -194,6 +197,7 @@ def test_a_killed_server_leaves_no_stub_worker_or_shm_region(repo):
         server.stop()
 
 
+@pytest.mark.slow
 def test_a_killed_launcher_leaves_nothing_behind(repo):
     """kill -9 of `serve`: the engine stub deadlocked in its shutdown and it and both TP workers stayed
     for minutes (sometimes tritonserver too), and the shm regions leaked."""

@@ -21,6 +21,8 @@ from triton_support import CORPUS, make_engine_dir
 from export.triton.client import QueryError, Request, grpc_inputs, query
 from export.triton.procs import tree_rss_bytes
 
+pytestmark = pytest.mark.slow
+
 CLIENTS = 32
 REQUESTS_PER_CLIENT = 4
 SLOTS, QUEUE = 8, 12  # 32 clients > 8 running + 12 waiting: some get "engine busy" and retry

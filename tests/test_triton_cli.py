@@ -17,6 +17,8 @@ from triton_support import make_engine_dir
 
 from export.triton.server import ServerError, free_port, start_server
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -13,6 +13,8 @@ from triton_support import make_engine_dir
 
 from export.triton.client import QueryError, Request, StreamSession, grpc_inputs, query, stream_infer
 
+pytestmark = pytest.mark.slow
+
 PROMPTS = ["héllo wörld 中文", "the quick brown fox"]
 MAX_TOKENS = 12
 

@@ -61,6 +61,7 @@ def test_build_without_manifest_is_clear(tmp_path, capsys):
     assert code == 2 and "no manifest.json" in err
 
 
+@pytest.mark.slow
 def test_bench_measure_machinery_on_a_tiny_model(tmp_path):
     """The benchmark's copy/convert children on a tiny source: both report time, bytes and peak RSS."""
     from export.trtllm.bench import format_report, measure

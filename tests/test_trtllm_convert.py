@@ -248,6 +248,7 @@ def test_invalid_source_refused_before_writing(source, tmp_path):
     assert not (tmp_path / "e").exists() and not list(tmp_path.glob(".e.*"))
 
 
+@pytest.mark.slow
 def test_cli_convert(source, tmp_path):
     out = subprocess.run([sys.executable, "-m", "export", "convert", str(source), "--tp", "2", "--pp", "2",
                           "--dtype", "bf16", "--out", str(tmp_path / "e")], cwd=REPO, capture_output=True, text=True)
@@ -286,6 +287,7 @@ def test_default_build_leaves_room_to_generate(context, want):
     assert (build["max_input_len"], build["max_seq_len"]) == want
 
 
+@pytest.mark.slow
 def test_cli_convert_and_verify_json(source, tmp_path):
     """Summaries as JSON for scripts; one rate unit in what convert prints (MB/s) on both streams."""
     run = subprocess.run([sys.executable, "-m", "export", "convert", str(source), "--tp", "2", "--out",

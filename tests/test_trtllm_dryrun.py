@@ -41,6 +41,7 @@ def test_ultra_tp8_every_split_divides_and_matches_inspect():
     assert len(rep["config"]["layer_configs"]) == 162
 
 
+@pytest.mark.slow
 def test_cli_dry_run_ultra(tmp_path):
     out = subprocess.run([sys.executable, "-m", "export", "convert", "--dry-run", str(ULTRA), "--tp", "8"],
                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)

@@ -20,7 +20,11 @@ def source(tmp_path_factory):
     return make_source(tmp_path_factory.mktemp("v") / "src", hetero_spec(), seed=5)
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (4, 1), (2, 2)])
+SLOW = pytest.mark.slow  # tp * pp > 1 verifies in worker processes
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), pytest.param(2, 1, marks=SLOW), pytest.param(4, 1, marks=SLOW),
+                                   pytest.param(2, 2, marks=SLOW)])
 def test_verify_passes_fp32(source, tmp_path, tp, pp):
     eng = convert(source, tmp_path / "e", tp=tp, pp=pp, progress=False).out
     res = verify(eng, source)
@@ -51,6 +55,7 @@ def test_verify_catches_a_corrupted_rank_file(source, tmp_path, capsys):
     assert Manifest.load(eng).engines["cpu"]["verified"] is False
 
 
+@pytest.mark.slow
 def test_widening_bf16_to_fp32_is_held_to_the_strict_tolerance(tmp_path):
     """bf16 -> fp32 loses nothing, so it gets 1e-4, not the lossy 5%-of-max-logit bound (0.75 on
     the demo model), which would let a wrong packing through."""

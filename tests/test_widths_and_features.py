@@ -19,6 +19,7 @@ from export.synthetic import llama_config, write_random_checkpoint
 from tests.conftest import ffn_only, full, llama_spec
 
 
+@pytest.mark.slow
 def test_a_width_no_ffn_mult_expresses_is_written_as_intermediate_size(tmp_path):
     """Fusing FFNs of widths 128 + 256 gives 384: no ffn_mult gives it, so the block says
     `intermediate_size` (what vLLM's nemotron_nas loader and ours read) and it round-trips."""
@@ -58,6 +59,7 @@ def test_an_empty_plan_writes_nothing(tmp_path):
     assert not (tmp_path / "f").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", ["attention_bias", "mlp_bias"])
 def test_biases_are_refused_up_front_by_name(tmp_path, key):
     cfg = llama_config(llama_spec()) | {key: True}
@@ -68,6 +70,7 @@ def test_biases_are_refused_up_front_by_name(tmp_path, key):
     assert out.returncode == 2 and f"'{key}'" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_inspect_accepts_an_engine_dir(tmp_path):
     from export.trtllm.convert import convert
 
@@ -83,6 +86,7 @@ def test_inspect_accepts_an_engine_dir(tmp_path):
     assert torch.tensor(rep["rank_weight_bytes"]).tolist() == direct["rank_weight_bytes"]
 
 
+@pytest.mark.slow
 def test_convert_fuse_and_plan_take_an_engine_dir(tmp_path):
     """Where a checkpoint is expected, an engines/NAME directory stands for the HF checkpoint it came from."""
     from export.trtllm.convert import convert
