@@ -36,11 +36,10 @@ def build_max_seq_len(ckpt: Path) -> int | None:
     """The request limit an `engines/NAME` directory was built for (its manifest's build.max_seq_len,
     what its Triton repository serves with); None for a bare checkpoint (the engine then uses the
     model's max_position_embeddings)."""
-    from export.manifest import MANIFEST, Manifest
+    from export.engine_dir import EngineDir
 
-    if not ((ckpt / MANIFEST).is_file() and (ckpt / "checkpoint").is_dir()):
-        return None
-    return int(Manifest.load(ckpt).build["max_seq_len"])
+    engine = EngineDir.of(ckpt)
+    return int(engine.manifest.build["max_seq_len"]) if engine is not None else None
 
 
 def generate_text(ckpt: Path, prompt: str, params: SamplingParams, *, tp: int | None = None, pp: int | None = None,

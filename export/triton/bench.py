@@ -255,19 +255,19 @@ def _direct_side(engine_dir: Path, levels: tuple[int, ...], max_tokens: int,
     same slots); also the collectives per token the ranks issued for one request."""
     import torch
 
-    from export.manifest import Manifest
+    from export.engine_dir import EngineDir
     from export.runtime.detok import IncrementalDecoder
     from export.runtime.engine import Engine
     from export.runtime.sampling import SamplingParams
     from export.triton.pipeline import load_tokenizer
 
-    m = Manifest.load(engine_dir)
-    tok = load_tokenizer(str(engine_dir / m.tokenizer))
+    engine = EngineDir(engine_dir)
+    tok = load_tokenizer(str(engine.tokenizer))
     params = SamplingParams(max_tokens=max_tokens)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with Engine.start(engine_dir / m.checkpoint, max_batch=max(levels), max_queue=max(levels),
+        with Engine.start(engine.checkpoint, max_batch=max(levels), max_queue=max(levels),
                           runtime=runtime) as eng:
             def one(i: int) -> Timing:  # text in, streamed text out: the same work as the ensemble
                 start, arrivals, pieces = time.perf_counter(), [], []
