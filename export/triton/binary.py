@@ -71,8 +71,28 @@ def _bundled(root: Path, work_dir: Path) -> ServerBinary:
     _link(stub, py / "triton_python_backend_stub")
     libs = root.parent / "nvidia_pytriton.libs"
     env = _model_env()
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), os.environ.get("LD_LIBRARY_PATH")) if p)
+    paths = (str(libs), _own_libpython_dir(), os.environ.get("LD_LIBRARY_PATH"))
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in paths if p)
     return ServerBinary(root / "tritonserver/bin/tritonserver", bundled=True, backend_dir=backend_dir, env=env)
+
+
+def _own_libpython_dir() -> str | None:
+    """The directory of this interpreter's own libpython, so the stub embeds the Python whose
+    standard library and site-packages it then imports.
+
+    The bundled stub links `libpython3.X.so.1.0` by name. Left to the loader it picks up the
+    system's (Debian's 3.11.2 here) while its stdlib and site-packages come from this interpreter
+    (3.11.7, found through PATH), so the stdlib's C modules built for one patch release run on
+    another's interpreter. With that mix, `tests/test_serving_load.py` lost a stub to a segfault
+    inside libpython's allocator (dmesg) in about 1 run in 6 (docs/serving.md). None when this
+    interpreter has no shared libpython (nothing to match).
+    """
+    import sysconfig
+
+    libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
+    if libdir and soname and (Path(libdir) / soname).is_file() and sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        return str(libdir)
+    return None
 
 
 def _link(src: Path, dst: Path) -> None:

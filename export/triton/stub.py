@@ -8,6 +8,7 @@ module importable there.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import threading
@@ -30,7 +31,13 @@ def resolve_paths(params: dict[str, str], args: dict[str, str]) -> dict[str, str
 
 
 def model_params(args: dict[str, str]) -> dict[str, str]:
-    """A python model's config parameters (string values), repository paths resolved."""
+    """A python model's config parameters (string values), repository paths resolved.
+
+    Every model calls this first in `initialize`, so it is also where a crash is made legible: the
+    stub ignores PYTHONFAULTHANDLER, and without `faulthandler` a stub that segfaults leaves only
+    Triton's "stub process is not healthy", never which Python code was running.
+    """
+    faulthandler.enable()  # to the stub's stderr: the server log
     cfg = json.loads(args["model_config"])
     return resolve_paths({k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}, args)
 
