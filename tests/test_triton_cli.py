@@ -137,3 +137,28 @@ def test_a_moved_repository_serves_without_its_engine_dir(tmp_path):
         res = run("query", "the quick", "--url", server.grpc_url, "--max-tokens", "4", "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["tokens"] == 4
+
+
+def test_ctrl_c_stops_serve_even_when_started_with_sigint_ignored(repo):
+    """`serve ... &` in a shell script starts it with SIGINT ignored (POSIX sh does that for
+    background jobs); `kill -INT` must still stop the server cleanly."""
+    def ignore_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    ports = [str(free_port()) for _ in range(3)]
+    serve = subprocess.Popen(export_cmd("serve", str(repo), "--http-port", ports[0], "--grpc-port", ports[1],
+                                        "--metrics-port", ports[2]),
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             start_new_session=True, preexec_fn=ignore_sigint)
+    try:
+        assert "tritonserver ready" in serve.stdout.readline()
+        tree = descendants(serve.pid)
+        serve.send_signal(signal.SIGINT)
+        assert serve.wait(timeout=60) == 0
+        deadline = time.monotonic() + 15
+        while any(alive(p) for p in tree) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(p) for p in tree), "processes outlived serve"
+    finally:
+        if serve.poll() is None:
+            os.killpg(serve.pid, signal.SIGKILL)

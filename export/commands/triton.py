@@ -136,7 +136,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     def _term(*_: object) -> None:
         raise KeyboardInterrupt
 
+    # Both stop the server, whatever this process inherited: a shell script's `serve ... &` starts it
+    # with SIGINT ignored, and Ctrl-C / `kill -INT` would then do nothing.
     signal.signal(signal.SIGTERM, _term)
+    signal.signal(signal.SIGINT, _term)
     t = time.perf_counter()
     server = start_server(args.repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                           metrics_port=args.metrics_port, timeout=args.timeout, log_file=args.log_file)
