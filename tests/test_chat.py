@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from triton_support import make_engine_dir
+from triton_support import make_engine_dir, stop_serve
 
 from export.chat import chat_prompt, load_chat_tokenizer, prompt_or_chat, render_chat, repository_tokenizer
 from export.demo.paths import DEMO_LLAMA, DEMO_PUZZLE
@@ -162,7 +162,6 @@ def test_query_chat_through_a_served_repository_equals_the_rendered_prompt(engin
     """As a user runs it: `package --backend llmapi` (tp 1), `serve`, `query --chat --stream` against the
     repository's tokenizer; the same text as `query` of the rendered prompt (the tp 2 CLI run and the
     ensemble/BLS contract are tests/test_llmapi.py's)."""
-    import signal
 
     from export.triton.client import Request, query
     from export.triton.server import free_port
@@ -186,8 +185,7 @@ def test_query_chat_through_a_served_repository_equals_the_rendered_prompt(engin
         plain = run("query", rendered, *flags)
         direct = query(Request(rendered, max_tokens=8), url=f"127.0.0.1:{grpc}", timeout=60)
     finally:
-        serve.send_signal(signal.SIGINT)
-        serve.wait(timeout=60)
+        stop_serve(serve)
     assert chat.returncode == 0 and plain.returncode == 0, chat.stderr + plain.stderr
     assert json.loads(chat.stdout)["text"] == json.loads(plain.stdout)["text"] == direct.text
     assert direct.text and direct.finish_reason in ("stop", "length")

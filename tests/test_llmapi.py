@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from triton_support import make_engine_dir
+from triton_support import make_engine_dir, stop_serve
 
 from export.errors import ExportError
 from export.triton import llmapi
@@ -223,8 +223,7 @@ def test_cli_package_serve_query(engine_dir, ensemble_texts, tmp_path):
         assert res.returncode == 0, res.stderr
         assert json.loads(res.stdout)["text"] == ensemble_texts[0]
     finally:
-        serve.send_signal(signal.SIGINT)
-        serve.wait(timeout=60)
+        stop_serve(serve)
     assert serve.returncode == 0
 
 

@@ -54,3 +54,18 @@ def make_engine_dir(root: Path, tp: int = 2, seed: int = 0) -> Path:
     out = root / "engines" / "tiny"
     convert(src, out, tp=tp, progress=False)
     return out
+
+
+def stop_serve(serve, timeout: float = 60) -> int:
+    """Ctrl-C a `python -m export serve` subprocess and wait for it. If it does not stop, kill it (its
+    reaper then stops the server) so a failing test leaves no server behind, and fail."""
+    import signal
+    import subprocess
+
+    serve.send_signal(signal.SIGINT)
+    try:
+        return serve.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        serve.kill()
+        serve.wait()
+        raise
