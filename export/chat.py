@@ -54,7 +54,7 @@ def repository_tokenizer(path: Path) -> Path | None:
 def load_chat_tokenizer(path: Path, tokenizer: Path | None = None) -> Any:
     """The tokenizer of a model repository, engines/NAME, checkpoint or tokenizer directory
     (`tokenizer` overrides), through the runtime's one loader."""
-    from export.runtime.text import load_tokenizer
+    from export.io.tokenizer import load_tokenizer
 
     return load_tokenizer(Path(path), tokenizer or repository_tokenizer(Path(path)))
 

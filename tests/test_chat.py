@@ -19,7 +19,7 @@ from export.chat import chat_prompt, load_chat_tokenizer, prompt_or_chat, render
 from export.demo.paths import DEMO_LLAMA, DEMO_PUZZLE
 from export.demo.tokenizer import CHAT_TEMPLATE, save_tokenizer, train_tokenizer, write_chat_template
 from export.errors import ExportError
-from export.runtime.text import load_tokenizer
+from export.io.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEM = "detailed thinking on"

@@ -55,8 +55,7 @@ class Engine:
         `max_batch` sequences run at once, `max_queue` more may wait, and running requests reserve at
         most `kv_cache_tokens` (prompt + max_tokens each; default max_batch x max_seq_len) -- see
         `export.runtime.scheduler`. `max_seq_len` bounds prompt + max_tokens (default: the model's
-        max_position_embeddings). A single torch rank runs in this process (measured faster
-        under Triton than a worker process: no IPC per step, and the model's ops release the GIL).
+        max_position_embeddings). Where the ranks run is the runtime's choice (`torch_runtime.py`).
         """
         spec, mapping, backend = registry.get(runtime).load()(Path(source), tp=tp, pp=pp, dtype=dtype,
                                                                threads=threads, python=python)
