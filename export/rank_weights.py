@@ -18,7 +18,7 @@ from export.layout import on_rank
 from export.mapping import Mapping
 from export.sharding import shard_for
 from export.spec import ModelSpec
-from export.tensors import Role, TensorRef, branch_roles, global_ref, layer_roles
+from export.tensors import Role, ScaleRef, TensorRef, branch_roles, global_ref, is_fp8, layer_roles
 
 
 class RankWeights(Protocol):
@@ -27,7 +27,12 @@ class RankWeights(Protocol):
     rank: int
 
     def get(self, role: Role, layer: int | None = None) -> torch.Tensor:
-        """The rank's piece of tensor (role, global layer); KeyError if the rank holds none."""
+        """The rank's piece of tensor (role, global layer); KeyError if the rank holds none. An FP8
+        linear (`tensors.is_fp8`) comes as float8_e4m3fn, with its scales from `scale`."""
+        ...
+
+    def scale(self, ref: ScaleRef) -> float:
+        """A per-tensor scale (the same on every rank: per-tensor scales are not sharded)."""
         ...
 
 
@@ -60,4 +65,7 @@ class HFRankWeights:
         shard = shard_for(self.spec, ref, self.mapping.tp_rank(self.rank), self.mapping.tp,
                           self.mapping.embedding_shard)
         t = self.reader.read(ref, shard)
-        return t.to(self.dtype) if self.dtype is not None else t
+        return t.to(self.dtype) if self.dtype is not None and not is_fp8(self.spec, ref) else t
+
+    def scale(self, ref: ScaleRef) -> float:
+        return self.reader.scale(ref)

@@ -21,6 +21,7 @@ from typing import Any
 
 from export.errors import ConfigError
 from export.fields import MISSING, Fields, is_int, is_number
+from export.quantization import HF_QUANT_CONFIG, Quantization, parse_quantization
 
 DECILM = "DeciLMForCausalLM"
 # TRT-LLM's nemotron_nas has no parallel blocks and builds every MLP as a GatedMLP.
@@ -234,6 +235,8 @@ class ModelSpec:
     architecture: str = DECILM
     rope_schema: RopeSchema = field(default=RopeSchema.LEGACY, compare=False)
     block_schema: BlockSchema = field(default_factory=BlockSchema, compare=False)
+    # FP8 (ModelOpt per-tensor) or none: which linears are stored quantized, and the KV cache's dtype.
+    quant: Quantization = field(default_factory=Quantization)
     # Source config keys no stage interprets (token ids, auto_map, ...), kept for round trips.
     passthrough: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
@@ -316,6 +319,9 @@ class ModelSpec:
     def with_dtype(self, dtype: str) -> ModelSpec:
         return replace(self, dtype=normalize_dtype(dtype))
 
+    def with_quant(self, quant: Quantization) -> ModelSpec:
+        return replace(self, quant=quant)
+
     def with_layers(self, layers: list[Layer] | tuple[Layer, ...]) -> ModelSpec:
         return replace(self, layers=tuple(layers), architecture=DECILM)
 
@@ -334,6 +340,8 @@ class ModelSpec:
             "attention_bias": False, "mlp_bias": False,
             "block_configs": [_block_config(lay, self) for lay in self.layers],
         })
+        if not self.quant.is_none:  # ModelOpt mirrors hf_quant_config.json here
+            cfg["quantization_config"] = self.quant.config_json()
         if not self.block_schema.per_layer_globals:  # Puzzletron's to_dict drops them
             for key in PER_LAYER_GLOBALS:
                 cfg.pop(key)
@@ -359,7 +367,13 @@ class ModelSpec:
         """From a config.json file or a directory holding one; errors name the file."""
         p = Path(path)
         p = p / "config.json" if p.is_dir() else p
-        return parse_hf_config(read_config_json(p), where=str(p))
+        cfg = read_config_json(p)
+        spec = parse_hf_config(cfg, where=str(p))
+        quant_file = p.parent / HF_QUANT_CONFIG  # ModelOpt's, beside config.json; both must agree
+        if not quant_file.is_file():
+            return spec
+        hf_quant = read_config_json(quant_file)
+        return spec.with_quant(parse_quantization(hf_quant, cfg.get("quantization_config"), str(p), str(quant_file)))
 
 
 # ---- the width rule ----------------------------------------------------------------------
@@ -496,10 +510,11 @@ def parse_hf_config(cfg: dict[str, Any], where: str = "config") -> ModelSpec:
                           f"write the intended head_dim")
     if n is not None and n != len(layers):
         raise ConfigError(f"{where}: num_hidden_layers is {n} but {len(layers)} layers are described")
+    quant = parse_quantization(None, cfg.get("quantization_config"), where)
     return ModelSpec(
         hidden=hidden, heads=heads, head_dim=head_dim or hidden // heads, vocab=vocab, layers=tuple(layers),
         **rope, **scalars, dtype=normalize_dtype(dtype), architecture=DECILM if is_deci else LLAMA,
-        block_schema=schema, passthrough={k: cfg[k] for k in _PASSTHROUGH if k in cfg},
+        block_schema=schema, quant=quant, passthrough={k: cfg[k] for k in _PASSTHROUGH if k in cfg},
     )
 
 

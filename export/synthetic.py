@@ -10,11 +10,12 @@ from pathlib import Path
 
 import torch
 
+from export import fp8
 from export.io.output import output_dir
 from export.io.safetensors_format import torch_dtype
-from export.io.writer import HFCheckpointWriter, write_config
+from export.io.writer import HFCheckpointWriter, write_config, write_quant_config
 from export.spec import ModelSpec
-from export.tensors import Role, model_tensors
+from export.tensors import Role, ScaleKind, is_fp8, model_tensors, scale_refs, stored_dtype
 
 NORM_ROLES = {Role.ATTN_NORM, Role.FFN_NORM, Role.FINAL_NORM}
 
@@ -31,17 +32,37 @@ def write_random_checkpoint(path: str | Path, spec: ModelSpec, *, seed: int = 0,
 
     `path` must be new, or a previous output of this toolkit replaced with `overwrite`."""
     gen = torch.Generator().manual_seed(seed)
-    dtype = torch_dtype(spec.dtype)
     refs = model_tensors(spec)
-    planned = sum(r.numel() for r in refs) * dtype.itemsize
+    scales = scale_refs(spec)
+    plan = [(r.hf_name, torch_dtype(stored_dtype(spec, r)), r.shape) for r in refs]
+    plan += [(s.name, torch.float32, ()) for s in scales]
+    planned = sum(_numel(shape) * dt.itemsize for _, dt, shape in plan)
     with output_dir(path, overwrite=overwrite, planned_bytes=planned) as tmp:
-        writer = HFCheckpointWriter(tmp, [(r.hf_name, dtype, r.shape) for r in refs], max_shard_bytes)
+        writer = HFCheckpointWriter(tmp, plan, max_shard_bytes)
+        weight_scales = {}
         for r in refs:
-            writer.write(r.hf_name, random_tensor(r.role, r.shape, gen, std).to(dtype))
+            t = random_tensor(r.role, r.shape, gen, std)
+            if is_fp8(spec, r):  # ModelOpt's per-tensor recipe: scale = amax / 448
+                weight_scales[(r.role, r.layer, r.branch)] = scale = fp8.scale_for(t.abs().max())
+                writer.write(r.hf_name, fp8.quantize(t, scale))
+            else:
+                writer.write(r.hf_name, t.to(torch_dtype(spec.dtype)))
+        for s in scales:  # activation and KV amaxes of a few units, as calibration finds them
+            value = (weight_scales[(s.role, s.layer, s.branch)] if s.kind is ScaleKind.WEIGHT
+                     else float(2.0 + 4.0 * torch.rand((), generator=gen)) / fp8.FP8_MAX)
+            writer.write(s.name, torch.tensor(value, dtype=torch.float32))
         writer.close()
         write_config(tmp, spec.to_hf_config() if spec.architecture != "LlamaForCausalLM"
                      else llama_config(spec))
+        write_quant_config(tmp, spec.quant)
     return Path(path)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def llama_config(spec: ModelSpec) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from export.quantization import FP8_DTYPE
 from export.spec import AttentionKind, FFNKind, Layer, ModelSpec
 
 
@@ -153,3 +154,90 @@ def model_tensors(spec: ModelSpec) -> list[TensorRef]:
 
 def parameter_count(spec: ModelSpec) -> int:
     return sum(r.numel() for r in model_tensors(spec))
+
+
+# ---- quantized tensors (ModelOpt per-tensor FP8: `export.quantization`) ----------------------
+class ScaleKind(StrEnum):
+    WEIGHT = "weight_scale"  # x_weight ~= weight_fp8 * weight_scale
+    INPUT = "input_scale"  # the linear's input is quantized with it (static activation scale)
+    K = "k_scale"  # FP8 KV cache: keys stored as k / k_scale
+    V = "v_scale"
+
+
+# The linears ModelOpt's FP8 recipe quantizes (every nn.Linear not in exclude_modules); the
+# embedding and the norms are never quantized.
+LINEAR_ROLES = frozenset({Role.Q, Role.K, Role.V, Role.O, Role.LINEAR_ATTN, Role.GATE, Role.UP, Role.DOWN,
+                          Role.LINEAR_FFN, Role.LM_HEAD})
+
+
+def module_name(ref: TensorRef) -> str:
+    """The HF module a weight belongs to (`model.layers.3.mlp.down_proj`), by its own role, not
+    its tied alias: what `exclude_modules` patterns match."""
+    own = TensorRef(ref.role, ref.layer, ref.shape, ref.branch)
+    return own.hf_name.removesuffix(".weight")
+
+
+def is_fp8(spec: ModelSpec, ref: TensorRef) -> bool:
+    """Is this tensor stored as float8_e4m3fn (with a weight and an input scale)?"""
+    return (spec.quant.fp8 and ref.role in LINEAR_ROLES and ref.alias is None
+            and not spec.quant.excludes(module_name(ref)))
+
+
+def stored_dtype(spec: ModelSpec, ref: TensorRef) -> str:
+    """The dtype a checkpoint stores `ref` in (canonical name, as `ModelSpec.dtype`)."""
+    return FP8_DTYPE if is_fp8(spec, ref) else spec.dtype
+
+
+@dataclass(frozen=True)
+class ScaleRef:
+    """One per-tensor scale: of a quantized linear (`role` its weight's role), or an attention
+    layer's k / v cache scale (`role` K or V)."""
+
+    kind: ScaleKind
+    role: Role
+    layer: int | None
+    branch: int | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The names it may be stored under, the one we write first. KV scales: ModelOpt's
+        (`self_attn.k_proj.k_scale`), then vLLM's own (`self_attn.attn.k_scale`, `self_attn.k_scale`)."""
+        module = module_name(TensorRef(self.role, self.layer, (), self.branch))
+        if self.kind in (ScaleKind.WEIGHT, ScaleKind.INPUT):
+            return (f"{module}.{self.kind.value}",)
+        attn = module.rsplit(".", 1)[0]
+        return (f"{module}.{self.kind.value}", f"{attn}.attn.{self.kind.value}", f"{attn}.{self.kind.value}")
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+    def where(self) -> str:
+        at = "the model" if self.layer is None else f"layer {self.layer}"
+        return at + (f" parallel_blocks.{self.branch}" if self.branch is not None else "")
+
+
+def scale_refs(spec: ModelSpec) -> list[ScaleRef]:
+    """Every scale the description needs, in checkpoint order: weight and input scale of each FP8
+    linear, then (FP8 KV cache) k and v scales of each full-attention layer or branch."""
+    out: list[ScaleRef] = []
+    for ref in model_tensors(spec):
+        if is_fp8(spec, ref):
+            out += [ScaleRef(ScaleKind.WEIGHT, ref.role, ref.layer, ref.branch),
+                    ScaleRef(ScaleKind.INPUT, ref.role, ref.layer, ref.branch)]
+        if spec.quant.fp8_kv and ref.role is Role.V:  # one pair per attention (layer, branch)
+            out += [ScaleRef(ScaleKind.K, Role.K, ref.layer, ref.branch),
+                    ScaleRef(ScaleKind.V, Role.V, ref.layer, ref.branch)]
+    return out
+
+
+def kv_scale_names(spec: ModelSpec) -> set[str]:
+    """Every name a k/v cache scale of this model may have: a checkpoint without an FP8 KV cache
+    may still carry them (ModelOpt exports them when it calibrated the KV cache); they are read
+    then only when the cache is FP8."""
+    out: set[str] = set()
+    for ref in model_tensors(spec):
+        if ref.role is Role.V:
+            for kind, role in ((ScaleKind.K, Role.K), (ScaleKind.V, Role.V)):
+                out.update(ScaleRef(kind, role, ref.layer, ref.branch).names)
+    return out

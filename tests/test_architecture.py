@@ -20,7 +20,8 @@ LAYERS: tuple[tuple[str, int], ...] = (
     # 0 core: the model description and pure functions over it (no files, no torch)
     ("export", 0), ("export.errors", 0), ("export.fields", 0), ("export.progress", 0), ("export.process", 0),
     ("export.spec", 0), ("export.mapping", 0), ("export.tensors", 0), ("export.sharding", 0),
-    ("export.layout", 0), ("export.rope", 0), ("export.card", 0), ("export.deployment_plan", 0),
+    ("export.layout", 0), ("export.rope", 0), ("export.quantization", 0), ("export.fp8", 0),
+    ("export.card", 0), ("export.deployment_plan", 0),
     ("export.deploy", 0),
     # 1 storage: files we read and write (safetensors, manifests, engine dirs, tokenizers, outputs)
     ("export.io", 1), ("export.manifest", 1), ("export.engine_dir", 1), ("export.rank_weights", 1),

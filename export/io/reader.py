@@ -11,6 +11,7 @@ before any stage writes anything. Pickle checkpoints are refused outright.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,19 @@ from export.io.paths import checkpoint_file, default_follow_symlinks
 from export.io.safetensors_format import TensorInfo, json_kind, read_header, torch_dtype
 from export.sharding import Shard, take
 from export.spec import ModelSpec
-from export.tensors import HF_IGNORED_SUFFIXES, HF_NAMES, TensorRef, model_tensors, tied_tensors
+from export.tensors import (
+    HF_IGNORED_SUFFIXES,
+    HF_NAMES,
+    ScaleRef,
+    TensorRef,
+    kv_scale_names,
+    model_tensors,
+    scale_refs,
+    stored_dtype,
+    tied_tensors,
+)
+
+SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # ModelOpt writes float32
 
 INDEX = "model.safetensors.index.json"
 CONFIG = "config.json"
@@ -50,6 +63,7 @@ class CheckpointReader:
         self._layout: dict[str, tuple[int, int]] = {}  # file -> (data_start, file size) as validated
         self._files, self._infos, self._where = self._index()
         self._handles: dict[str, Any] = {}
+        self._scales: dict[ScaleRef, float] = {}
 
     # ---- discovery -------------------------------------------------------------------
     def _file(self, fname: str) -> Path:
@@ -144,6 +158,18 @@ class CheckpointReader:
             return self.get(ref.hf_name)
         return take(self.get_slice(ref.hf_name), shard, ref.shape)
 
+    def scale(self, ref: ScaleRef) -> float:
+        """A per-tensor scale (validated by `validate`: one stored name, scalar, finite, > 0)."""
+        if ref not in self._scales:
+            name = self._scale_name(ref)
+            if name is None:
+                raise CheckpointError(f"missing tensor {ref.name} ({ref.kind.value} of {ref.where()})", self.path)
+            self._scales[ref] = float(self.get(name).float().reshape(-1)[0])
+        return self._scales[ref]
+
+    def _scale_name(self, ref: ScaleRef) -> str | None:
+        return next((n for n in ref.names if n in self._infos), None)
+
     def hf_name(self, ref: TensorRef) -> str:
         """The name `ref`'s bytes are stored under (for a tied tensor, the aliased one's)."""
         return ref.hf_name
@@ -155,7 +181,6 @@ class CheckpointReader:
     def validate(self, spec: ModelSpec) -> list[TensorRef]:
         """Check every tensor the description needs; raise with all problems, else return refs."""
         refs = model_tensors(spec)
-        want = torch_dtype(spec.dtype)
         problems: list[str] = []
         needed = set()
         for ref in refs:
@@ -168,13 +193,38 @@ class CheckpointReader:
                 continue
             if info.shape != ref.shape:
                 problems.append(f"tensor {name}: shape {list(info.shape)}, expected {list(ref.shape)}")
-            if info.dtype != want:
-                problems.append(f"tensor {name}: dtype {_dt(info.dtype)}, expected {spec.dtype}")
-        extras = [n for n in self._infos if n not in needed and not _ignorable(n, spec)]
+            want = stored_dtype(spec, ref)
+            if info.dtype != torch_dtype(want):
+                why = " (the checkpoint's quantization config says this linear is FP8)" if want != spec.dtype else ""
+                problems.append(f"tensor {name}: dtype {_dt(info.dtype)}, expected {want}{why}")
+        for sref in scale_refs(spec):
+            problems += self._check_scale(sref, needed)
+        kv_scales = kv_scale_names(spec)  # calibrated KV scales of a cache left in the model dtype
+        extras = [n for n in self._infos if n not in needed and n not in kv_scales and not _ignorable(n, spec)]
         problems += [f"unexpected tensor {n}: the config describes no such weight" for n in extras]
         if problems:
             raise CheckpointError(problems, self.path)
         return refs
+
+
+    def _check_scale(self, ref: ScaleRef, needed: set[str]) -> list[str]:
+        """A scale must be stored under one of its names, as a float scalar (shape [] or [1]),
+        finite and > 0: a zero or NaN scale turns every product of its linear into garbage."""
+        present = [n for n in ref.names if n in self._infos]
+        needed.update(present)
+        if not present:
+            return [f"missing tensor {ref.name} ({ref.kind.value} of {ref.where()}: the quantization config "
+                    f"makes this {'linear FP8' if ref.kind.value.endswith('t_scale') else 'KV cache FP8'})"]
+        if len(present) > 1:
+            return [f"tensors {' and '.join(present)}: the same {ref.kind.value} stored twice"]
+        info = self._infos[present[0]]
+        if info.shape not in ((), (1,)) or info.dtype not in SCALE_DTYPES:
+            return [f"tensor {present[0]}: shape {list(info.shape)} dtype {_dt(info.dtype)}, expected a per-tensor "
+                    f"scale (shape [] or [1], float32)"]
+        value = self.scale(ref)
+        if not math.isfinite(value) or value <= 0:
+            return [f"tensor {present[0]}: {ref.kind.value} is {value}, expected a finite scale > 0"]
+        return []
 
 
 def read_index(path: Path) -> dict[str, str]:

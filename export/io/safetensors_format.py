@@ -29,7 +29,8 @@ _OPTIONAL_DTYPES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E4
                     "F8_E5M2FNUZ": "float8_e5m2fnuz", "U16": "uint16", "U32": "uint32", "U64": "uint64"}
 ST_DTYPES.update({k: getattr(torch, v) for k, v in _OPTIONAL_DTYPES.items() if hasattr(torch, v)})
 TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
-DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+               "float8_e4m3fn": torch.float8_e4m3fn}
 MAX_HEADER = 100_000_000  # safetensors' own limit (MAX_HEADER_SIZE)
 USIZE_MAX = 2**64 - 1  # shapes and offsets are u64 in the format; bigger JSON integers are not valid
 METADATA = "__metadata__"

@@ -18,6 +18,7 @@ from export.errors import CheckpointError
 from export.io.paths import checkpoint_file
 from export.io.safetensors_format import SafetensorsWriter
 from export.io.tokenizer_file import TOKENIZER_JSON, check_tokenizer_json
+from export.quantization import HF_QUANT_CONFIG, Quantization
 
 INDEX = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -126,3 +127,10 @@ def copy_sidecars(src: Path, dst: Path, *, names: list[str] | None = None,
 
 def write_config(directory: Path, config: dict) -> None:
     (Path(directory) / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def write_quant_config(directory: Path, quant: Quantization) -> None:
+    """ModelOpt's hf_quant_config.json beside config.json (a quantized checkpoint only): vLLM
+    and TensorRT-LLM's PyTorch backend detect a ModelOpt checkpoint by this file."""
+    if not quant.is_none:
+        (Path(directory) / HF_QUANT_CONFIG).write_text(json.dumps(quant.hf_quant_config(), indent=2) + "\n")

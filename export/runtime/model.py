@@ -19,14 +19,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from export import rope
+from export import fp8, rope
 from export.errors import CheckpointError
 from export.layout import rank_kv_heads, rank_pieces, require_layout
 from export.mapping import Mapping
 from export.rank_weights import RankWeights
 from export.runtime.cache import KVCache
 from export.spec import CPU_RUNS, CPU_STAGE, AttentionKind, FFNKind, ModelSpec
-from export.tensors import Role
+from export.tensors import Role, ScaleKind, ScaleRef, is_fp8
 
 GLOBAL = "global"
 
@@ -60,6 +60,9 @@ class Decoder(nn.Module):
             self._store(piece.ref.role, piece.ref.layer, torch.empty(piece.shape, dtype=dtype), piece.ref.branch)
         self.inv_freq = torch.empty(0)  # set after loading (not a parameter: computed, not read)
         self.sync_count = 0  # collectives issued; bench reads it to report sync points per token
+        self._fp8: dict[tuple, tuple[float, float]] = {}  # FP8 linear -> (weight scale, input scale)
+        self._kv_scale: dict[object, float] = {}  # attention (layer or (layer, branch)) -> FP8 KV scale
+        self.observe: Callable[[object, torch.Tensor], None] | None = None
 
     # ---- parameters ----------------------------------------------------------------------
     def _store(self, role: Role, layer: int | None, t: torch.Tensor, branch: int | None = None) -> None:
@@ -70,6 +73,29 @@ class Decoder(nn.Module):
 
     def w(self, role: Role, layer: int | None = None, branch: int | None = None) -> torch.Tensor:
         return self._flat[(role, layer) if branch is None else (role, layer, branch)]
+
+    def linear(self, x: torch.Tensor, role: Role, layer: int | None = None, branch: int | None = None) -> torch.Tensor:
+        """x @ W^T for the rank's piece of (role, layer[, branch]); an FP8 linear runs TRT-LLM's
+        per-tensor FP8 GEMM, emulated (`fp8.fp8_linear`). `observe` (calibration) sees every input."""
+        key = (role, layer) if branch is None else (role, layer, branch)
+        if self.observe is not None:
+            self.observe(key, x)
+        scales = self._fp8.get(key)
+        if scales is None:
+            return F.linear(x, self._flat[key])
+        return fp8.fp8_linear(x, self._flat[key], *scales)
+
+    def _kv_round(self, key: object, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """An FP8 KV cache, emulated: k and v as E4M3 at the layer's one KV scale hold them (what
+        TRT-LLM's kernels store and read back; the checkpoint has one scale per layer). `observe`
+        (calibration) sees k (after RoPE) and v, keyed (ScaleKind.K | V, layer or (layer, branch))."""
+        if self.observe is not None:
+            self.observe((ScaleKind.K, key), k)
+            self.observe((ScaleKind.V, key), v)
+        scale = self._kv_scale.get(key)
+        if scale is None:
+            return k, v
+        return fp8.round_trip(k, scale).to(k.dtype), fp8.round_trip(v, scale).to(v.dtype)
 
     @property
     def device(self) -> torch.device:
@@ -146,9 +172,9 @@ class Decoder(nn.Module):
                     partial = partial + attn[k]
             if b.has_ffn:
                 x = rms_norm(g, self.w(Role.FFN_NORM, i, k), self.spec.norm_eps)
-                up = F.linear(x, self.w(Role.UP, i, k))
-                act = F.silu(F.linear(x, self.w(Role.GATE, i, k))) * up if b.ffn.gated else F.silu(up)
-                partial = partial + F.linear(act, self.w(Role.DOWN, i, k))
+                up = self.linear(x, Role.UP, i, k)
+                act = F.silu(self.linear(x, Role.GATE, i, k)) * up if b.ffn.gated else F.silu(up)
+                partial = partial + self.linear(act, Role.DOWN, i, k)
         out = h + done
         return out if isinstance(partial, int) else out + self._all_reduce(partial)
 
@@ -162,7 +188,7 @@ class Decoder(nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + lm_head: fp32 logits over the real vocab (TP padding removed)."""
         x = rms_norm(h, self.w(Role.FINAL_NORM), self.spec.norm_eps)
-        logits = self._all_gather(F.linear(x, self.w(Role.LM_HEAD)))
+        logits = self._all_gather(self.linear(x, Role.LM_HEAD))
         return logits[..., :self.spec.vocab].float()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
@@ -179,11 +205,12 @@ class Decoder(nn.Module):
         key = i if branch is None else (i, branch)
         hd, kvl = self.spec.head_dim, self.kv_local[key]
         x = rms_norm(h, self.w(Role.ATTN_NORM, i, branch), self.spec.norm_eps)
-        q = F.linear(x, self.w(Role.Q, i, branch)).view(b, t, self.local_heads, hd)
-        k = F.linear(x, self.w(Role.K, i, branch)).view(b, t, kvl, hd)
-        v = F.linear(x, self.w(Role.V, i, branch)).view(b, t, kvl, hd)
+        q = self.linear(x, Role.Q, i, branch).view(b, t, self.local_heads, hd)
+        k = self.linear(x, Role.K, i, branch).view(b, t, kvl, hd)
+        v = self.linear(x, Role.V, i, branch).view(b, t, kvl, hd)
         cos, sin = rope.cos_sin(self.inv_freq, positions, q.dtype)
         q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+        k, v = self._kv_round(key, k, v)
         if cache is None:
             keys, values, key_pos = k.transpose(1, 2), v.transpose(1, 2), positions
         else:
@@ -193,23 +220,23 @@ class Decoder(nn.Module):
         mask = key_pos[:, None, None, :] <= positions[:, None, :, None]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
                                              enable_gqa=self.local_heads != kvl)
-        out = F.linear(out.transpose(1, 2).reshape(b, t, self.local_heads * hd), self.w(Role.O, i, branch))
+        out = self.linear(out.transpose(1, 2).reshape(b, t, self.local_heads * hd), Role.O, i, branch)
         return self._all_reduce(out) if reduce else out
 
     def _linear_attention(self, i: int, h: torch.Tensor, *_: object) -> torch.Tensor:
         x = rms_norm(h, self.w(Role.ATTN_NORM, i), self.spec.norm_eps)
-        return self._all_gather(F.linear(x, self.w(Role.LINEAR_ATTN, i)))
+        return self._all_gather(self.linear(x, Role.LINEAR_ATTN, i))
 
     def _swiglu(self, i: int, h: torch.Tensor) -> torch.Tensor:
         x = rms_norm(h, self.w(Role.FFN_NORM, i), self.spec.norm_eps)
         if not self.spec.layers[i].ffn.gated:  # Puzzletron's `gated: false`: down(silu(up(x)))
-            return self._all_reduce(F.linear(F.silu(F.linear(x, self.w(Role.UP, i))), self.w(Role.DOWN, i)))
-        act = F.silu(F.linear(x, self.w(Role.GATE, i))) * F.linear(x, self.w(Role.UP, i))
-        return self._all_reduce(F.linear(act, self.w(Role.DOWN, i)))
+            return self._all_reduce(self.linear(F.silu(self.linear(x, Role.UP, i)), Role.DOWN, i))
+        act = F.silu(self.linear(x, Role.GATE, i)) * self.linear(x, Role.UP, i)
+        return self._all_reduce(self.linear(act, Role.DOWN, i))
 
     def _linear_ffn(self, i: int, h: torch.Tensor) -> torch.Tensor:
         x = rms_norm(h, self.w(Role.FFN_NORM, i), self.spec.norm_eps)
-        return self._all_gather(F.linear(x, self.w(Role.LINEAR_FFN, i)))
+        return self._all_gather(self.linear(x, Role.LINEAR_FFN, i))
 
 
 def _nothing(*_: object) -> int:
@@ -227,6 +254,14 @@ FFN_IMPL: dict[FFNKind, Callable[..., torch.Tensor | int]] = {
     FFNKind.LINEAR: Decoder._linear_ffn,
     FFNKind.NOOP: _nothing,
 }
+
+
+def kv_scale(weights: RankWeights, key: int | tuple[int, int]) -> float:
+    """The one FP8 KV scale of an attention layer: max(k_scale, v_scale), as TRT-LLM's checkpoint
+    holds one `kv_cache_scaling_factor` per layer for K and V (docs/fp8.md)."""
+    layer, branch = (key, None) if isinstance(key, int) else key
+    return max(weights.scale(ScaleRef(ScaleKind.K, Role.K, layer, branch)),
+               weights.scale(ScaleRef(ScaleKind.V, Role.V, layer, branch)))
 
 
 def load_decoder(weights: RankWeights, *, dtype: torch.dtype = torch.float32,
@@ -251,7 +286,15 @@ def load_decoder(weights: RankWeights, *, dtype: torch.dtype = torch.float32,
         if tuple(t.shape) != piece.shape:
             problems.append(f"{where}: rank {rank} got shape {list(t.shape)}, expected {list(piece.shape)}")
             continue
+        if is_fp8(spec, ref):  # E4M3 values kept exactly (as fp32) beside their two scales
+            key = (ref.role, ref.layer) if ref.branch is None else (ref.role, ref.layer, ref.branch)
+            dec._fp8[key] = (weights.scale(ScaleRef(ScaleKind.WEIGHT, ref.role, ref.layer, ref.branch)),
+                             weights.scale(ScaleRef(ScaleKind.INPUT, ref.role, ref.layer, ref.branch)))
+            dec._store(ref.role, ref.layer, t.to(device=device, dtype=torch.float32), ref.branch)
+            continue
         dec._store(ref.role, ref.layer, t.to(device=device, dtype=dtype), ref.branch)
+    if spec.quant.fp8_kv:
+        dec._kv_scale = {key: kv_scale(weights, key) for key in dec.kv_local}
     if problems:
         raise CheckpointError(problems, f"rank {rank} of tp={mapping.tp} pp={mapping.pp}")
     dec.inv_freq = rope.inv_freq(spec).to(device)
