@@ -6,6 +6,11 @@ file order and in row windows of at most 64 MiB, each window cut into its pieces
 row ranges of the rank's qkv. Peak memory is a couple of windows, whatever the model or tensor size
 (Ultra's widest fused FFN matrix alone is 14 GB). Everything is checked before the first byte is
 written, and the output appears atomically with its manifest.
+
+An FP8 (ModelOpt) source converts the same way: FP8 weights stream as float8_e4m3fn bytes (q, k and
+v requantized to their qkv's shared scale when their scales differ, `packed_scales`), and each
+rank file also gets the per-tensor scales its plan names (`RankPlan.scales`), identical on every
+rank. Quantizing a bf16 source is `python -m export quantize`'s job, not this one's.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from export.errors import ExportError
+from export import fp8
+from export.errors import ConfigError, ExportError
 from export.io.output import check_output, output_dir
 from export.io.paths import check_tree, checkpoint_file
 from export.io.raw_tensors import RawTensors
@@ -35,9 +41,18 @@ from export.mapping import Mapping
 from export.progress import byte_progress
 from export.sharding import take
 from export.spec import TRTLLM_STAGE, ModelSpec, normalize_dtype
+from export.tensors import ScaleRef
 from export.trtllm.config import write_trtllm_config
+from export.trtllm.packed_scales import RequantError, requant_plan, scale_value
 from export.trtllm.rank_files import rank_file
-from export.trtllm.rank_layout import Placement, RankPlan, check_complete, plan_checkpoint, window
+from export.trtllm.rank_layout import (
+    Placement,
+    RankPlan,
+    check_complete,
+    plan_checkpoint,
+    quant_layout_problems,
+    window,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +62,7 @@ TOKENIZER_FILES = (*TOKENIZER_CORE, "tokenizer_config.json", "special_tokens_map
                    "merges.txt", "generation_config.json", "chat_template.jinja", "chat_template.json")
 FUSION_PLAN = "fusion_plan.json"  # written by `fuse` beside the fused checkpoint
 WINDOW_BYTES = 64 << 20  # source rows read at a time: bounds memory whatever the largest tensor
+FP8_DTYPE_NAMES = ("fp8", "float8", "float8_e4m3fn", "e4m3")  # refused as a target: see refuse_quantizing
 
 
 @dataclass(frozen=True)
@@ -56,6 +72,7 @@ class ConvertResult:
     bytes_read: int
     bytes_written: int
     seconds: float
+    requant: RequantError | None = None  # FP8 sources: what q/k/v requantization changed (empty: exact)
 
 
 @dataclass(frozen=True)
@@ -76,8 +93,12 @@ def prepare(source: Path, tp: int, pp: int, dtype: str | None, *, follow_symlink
     header, the files the source names (inside it), and the tokenizer that will be copied."""
     check_tree(source, follow_symlinks=follow_symlinks)  # config.json included; the manifest hashes every file
     spec = ModelSpec.load(source)
+    refuse_quantizing(dtype, spec, source)
     mapping = Mapping(tp, pp, embedding_shard=embedding_shard)
     require_layout(spec, mapping, trtllm=True)
+    problems = quant_layout_problems(spec, mapping)
+    if problems:
+        raise ExportError(f"{source}: cannot write this FP8 checkpoint at tp={tp} pp={pp}: " + "; ".join(problems))
     reader = CheckpointReader(source, follow_symlinks=follow_symlinks)
     reader.validate(spec)
     plans = plan_checkpoint(spec, mapping)
@@ -86,6 +107,15 @@ def prepare(source: Path, tp: int, pp: int, dtype: str | None, *, follow_symlink
         raise AssertionError("incomplete TRT-LLM plan:\n  - " + "\n  - ".join(problems))
     tokenizer = tokenizer_files(source, follow_symlinks=follow_symlinks)
     return Prepared(spec, mapping, normalize_dtype(dtype or spec.dtype), reader, plans, tokenizer)
+
+
+def refuse_quantizing(dtype: str | None, spec: ModelSpec, source: Path) -> None:
+    """`--dtype fp8` asks convert to quantize, which it does not do (calibration belongs to
+    `quantize`); an FP8 source keeps its FP8 linears whatever `--dtype` says of the rest."""
+    if dtype is not None and dtype.lower() in FP8_DTYPE_NAMES:
+        have = " (it already is FP8: drop --dtype)" if spec.quant.fp8 else ""
+        raise ConfigError(f"{source}: convert does not quantize{have}; make an FP8 checkpoint with "
+                          f"`python -m export quantize {source} --out DIR --calib TEXT`, then convert DIR")
 
 
 def convert(source: Path, out: Path, *, tp: int, pp: int = 1, dtype: str | None = None,
@@ -106,6 +136,10 @@ def convert(source: Path, out: Path, *, tp: int, pp: int = 1, dtype: str | None 
     source = Path(source)
     check_output(out, inputs=[source], overwrite=overwrite)
     spec = ModelSpec.load(source)
+    refuse_quantizing(dtype, spec, source)
+    if spec.parallel_layers() and not spec.quant.is_none:
+        raise ExportError(f"{source}: parallel_blocks layers of an FP8 checkpoint cannot be widened here; "
+                          f"`python -m export fuse` it first")
     if spec.parallel_layers():
         return _convert_parallel(source, Path(out), spec, tp=tp, pp=pp, dtype=dtype, progress=progress,
                                  window_bytes=window_bytes, overwrite=overwrite, follow_symlinks=follow_symlinks,
@@ -118,7 +152,9 @@ def convert(source: Path, out: Path, *, tp: int, pp: int = 1, dtype: str | None 
     with output_dir(out, inputs=[source], overwrite=overwrite, planned_bytes=planned) as tmp:
         ckpt = tmp / "checkpoint"
         ckpt.mkdir()
-        written, digests = write_rank_files(reader, plans, ckpt, dtype, progress, window_bytes)
+        requant = RequantError()
+        written, digests = write_rank_files(reader, plans, ckpt, dtype, progress, window_bytes, spec=spec,
+                                            requant=requant)
         write_trtllm_config(ckpt, spec, mapping, dtype)
         tokenizer = copy_tokenizer(source, tmp / "tokenizer", names=job.tokenizer)
         named = recorded_source or source
@@ -126,12 +162,18 @@ def convert(source: Path, out: Path, *, tp: int, pp: int = 1, dtype: str | None 
                             source_sha256=tree_sha256(named, digests if recorded_source is None else {}),
                             fusion_plan=plan_record, tp=tp, pp=pp, dtype=dtype, tokenizer=tokenizer,
                             engines={"cpu": {"path": "checkpoint", "verified": False}}, build=default_build(spec))
+        if spec.quant.fp8:  # what verify and build need to know of the FP8 conversion
+            manifest.engines["cpu"]["fp8"] = {"quantization": spec.quant.describe(), **requant.to_json()}
         manifest.save(tmp)
     seconds = time.perf_counter() - start
     read = sum(reader.info(n).nbytes for n, _ in _by_source(reader, plans))
     log.info("converted %s -> %s: %d ranks, %.3f GB read, %.3f GB written in %.2f s (%.0f MB/s read)",
              source, out, mapping.world_size, read / 1e9, written / 1e9, seconds, read / 1e6 / seconds)
-    return ConvertResult(Path(out), manifest, read, written, seconds)
+    if requant.layers:
+        log.warning("q/k/v weight scales differ in %d layers: requantized to the max (max relative change of a "
+                    "weight %.3g); verify compares against the source requantized the same way",
+                    len(requant.layers), requant.max_relative())
+    return ConvertResult(Path(out), manifest, read, written, seconds, requant if spec.quant.fp8 else None)
 
 
 def _convert_parallel(source: Path, out: Path, spec: ModelSpec, *, tp: int, pp: int, dtype: str | None,
@@ -173,16 +215,23 @@ def default_build(spec: ModelSpec) -> dict[str, int]:
 
 
 def write_rank_files(reader: CheckpointReader, plans: list[RankPlan], ckpt: Path, dtype: str,
-                     progress: bool = True, window_bytes: int = WINDOW_BYTES) -> tuple[int, dict[str, bytes]]:
+                     progress: bool = True, window_bytes: int = WINDOW_BYTES, *,
+                     spec: ModelSpec | None = None,
+                     requant: RequantError | None = None) -> tuple[int, dict[str, bytes]]:
     """The streaming pass: each source tensor read once, in row windows of at most `window_bytes`,
-    each window's pieces written to every rank file at their final rows.
+    each window's pieces written to every rank file at their final rows (an FP8 part of a packed
+    tensor of `spec` requantized to the packed scale on the way, its change recorded in `requant`);
+    then each rank's scales.
 
     Returns (bytes written, sha256 of each source file whose every byte the pass read).
     """
-    tdtype = torch_dtype(dtype)
     source = RawTensors(reader)
-    writers = {p.rank: SafetensorsWriter(rank_file(ckpt, p.rank), [(n, tdtype, s) for n, s in p.tensors.items()])
+    writers = {p.rank: SafetensorsWriter(rank_file(ckpt, p.rank), [(n, torch_dtype(p.dtype_of(n, dtype)), s)
+                                                                   for n, s in p.tensors.items()])
                for p in plans}
+    changes = requant_plan(spec, reader.scale) if spec is not None and spec.quant.fp8 else {}
+    requant = RequantError() if requant is None else requant
+    dtypes = {p.rank: {n: torch_dtype(p.dtype_of(n, dtype)) for n in p.tensors} for p in plans}
     order = list(_by_source(reader, plans))
     written = 0
     scratch = Scratch()
@@ -196,11 +245,15 @@ def write_rank_files(reader: CheckpointReader, plans: list[RankPlan], ckpt: Path
                     stop = min(rows, first + step)
                     chunk = source.get_slice(name, first, stop)  # also hashed, in a thread, while it is written
                     for p in placements:
-                        written += _write_window(writers[p.rank], p, chunk, first, stop, tdtype, scratch)
+                        fix = _Requant(changes.get(_key(p)), p.piece.ref.layer, requant)
+                        written += _write_window(writers[p.rank], p, chunk, first, stop,
+                                                 dtypes[p.rank][p.name], scratch, fix)
                     bar.update(chunk.numel() * chunk.element_size())
                     del chunk
                 for p in placements:
-                    written += _write_padding(writers[p.rank], p, tdtype)
+                    written += _write_padding(writers[p.rank], p, dtypes[p.rank][p.name])
+            for plan in plans:
+                written += _write_scales(writers[plan.rank], plan, reader)
     except BaseException:
         for w in writers.values():
             _close_quietly(w)
@@ -212,16 +265,48 @@ def write_rank_files(reader: CheckpointReader, plans: list[RankPlan], ckpt: Path
     return written, digests
 
 
+@dataclass(frozen=True)
+class _Requant:
+    """A piece's requantization (own scale, packed scale), or none; the change goes to `errors`."""
+
+    change: tuple[float, float] | None
+    layer: int | None
+    errors: RequantError
+
+    def __call__(self, piece: torch.Tensor) -> torch.Tensor:
+        if self.change is None:
+            return piece
+        new = fp8.requantize(piece, *self.change)
+        self.errors.add(self.layer, piece, self.change[0], new, self.change[1])
+        return new
+
+
+def _key(p: Placement) -> tuple:
+    return (p.piece.ref.role, p.piece.ref.layer, p.piece.ref.branch)
+
+
 def _write_window(w: SafetensorsWriter, p: Placement, chunk: torch.Tensor, first: int, stop: int,
-                  dtype: torch.dtype, scratch: Scratch) -> int:
+                  dtype: torch.dtype, scratch: Scratch, fix: _Requant | None = None) -> int:
     fed = window(p, first, stop)
     if fed is None:
         return 0
     shard, row = fed
     piece = take(chunk, shard, tuple(chunk.shape))
+    if fix is not None and fix.change is not None:
+        piece = fix(piece)
     if piece.dtype != dtype or not piece.is_contiguous():  # a column slice, or a cast: packed in reused memory
         piece = scratch.like(piece, dtype).copy_(piece)
     return w.write_rows(p.name, row, piece)
+
+
+def _write_scales(w: SafetensorsWriter, plan: RankPlan, reader: CheckpointReader) -> int:
+    """The rank's per-tensor scales, from the source's (validated, so finite and > 0): the same
+    values on every rank, since per-tensor scales are not sharded."""
+    def scale_of(ref: ScaleRef) -> float:
+        return reader.scale(ref)
+
+    return sum(w.write(name, torch.tensor([scale_value(v, scale_of)], dtype=torch.float32))
+               for name, v in plan.scales.items())
 
 
 class Scratch:
