@@ -64,6 +64,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     m = res.manifest
     if args.json:
         print(json.dumps({"out": str(res.out), "tp": m.tp, "pp": m.pp, "dtype": m.dtype, "tokenizer": m.tokenizer,
+                          **({"fp8": m.engines["cpu"]["fp8"]} if "fp8" in m.engines.get("cpu", {}) else {}),
                           "bytes_read": res.bytes_read, "bytes_written": res.bytes_written,
                           "seconds": round(res.seconds, 3)}, indent=2))
         return 0
@@ -71,6 +72,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
           f"tokenizer/ {'copied' if m.tokenizer else 'absent (source has none)'}, manifest.json")
     print(f"read {res.bytes_read / 1e9:.3f} GB, wrote {res.bytes_written / 1e9:.3f} GB in {res.seconds:.2f} s "
           f"({res.bytes_read / 1e6 / res.seconds:.0f} MB/s read)")
+    fp8 = m.engines.get("cpu", {}).get("fp8")
+    if fp8:
+        print(f"FP8 ({fp8['quantization']}): " + (
+            "q/k/v scales equal in every layer, no requantization" if not fp8["requantized_layers"] else
+            f"q/k/v requantized to their max scale in layers {fp8['requantized_layers']}, largest change of a "
+            f"weight {fp8['max_relative_error']:.3g} of its layer's max |w| (recorded in manifest.json)"))
     return 0
 
 
