@@ -68,8 +68,11 @@ def quantized(source, texts, tmp_path_factory):
 
 
 def tensors(path) -> dict[str, torch.Tensor]:
-    with safe_open(str(path / "model.safetensors"), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    out = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (safe_open is not a dict)
+    return out
 
 
 def oracle_layout(src: dict[str, torch.Tensor], kv: bool, excluded=("lm_head.weight",)) -> dict[str, tuple]:
@@ -171,9 +174,13 @@ def test_kv_cache_fp8_writes_k_and_v_scales_the_runtime_uses(quantized):
     assert all(s > 0 for s in dec._kv_scale.values())
 
 
-def test_without_kv_cache_no_kv_scales_and_a_custom_exclude(source, texts, tmp_path):
+def test_without_kv_cache_no_kv_scales_a_custom_exclude_and_shards(source, texts, tmp_path):
     r = quantize_checkpoint(source, tmp_path / "o", texts[0], exclude=("lm_head", "*down_proj"), seq_len=32,
-                            calib_tokens=256, progress=False)
+                            calib_tokens=256, progress=False, max_shard_bytes=40_000)
+    index = json.loads((r.out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) > 2 and index["model.layers.0.self_attn.q_proj.weight_scale"] == index[
+        "model.layers.0.self_attn.q_proj.weight"]  # a scale sits in its weight's shard
+    assert open_source(r.out).spec.quant.exclude == ("lm_head", "*down_proj")
     got = {k: (t.dtype, tuple(t.shape)) for k, t in tensors(r.out).items()}
     excluded = ("lm_head.weight", *(k for k in tensors(source) if k.endswith("down_proj.weight")))
     assert got == oracle_layout(tensors(source), kv=False, excluded=excluded)
