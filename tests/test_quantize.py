@@ -6,6 +6,7 @@ demo model through the CLI, with its quality bound, is `slow`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -20,7 +21,7 @@ from export.demo.paths import DEMO_PUZZLE
 from export.errors import ExportError
 from export.mapping import Mapping
 from export.quantization import Quantization
-from export.quantize.checkpoint import REPORT, quantize_checkpoint
+from export.quantize.checkpoint import REPORT, quantization_for, quantize_checkpoint
 from export.runtime.model import load_decoder
 from export.sources import open_source
 from export.synthetic import write_random_checkpoint
@@ -264,6 +265,14 @@ def test_output_overlapping_the_input_is_refused(where, source, texts, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "an output may not be, lie inside or contain an input" in err[0]
     assert sorted(p.name for p in source.iterdir()) == before
+
+
+def test_a_tied_lm_head_is_always_listed_as_excluded():
+    """Its bytes are the embedding's, which stays in the model dtype: a loader must not expect FP8."""
+    tied = dataclasses.replace(hetero_spec(), tie_embeddings=True)
+    assert quantization_for(tied, None, ("*down_proj",)).exclude == ("*down_proj", "lm_head")
+    assert quantization_for(tied, "FP8", ("lm_head",)) == Quantization("FP8", "FP8", ("lm_head",))
+    assert quantization_for(hetero_spec(), None, ()).exclude == ()
 
 
 def test_library_refuses_before_writing(source, texts, tmp_path):

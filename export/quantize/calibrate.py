@@ -18,7 +18,7 @@ requantizing. We do the same (`SHARED_INPUT`); docs/fp8-quantize.md has the sour
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -79,12 +79,19 @@ def observe_amaxes(dec: torch.nn.Module, ids: torch.Tensor, batch: int, progress
     return amaxes
 
 
-def weight_amax(reader: CheckpointReader, ref: TensorRef) -> float:
-    """amax(|W|) of one stored weight, read in row chunks (a fused Ultra FFN is 13 GiB in bf16)."""
+def row_chunks(reader: CheckpointReader, ref: TensorRef) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, rows) of a stored tensor in chunks of about CHUNK_BYTES (a fused Ultra FFN
+    weight is 13 GiB in bf16: never read whole)."""
     sl = reader.get_slice(ref.hf_name)
     row = max(1, math.prod(ref.shape[1:])) * reader.info(ref.hf_name).dtype.itemsize
     step = max(1, CHUNK_BYTES // row)
-    return max(float(sl[r:r + step].float().abs().amax()) for r in range(0, ref.shape[0], step))
+    for r in range(0, ref.shape[0], step):
+        yield r, sl[r:r + step]
+
+
+def weight_amax(reader: CheckpointReader, ref: TensorRef) -> float:
+    """amax(|W|) of one stored weight."""
+    return max(float(rows.float().abs().amax()) for _, rows in row_chunks(reader, ref))
 
 
 def fp8_linears(spec: ModelSpec) -> list[TensorRef]:

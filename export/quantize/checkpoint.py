@@ -13,7 +13,6 @@ The output is written under the output policy (`export.io.output`: temp dir + re
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections import defaultdict
@@ -37,7 +36,7 @@ from export.io.writer import HFCheckpointWriter, copy_sidecars, sidecar_files, w
 from export.mapping import Mapping
 from export.progress import byte_progress
 from export.quantization import FP8, Quantization
-from export.quantize.calibrate import CHUNK_BYTES, Amaxes, fp8_linears, fp8_scales, observe_amaxes, weight_amaxes
+from export.quantize.calibrate import Amaxes, fp8_linears, fp8_scales, observe_amaxes, row_chunks, weight_amaxes
 from export.rank_weights import HFRankWeights
 from export.sources import detect
 from export.spec import ModelSpec, read_config_json
@@ -45,7 +44,6 @@ from export.tensors import (
     LINEAR_ROLES,
     ScaleKind,
     ScaleRef,
-    TensorRef,
     is_fp8,
     model_tensors,
     module_name,
@@ -82,7 +80,7 @@ def quantization_for(spec: ModelSpec, kv_cache: str | None, exclude: tuple[str, 
 
 def _check_source(source: Path, follow_symlinks: bool | None) -> tuple[ModelSpec, CheckpointReader]:
     path, fmt = detect(source)
-    if fmt.name != "hf":
+    if fmt.name != "hf" or path != source:
         raise ExportError(f"{source}: a {fmt.name} checkpoint; quantize reads an HF checkpoint (safetensors + "
                           f"config.json)")
     checkpoint_file(path, "config.json", follow_symlinks=follow_symlinks)
@@ -107,14 +105,6 @@ def _same_text(a: str | Path, b: str | Path) -> bool:
 
 
 # ---- writing ------------------------------------------------------------------------------
-def _rows(reader: CheckpointReader, ref: TensorRef):
-    sl = reader.get_slice(ref.hf_name)
-    row = max(1, math.prod(ref.shape[1:])) * reader.info(ref.hf_name).dtype.itemsize
-    step = max(1, CHUNK_BYTES // row)
-    for r in range(0, ref.shape[0], step):
-        yield r, sl[r:r + step]
-
-
 def _plan(spec: ModelSpec, scales: dict[ScaleRef, float]) -> tuple[list[tuple], dict[tuple, list[ScaleRef]]]:
     """Every tensor in checkpoint order, each weight followed by its scales (as ModelOpt's state
     dict has them: `q_proj.weight`, `q_proj.weight_scale`, `q_proj.input_scale`, `k_proj.k_scale`)."""
@@ -139,7 +129,7 @@ def write_fp8_tensors(directory: Path, reader: CheckpointReader, spec: ModelSpec
     for ref in model_tensors(spec):
         own = beside[(ref.role, ref.layer, ref.branch)]
         w_scale = next((scales[s] for s in own if s.kind is ScaleKind.WEIGHT), None)
-        for r, rows in _rows(reader, ref):
+        for r, rows in row_chunks(reader, ref):
             chunk = fp8.quantize(rows, w_scale) if is_fp8(spec, ref) else rows.to(dtype)
             bar.update(writer.write_rows(ref.hf_name, r, chunk))
         for s in own:
@@ -151,6 +141,41 @@ def write_fp8_tensors(directory: Path, reader: CheckpointReader, spec: ModelSpec
 
 def _planned_bytes(spec: ModelSpec) -> int:
     return sum(r.numel() * torch_dtype(stored_dtype(spec, r)).itemsize for r in model_tensors(spec))
+
+
+@dataclass
+class _Job:
+    """What `_prepare` checked and what the run needs of it."""
+
+    source: Path
+    spec: ModelSpec  # the source's
+    qspec: ModelSpec  # the one written
+    reader: CheckpointReader
+    sidecars: list[str]
+    config: dict[str, Any]
+    calib_ids: torch.Tensor
+
+
+def _prepare(source: Path, out: str | Path, calib: str | Path, inputs: list, kv_cache: str | None,
+             exclude: tuple[str, ...], heldout: str | Path | None, calib_tokens: int, heldout_tokens: int,
+             seq_len: int, tokenizer: str | Path | None, overwrite: bool, follow_symlinks: bool | None) -> _Job:
+    """Every check that can refuse the job, before the output exists (and before the long calibration)."""
+    check_output(out, inputs=inputs, overwrite=overwrite)
+    spec, reader = _check_source(source, follow_symlinks)
+    qspec = spec.with_quant(quantization_for(spec, kv_cache, exclude))
+    if not fp8_linears(qspec):
+        raise ExportError(f"--exclude {' '.join(qspec.quant.exclude)}: excludes every linear of {source}; "
+                          f"nothing to quantize")
+    sidecars = sidecar_files(source, follow_symlinks=follow_symlinks)
+    tok = load_tokenizer(source, tokenizer, kind="tokenizers")
+    calib_ids = _text_tokens(calib, "--calib", tok, spec.vocab, calib_tokens, seq_len)
+    if heldout is not None:
+        if _same_text(heldout, calib):
+            raise ExportError(f"--heldout {heldout}: is the calibration text; score on text the scales were not "
+                              f"fitted to")
+        _text_tokens(heldout, "--heldout", tok, spec.vocab, heldout_tokens, seq_len)
+    check_output(out, inputs=inputs, overwrite=overwrite, planned_bytes=_planned_bytes(qspec))
+    return _Job(source, spec, qspec, reader, sidecars, read_config_json(source / "config.json"), calib_ids)
 
 
 # ---- the command ----------------------------------------------------------------------------
@@ -168,34 +193,18 @@ def quantize_checkpoint(source: str | Path, out: str | Path, calib: str | Path, 
     patterns left in the model dtype. Everything is checked before `out` is created.
     """
     t0 = time.perf_counter()
-    source = Path(source)
     inputs = [source, calib, heldout, tokenizer]
-    check_output(out, inputs=inputs, overwrite=overwrite)
-    spec, reader = _check_source(source, follow_symlinks)
-    quant = quantization_for(spec, kv_cache, exclude)
-    qspec = spec.with_quant(quant)
-    if not fp8_linears(qspec):
-        raise ExportError(f"--exclude {' '.join(quant.exclude)}: excludes every linear of {source}; "
-                          f"nothing to quantize")
-    sidecars = sidecar_files(source, follow_symlinks=follow_symlinks)
-    config = read_config_json(source / "config.json")
-    tok = load_tokenizer(source, tokenizer, kind="tokenizers")
-    calib_ids = _text_tokens(calib, "--calib", tok, spec.vocab, calib_tokens, seq_len)
-    if heldout is not None:
-        if _same_text(heldout, calib):
-            raise ExportError(f"--heldout {heldout}: is the calibration text; score on text the scales were not "
-                              f"fitted to")
-        _text_tokens(heldout, "--heldout", tok, spec.vocab, heldout_tokens, seq_len)
-    check_output(out, inputs=inputs, overwrite=overwrite, planned_bytes=_planned_bytes(qspec))
-
-    amaxes, t_cal = _calibrate(reader, spec, calib_ids, batch, progress)
+    job = _prepare(Path(source), out, calib, inputs, kv_cache, exclude, heldout, calib_tokens, heldout_tokens,
+                   seq_len, tokenizer, overwrite, follow_symlinks)
+    source, spec, qspec, reader, quant = job.source, job.spec, job.qspec, job.reader, job.qspec.quant
+    amaxes, t_cal = _calibrate(reader, spec, job.calib_ids, batch, progress)
     scales = fp8_scales(qspec, weight_amaxes(reader, qspec, progress), amaxes)
     with output_dir(out, inputs=inputs, overwrite=overwrite, planned_bytes=_planned_bytes(qspec)) as tmp:
         t1 = time.perf_counter()
         nbytes = write_fp8_tensors(tmp, reader, qspec, scales, max_shard_bytes, progress)
         t_write = time.perf_counter() - t1
-        copy_sidecars(source, tmp, names=sidecars)
-        write_config(tmp, {**config, "quantization_config": quant.config_json()})
+        copy_sidecars(source, tmp, names=job.sidecars)
+        write_config(tmp, {**job.config, "quantization_config": quant.config_json()})
         write_quant_config(tmp, quant)
         install_remote_code(tmp)  # a DeciLM source without its own auto_map gets ours, as `fuse` does
         written = ModelSpec.load(tmp)
