@@ -135,6 +135,7 @@ def test_served_fp8_greedy_text_equals_generate_on_the_fp8_source(fp8_engine, tm
     res = subprocess.run([sys.executable, "-m", "export", "package", str(engine_dir), "--out", str(tmp_path / "repo")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+    assert "quantization: FP8 per-tensor, KV cache FP8, excluded: lm_head (emulated by the torch runtime)" in res.stdout
     assert engine_params(tmp_path / "repo")["runtime"] == "torch"
     with start_server(tmp_path / "repo", timeout=240) as server:
         for prompt in PROMPTS:
