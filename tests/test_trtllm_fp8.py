@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from export import fp8
 from export.checks.verify import verify
 from export.cli import main
+from export.engine_dir import EngineDir
 from export.errors import CheckpointError, ConfigError, ExportError
 from export.mapping import Mapping
 from export.quantization import Quantization
@@ -64,6 +65,8 @@ def test_config_quantization_is_trtllm_quant_config(tp2):
     cfg = json.loads((tp2 / "checkpoint" / "config.json").read_text())
     assert cfg["quantization"] == {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8", "exclude_modules": ["lm_head"]}
     assert cfg["dtype"] == "bfloat16"  # activations and excluded linears stay in the model dtype
+    # the manifest records what the checkpoint itself reads back as (what `package` checks)
+    assert EngineDir(tp2).quantization == open_source(tp2).spec.quant == FP8_KV
 
 
 def test_every_rank_tensor_name_shape_and_dtype(src, tp2):

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from export.engine_dir import EngineDir
 from export.errors import ConfigError, ExportError
 from export.io.output import check_output, output_dir
 from export.io.paths import check_tree, checkpoint_file
@@ -42,7 +43,7 @@ from export.quantization import FP8_MAX
 from export.sharding import take
 from export.spec import TRTLLM_STAGE, ModelSpec, normalize_dtype
 from export.tensors import ScaleRef
-from export.trtllm.config import write_trtllm_config
+from export.trtllm.config import read_trtllm_config, write_trtllm_config
 from export.trtllm.packed_scales import RequantError, requant_plan, scale_value
 from export.trtllm.rank_files import rank_file
 from export.trtllm.rank_layout import (
@@ -162,6 +163,8 @@ def convert(source: Path, out: Path, *, tp: int, pp: int = 1, dtype: str | None 
                             source_sha256=tree_sha256(named, digests if recorded_source is None else {}),
                             fusion_plan=plan_record, tp=tp, pp=pp, dtype=dtype, tokenizer=tokenizer,
                             engines={"cpu": {"path": "checkpoint", "verified": False}}, build=default_build(spec))
+        # the checkpoint's quantization as its own config.json reads back (exclude_modules resolved)
+        manifest.quantization = EngineDir.quantization_record(read_trtllm_config(ckpt)[0].quant)
         if spec.quant.fp8:  # what verify and build need to know of the FP8 conversion
             manifest.engines["cpu"]["fp8"] = {"quantization": spec.quant.describe(), **requant.to_json()}
         manifest.save(tmp)
