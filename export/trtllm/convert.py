@@ -42,7 +42,6 @@ from export.progress import byte_progress
 from export.quantization import FP8_MAX
 from export.sharding import take
 from export.spec import TRTLLM_STAGE, ModelSpec, normalize_dtype
-from export.tensors import ScaleRef
 from export.trtllm.config import read_trtllm_config, write_trtllm_config
 from export.trtllm.packed_scales import RequantError, requant_plan, scale_value
 from export.trtllm.rank_files import rank_file
@@ -327,10 +326,7 @@ def _write_window(w: SafetensorsWriter, p: Placement, chunk: torch.Tensor, first
 def _write_scales(w: SafetensorsWriter, plan: RankPlan, reader: CheckpointReader) -> int:
     """The rank's per-tensor scales, from the source's (validated, so finite and > 0): the same
     values on every rank, since per-tensor scales are not sharded."""
-    def scale_of(ref: ScaleRef) -> float:
-        return reader.scale(ref)
-
-    return sum(w.write(name, torch.tensor([scale_value(v, scale_of)], dtype=torch.float32))
+    return sum(w.write(name, torch.tensor([scale_value(v, reader.scale)], dtype=torch.float32))
                for name, v in plan.scales.items())
 
 
