@@ -196,28 +196,31 @@ def assumptions(gpu: GPU, reserve: int, kv_fraction: float) -> list[str]:
 
 
 def commands(rep: dict[str, Any], row: dict[str, Any], source: str = "SRC", name: str = "NAME") -> list[str]:
-    """The exact commands for one option. FP8 checkpoints are not written by this exporter: they
-    come from ModelOpt (TensorRT-LLM's examples/quantization/quantize.py) or a later `quantize`."""
+    """The exact commands for one option. FP8 weights: `quantize` (calibrated per-tensor FP8, ModelOpt
+    format), then `convert` writes the TensorRT-LLM FP8 checkpoint (docs/fp8.md). bf16 weights with an
+    FP8 KV cache only: ModelOpt (TensorRT-LLM <= 1.2's examples/quantization/quantize.py), since
+    `quantize` always quantizes the linears."""
     tp, pp, seq = row["tp"], row["pp"], rep["seq_len"]
     batch = max(1, min(row["max_sequences"], 2048))
     pe = " --parallel-embedding" if row["parallel_embedding"] else ""
     serve = (f"trtllm-serve engines/{name}/trtllm --backend tensorrt --tokenizer engines/{name}/tokenizer "
              f"--tp_size {tp} --pp_size {pp} --max_batch_size {batch} --max_seq_len {seq} "
              f"--kv_cache_free_gpu_memory_fraction {rep['kv_fraction']:g}")
+    build = [f"python -m export build engines/{name} --max-seq-len {seq} --max-batch-size {batch}",
+             f"python -m export package engines/{name} --out repo/{name} --backend trtllm "
+             f"--max-batch-size {batch} --kv-cache-fraction {rep['kv_fraction']:g}", serve]
     if row["weights"] == row["kv_cache"] == "bf16":
-        return [f"python -m export convert {source} --tp {tp} --pp {pp} --dtype bf16{pe} --out engines/{name}",
-                f"python -m export build engines/{name} --max-seq-len {seq} --max-batch-size {batch}",
-                f"python -m export package engines/{name} --out repo/{name} --backend trtllm "
-                f"--max-batch-size {batch} --kv-cache-fraction {rep['kv_fraction']:g}",
-                serve]
-    qformat = "fp8" if row["weights"] == "fp8" else "full_prec"
-    kv = " --kv_cache_dtype fp8" if row["kv_cache"] == "fp8" else ""
-    return [f"# {row['weights']} weights / {row['kv_cache']} KV cache: this exporter does not write FP8 checkpoints "
-            "(a later `quantize` step); ModelOpt does, through TensorRT-LLM <= 1.2's examples:",
-            f"python examples/quantization/quantize.py --model_dir {source} --dtype bfloat16 --qformat {qformat}{kv} "
-            f"--tp_size {tp} --pp_size {pp} --output_dir engines/{name}/checkpoint"
-            + ("   # quantize.py has no parallel-embedding flag: until `quantize` writes the split, the "
-               "'whole' row's figures apply" if pe else ""),
+        return [f"python -m export convert {source} --tp {tp} --pp {pp} --dtype bf16{pe} --out engines/{name}", *build]
+    if row["weights"] == "fp8":
+        kv = " --kv-cache fp8" if row["kv_cache"] == "fp8" else ""
+        return [f"python -m export quantize {source} --out out/{name}-fp8 --calib CALIB_TEXT "
+                f"--heldout HELDOUT_TEXT{kv}",
+                f"python -m export convert out/{name}-fp8 --tp {tp} --pp {pp}{pe} --out engines/{name}", *build]
+    return ["# bf16 weights / fp8 KV cache: `quantize` always quantizes the linears; ModelOpt writes this one, "
+            "through TensorRT-LLM <= 1.2's examples:",
+            f"python examples/quantization/quantize.py --model_dir {source} --dtype bfloat16 --qformat full_prec "
+            f"--kv_cache_dtype fp8 --tp_size {tp} --pp_size {pp} --output_dir engines/{name}/checkpoint"
+            + ("   # quantize.py has no parallel-embedding flag: the 'whole' row's figures apply" if pe else ""),
             f"trtllm-build --checkpoint_dir engines/{name}/checkpoint --output_dir engines/{name}/trtllm "
             f"--max_seq_len {seq} --max_batch_size {batch} --workers {tp * pp}",
             serve]
@@ -261,9 +264,10 @@ def format_plan(rep: dict[str, Any], spec: ModelSpec, *, top: int = 12, source: 
     lines += [f"  {c}" for c in commands(rep, chosen, source)]
     bf16 = rep["best_bf16"]
     if bf16 is not None and bf16 is not chosen:
-        lines += ["", f"best layout this exporter writes today (bf16 weights and KV): #{bf16['rank']} {bf16['label']}: "
+        lines += ["", f"best layout without quantizing (bf16 weights and KV): #{bf16['rank']} {bf16['label']}: "
                       f"{bf16['max_sequences']} sequences"]
         lines += [f"  {c}" for c in commands(rep, bf16, source)]
     elif bf16 is None:
-        lines += ["", "no bf16 layout fits: the plan needs an FP8 checkpoint (not written by this exporter yet)"]
+        lines += ["", "no bf16 layout fits: the plan needs an FP8 checkpoint (`python -m export quantize`, "
+                      "docs/fp8.md)"]
     return "\n".join(lines)

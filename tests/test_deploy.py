@@ -133,7 +133,8 @@ def test_cli_table_and_json(capsys):
                  "--batch", "16"]) == 0
     out = capsys.readouterr().out
     assert "assumptions:" in out and "reserve 4.0 GiB per GPU" in out and "--reserve-gib" in out
-    assert "chosen: #1 tp8 pp1 weights fp8" in out and "examples/quantization/quantize.py" in out
+    assert "chosen: #1 tp8 pp1 weights fp8" in out and "python -m export quantize SRC --out out/NAME-fp8" in out
+    assert "python -m export convert out/NAME-fp8 --tp 8 --pp 1 --parallel-embedding --out engines/NAME" in out
     assert "python -m export convert SRC --tp 8 --pp 1 --dtype bf16 --parallel-embedding" in out
     assert main(["plan-deployment", str(ULTRA), "--gpu", "a100-40gb", "--gpus", "8", "--json"]) == 1
     rep = json.loads(capsys.readouterr().out)
