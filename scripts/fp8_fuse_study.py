@@ -19,18 +19,41 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout, and the test helper
 
+import torch  # noqa: E402
 from fp8_demo import write_fp8_demo  # noqa: E402
 
 from export.demo.paths import DEMO_PUZZLE  # noqa: E402
 from export.demo.study import write_demo_texts  # noqa: E402
 from export.deployment_plan import attention_free_runs  # noqa: E402
+from export.fusion.calib import fused_input_amax, load_model, token_batch  # noqa: E402
 from export.fusion.evaluate import evaluate  # noqa: E402
 from export.fusion.fuse import fuse_checkpoint  # noqa: E402
 from export.fusion.plan import FusionPlan  # noqa: E402
+from export.io.tokenizer import load_tokenizer  # noqa: E402
 from export.spec import ModelSpec  # noqa: E402
 
 CANDIDATES = [("refit", "derived"), ("max-scale", "derived"), ("refit", "members-max"),
-              ("max-scale", "members-max")]
+              ("max-scale", "members-max"), ("refit", "calibrated")]
+
+
+@torch.inference_mode()
+def ffn_errors(group: list[int], models: dict[str, Path], ids: torch.Tensor) -> dict[str, float]:
+    """Relative L2 error of each model's FFN output for the group, on the held-out residual entering it
+    (taken from the bf16 source), against the bf16 members' exact parallel sum sum_j FFN_j(norm_j(h))
+    computed in fp32. The fused models compute it in their one block; "fp8" (the unfused FP8 model)
+    as the parallel sum of its members, each with its own scales."""
+    first, members = group[0], range(group[0], group[1] + 1)
+    _, src = load_model(DEMO_PUZZLE)
+    h = src.embed(ids)
+    for i in range(first):
+        h = src.block(i, h)
+    ref = sum(src._swiglu(j, h) for j in members)
+    out = {}
+    for name, path in models.items():
+        _, dec = load_model(path)
+        got = sum(dec._swiglu(j, h) for j in members) if name == "fp8" else dec._swiglu(first, h)
+        out[name] = float((got - ref).norm() / ref.norm())
+    return out
 
 
 def main() -> None:
@@ -46,16 +69,23 @@ def main() -> None:
     q = write_fp8_demo(DEMO_PUZZLE, out / "fp8", calib, tokens=args.calib_tokens)
     (run,) = attention_free_runs(ModelSpec.load(DEMO_PUZZLE))
     results = {}
+    ids = token_batch(heldout, load_tokenizer(DEMO_PUZZLE, None, kind="tokenizers"), 4096, 2048, 128)
     for label, group in (("last FFN excluded", [run[0], run[-2]]), ("whole run", [run[0], run[-1]])):
         plan = FusionPlan([tuple(group)])
         tag = f"{group[0]}-{group[1]}"
         bf = fuse_checkpoint(DEMO_PUZZLE, plan, out / f"bf16-{tag}", progress=False).out
         cands = []
         for requant, rule in CANDIDATES:
+            amax = (fused_input_amax(q, plan.resolve(ModelSpec.load(q)), calib, tokens=args.calib_tokens)
+                    if rule == "calibrated" else None)
             r = fuse_checkpoint(q, plan, out / f"fp8-{tag}-{requant}-{rule}", progress=False, requant=requant,
-                                input_rule=rule)
+                                input_rule="derived" if amax else rule, input_amax=amax)
+            results[(label, requant, rule, "gate input scale")] = next(x.input_scale for x in r.fp8 if "gate" in x.name)
             cands.append(r.out)
             results[(label, requant, rule, "error")] = {x.name: x.rel_error for x in r.fp8}
+        models = {"bf16 fused": bf, "fp8": q, **{p.name: p for p in cands}}
+        for name, e in ffn_errors(group, models, ids).items():
+            results[(label, "FFN output error vs bf16 parallel sum", name)] = e
         for base in (bf, q):
             for s in evaluate(base, cands, heldout, tokens=args.eval_tokens, progress=False)[1:]:
                 results[(label, s.name, base.name)] = (s.kl_vs_base, s.top1_agreement, s.perplexity)
@@ -64,8 +94,9 @@ def main() -> None:
     for s in ref:
         print(f"vs bf16 source: {s.name}: KL {s.kl_vs_base:.3e} top-1 {s.top1_agreement:.2%} ppl {s.perplexity:.3f}")
     for k, v in results.items():
-        print(" | ".join(map(str, k)), "|", json.dumps(v) if isinstance(v, dict) else
-              f"KL {v[0]:.3e} top-1 {v[1]:.2%} ppl {v[2]:.3f}")
+        text = (json.dumps(v) if isinstance(v, dict) else f"{v:.4e}" if isinstance(v, float)
+                else f"KL {v[0]:.3e} top-1 {v[1]:.2%} ppl {v[2]:.3f}")
+        print(" | ".join(map(str, k)), "|", text)
 
 
 if __name__ == "__main__":

@@ -271,3 +271,17 @@ def test_calibrated_input_scale_is_within_the_derived_bound(demo, tmp_path):
     der = next(r for r in derived.fp8 if "gate" in r.name).input_scale
     assert cal == fp8.scale_for(amax) and 0.3 * der < cal <= der  # the derived bound never saturates
     assert json.loads((tmp_path / "c" / "fusion_plan.json").read_text())["fp8"]["input_scales"] == "calibrated"
+
+
+def test_cli_calib_measures_the_fused_input_scale(source, tmp_path, capsys):
+    (tmp_path / "plan.json").write_text(json.dumps(FusionPlan([GROUP]).to_json()))
+    (tmp_path / "calib.txt").write_text("a b b a " * 100)
+    assert main(["fuse", str(source), "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "o"),
+                 "--calib", str(tmp_path / "calib.txt"), "--calib-tokens", "256"]) == 0
+    assert "gate/up input scales calibrated on --calib" in capsys.readouterr().out
+    record = json.loads((tmp_path / "o" / "fusion_plan.json").read_text())["fp8"]
+    (group,) = FusionPlan([GROUP]).resolve(ModelSpec.load(source))
+    amax = fused_input_amax(source, [group], tmp_path / "calib.txt", tokens=256)[1]
+    gate = next(t for t in record["tensors"] if "gate" in t["name"])
+    assert record["input_scales"] == "calibrated" and gate["input_scale"] == fp8.scale_for(amax)
+    assert 0 < amax < 8.0  # |rmsnorm(x)| < sqrt(hidden)
