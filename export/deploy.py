@@ -26,6 +26,7 @@ from export.deployment_plan import human_bytes
 from export.errors import ExportError
 from export.layout import check_layout, check_trtllm_stages, rank_bytes, rank_kv_bytes_per_token, sync_points_per_token
 from export.mapping import Mapping
+from export.quantization import Quantization, fp8_recipe
 from export.spec import ModelSpec
 
 GiB = 1 << 30
@@ -80,6 +81,10 @@ class Option:
     fp8_kv: bool
 
     @property
+    def quantization(self) -> Quantization:
+        return fp8_recipe(self.fp8_weights, self.fp8_kv)
+
+    @property
     def label(self) -> str:
         emb = "vocab-split" if self.mapping.parallel_embedding else "whole"
         return (f"tp{self.mapping.tp} pp{self.mapping.pp} weights {'fp8' if self.fp8_weights else 'bf16'} "
@@ -107,9 +112,9 @@ def evaluate(spec: ModelSpec, opt: Option, gpu: GPU, *, seq_len: int, batch: int
              reserve: int, kv_fraction: float, total_gpus: int) -> dict[str, Any]:
     """One option's figures: per-rank weights, free bytes, KV tokens, sequences at `seq_len`, and
     how many copies (data-parallel replicas) of the layout the GPUs hold."""
-    m = opt.mapping
-    weights = [rank_bytes(spec, m, r, "bfloat16", fp8_linear=opt.fp8_weights) for r in m.ranks()]
-    kv = [rank_kv_bytes_per_token(spec, m, r, "bfloat16", fp8=opt.fp8_kv) for r in m.ranks()]
+    m, spec = opt.mapping, spec.with_dtype("bfloat16").with_quant(opt.quantization)
+    weights = [rank_bytes(spec, m, r) for r in m.ranks()]
+    kv = [rank_kv_bytes_per_token(spec, m, r) for r in m.ranks()]
     free = [gpu.memory - w - reserve for w in weights]
     # every rank caches every token for its own layers: the layout holds what its tightest rank holds
     tokens = min((max(int(kv_fraction * f), 0) // k for f, k in zip(free, kv, strict=True) if k), default=0)
@@ -183,7 +188,8 @@ def assumptions(gpu: GPU, reserve: int, kv_fraction: float) -> list[str]:
         f"KV cache gets {kv_fraction:g} of what is left (TRT-LLM's kv_cache_free_gpu_mem_fraction default; "
         "--kv-fraction)",
         "fp8 weights: the linear layers at 1 byte per weight as ModelOpt's FP8 recipe quantizes them; the "
-        "embedding, norms and lm_head stay bf16 (lm_head in exclude_modules); per-tensor scales ignored",
+        "embedding, norms and lm_head stay bf16 (lm_head in exclude_modules); each linear's two float32 "
+        "per-tensor scales counted (export.layout.rank_bytes, the rule inspect uses)",
         "fp8 KV cache: 1 byte per value (kv_cache_quant_algo FP8); only full-attention layers cache anything",
         "tp stays inside a node; pp only at splits trtllm-build can build (a full-attention layer per stage)",
     ]

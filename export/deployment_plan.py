@@ -5,10 +5,36 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from export.errors import ConfigError
 from export.layout import check_layout, check_trtllm_stages, layer_span, rank_bytes, rank_kv_bytes_per_token
 from export.mapping import Mapping
-from export.spec import CPU_RUNS, CPU_STAGE, TRTLLM_STAGE, AttentionKind, FFNKind, ModelSpec
+from export.quantization import FP8, fp8_recipe
+from export.spec import CPU_RUNS, CPU_STAGE, TRTLLM_STAGE, AttentionKind, FFNKind, ModelSpec, normalize_dtype
 from export.tensors import parameter_count
+
+
+def planned(spec: ModelSpec, dtype: str | None = None, kv_cache_dtype: str | None = None) -> ModelSpec:
+    """The description `inspect --dtype D --kv-cache-dtype K` plans. `fp8` weights: the linears
+    quantized as ModelOpt's FP8 recipe does (lm_head excluded; an FP8 config keeps its own
+    exclude_modules), the rest in the config's dtype; bf16 / fp16 / fp32: every tensor in it,
+    unquantized. The KV cache is FP8 (1 byte a value) or the weights' dtype; left out, each keeps
+    what the config says."""
+    quant = spec.quant
+    if dtype is not None and dtype.lower() == "fp8":
+        quant = fp8_recipe(True, quant.fp8_kv, quant.exclude if quant.fp8 else fp8_recipe().exclude)
+    elif dtype is not None:
+        spec, quant = spec.with_dtype(normalize_dtype(dtype)), fp8_recipe(False, quant.fp8_kv)
+    if kv_cache_dtype is not None:
+        fp8_kv = kv_cache_dtype.lower() == "fp8"
+        if not fp8_kv and normalize_dtype(kv_cache_dtype) != spec.dtype:
+            raise ConfigError(f"--kv-cache-dtype {kv_cache_dtype}: the KV cache is fp8 or the weights' dtype "
+                              f"({spec.dtype}), as TensorRT-LLM's kv_cache_dtype")
+        quant = fp8_recipe(quant.fp8, fp8_kv, quant.exclude)
+    return spec.with_quant(quant)
+
+
+def kv_cache_dtype(spec: ModelSpec) -> str:
+    return "float8_e4m3fn" if spec.quant.fp8_kv else spec.dtype
 
 
 @dataclass(frozen=True)
@@ -80,7 +106,11 @@ def stage_report(spec: ModelSpec, mapping: Mapping, dtype: str) -> list[dict[str
 
 
 def plan_report(spec: ModelSpec, mapping: Mapping, dtype: str | None = None) -> dict[str, Any]:
-    dtype = dtype or spec.dtype
+    """Every figure `inspect` prints; the weights at their stored dtypes (`layout.rank_bytes`:
+    FP8 linears at 1 byte plus their scales when `spec.quant` says FP8), the KV cache at
+    `kv_cache_dtype`."""
+    spec = spec.with_dtype(dtype) if dtype else spec
+    dtype = spec.dtype
     problems = check_layout(spec, mapping) + spec.unsupported(CPU_STAGE, **CPU_RUNS)
     trtllm = check_trtllm_stages(spec, mapping) + spec.unsupported(TRTLLM_STAGE, ffn_only_parallel_ok=True)
     per_rank = ([rank_bytes(spec, mapping, r, dtype) for r in mapping.ranks()] if not problems
@@ -92,6 +122,8 @@ def plan_report(spec: ModelSpec, mapping: Mapping, dtype: str | None = None) -> 
         "architecture": spec.architecture,
         "hidden_size": spec.hidden, "num_attention_heads": spec.heads, "head_dim": spec.head_dim,
         "vocab_size": spec.vocab, "dtype": dtype,
+        "quantization": spec.quant.describe(), "quant_algo": spec.quant.algo,
+        "kv_cache_quant_algo": spec.quant.kv_cache, "kv_cache_dtype": kv_cache_dtype(spec),
         "layers": spec.num_layers,
         "attention_layers": len(spec.attention_layers()),
         "linear_attention_layers": sum(lay.attention.kind is AttentionKind.LINEAR for lay in spec.layers),
@@ -99,7 +131,7 @@ def plan_report(spec: ModelSpec, mapping: Mapping, dtype: str | None = None) -> 
         "linear_ffn_layers": sum(lay.ffn.kind is FFNKind.LINEAR for lay in spec.layers),
         "empty_layers": len(spec.empty_layers()),
         "parameters": parameter_count(spec),
-        "kv_cache_bytes_per_token": spec.kv_cache_bytes_per_token(dtype),
+        "kv_cache_bytes_per_token": rank_kv_bytes_per_token(spec, Mapping(1, 1), 0),  # the whole model's
         "sync_points_per_token": spec.sync_points_per_token(),
         "attention_free_runs": [[r[0], r[-1], len(r)] for r in attention_free_runs(spec)],
         "wide_ffns": [{"layer": i, "width": w} for i, w in wide_ffns(spec)],
@@ -114,6 +146,8 @@ def plan_report(spec: ModelSpec, mapping: Mapping, dtype: str | None = None) -> 
                     "trtllm": {"ok": not problems and not trtllm, "problems": problems + trtllm}},
         "rank_weight_bytes": per_rank,
         "rank_weight_bytes_parallel_embedding": per_rank_split,
+        "rank_kv_cache_bytes_per_token": ([rank_kv_bytes_per_token(spec, mapping, r) for r in mapping.ranks()]
+                                          if not problems else None),
         "stages": stage_report(spec, mapping, dtype) if not problems else None,
         "layer_runs": [{"first": r.first, "last": r.last, "layer": r.label} for r in layer_runs(spec)],
     }
@@ -144,7 +178,10 @@ def format_report(rep: dict[str, Any]) -> str:
         f"{rep['ffn_layers']} FFN, {rep['empty_layers']} empty"
         + (f", {rep['linear_attention_layers']} linear attention" if rep["linear_attention_layers"] else "")
         + (f", {rep['linear_ffn_layers']} linear FFN" if rep["linear_ffn_layers"] else ""),
-        f"KV cache per token       {human_bytes(rep['kv_cache_bytes_per_token'])} ({rep['dtype']})",
+        f"quantization             {rep['quantization']}" + (
+            f" (weights: linears float8_e4m3fn + float32 per-tensor scales, the rest {rep['dtype']})"
+            if rep["quant_algo"] == FP8 else ""),
+        f"KV cache per token       {human_bytes(rep['kv_cache_bytes_per_token'])} ({rep['kv_cache_dtype']})",
         f"sync points per token    {rep['sync_points_per_token']} (at tp > 1: an all-reduce per attention and per FFN, "
         "+ the lm_head all-gather; none at tp 1)",
     ]
@@ -164,12 +201,14 @@ def format_report(rep: dict[str, Any]) -> str:
         return "\n".join(lines)
     sizes = rep["rank_weight_bytes"]
     lines.append(f"per-rank weights         {human_bytes(max(sizes))} max, "
-                 f"{human_bytes(sum(sizes))} total ({rep['dtype']})")
+                 f"{human_bytes(sum(sizes))} total ({_weights_dtype(rep)})")
     if rep.get("rank_weight_bytes_parallel_embedding"):
         split = rep["rank_weight_bytes_parallel_embedding"]
         lines.append(f"  --parallel-embedding   {human_bytes(max(split))} max per rank: saves "
                      f"{human_bytes(max(sizes) - max(split))} on each rank holding the embedding "
                      "(one more collective per forward pass, at the lookup)")
+    kv = rep["rank_kv_cache_bytes_per_token"]
+    lines.append(f"per-rank KV cache        {human_bytes(max(kv))} per token max ({rep['kv_cache_dtype']})")
     lines.append("divisibility             ok: tp divides heads, kv heads and every FFN width")
     if trt["ok"]:
         lines.append("trtllm-build             ok: every pipeline stage has a full-attention layer")
@@ -179,6 +218,10 @@ def format_report(rep: dict[str, Any]) -> str:
     if rep["pp"] > 1:
         lines += format_stages(rep)
     return "\n".join(lines)
+
+
+def _weights_dtype(rep: dict[str, Any]) -> str:
+    return f"fp8 linears, {rep['dtype']} rest" if rep["quant_algo"] == FP8 else rep["dtype"]
 
 
 def format_stages(rep: dict[str, Any]) -> list[str]:

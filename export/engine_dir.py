@@ -13,6 +13,7 @@ from pathlib import Path
 
 from export.errors import ExportError
 from export.manifest import MANIFEST, Manifest
+from export.quantization import NONE, Quantization, parse_quantization
 
 ONNX_DIR = "onnx"  # engines/NAME/onnx unless the manifest's engines.onnx says otherwise
 ONNX_MODEL = "model.onnx"
@@ -47,6 +48,21 @@ class EngineDir:
     def checkpoint(self) -> Path:
         """The TRT-LLM checkpoint (config.json + rank files): what the cpu engine runs."""
         return self.path / self.manifest.checkpoint
+
+    @property
+    def quantization(self) -> Quantization:
+        """What the manifest records of the checkpoint's quantization (FP8 weights, FP8 KV cache),
+        NONE when it records none. `package` checks it against the checkpoint's own description."""
+        body = self.manifest.quantization
+        if body is None:
+            return NONE
+        return parse_quantization({"quantization": body}, None, str(self.path / MANIFEST),
+                                  f"{self.path / MANIFEST} quantization")
+
+    @staticmethod
+    def quantization_record(quant: Quantization) -> dict | None:
+        """The manifest's `quantization` for `quant` (what `convert` / `quantize` write)."""
+        return None if quant.is_none else quant.hf_quant_config()["quantization"]
 
     @property
     def tokenizer(self) -> Path | None:

@@ -11,9 +11,10 @@ from typing import Any
 
 from export.errors import ExportError
 from export.mapping import Mapping
+from export.quantization import FP8_DTYPE
 from export.sharding import Shard, check_tp, kv_heads_per_rank, shard_for
 from export.spec import DTYPE_BYTES, AttentionKind, ModelSpec, normalize_dtype
-from export.tensors import Role, TensorRef, model_tensors, tied_tensors
+from export.tensors import Role, ScaleRef, TensorRef, model_tensors, scale_refs, stored_dtype, tied_tensors
 
 
 @dataclass(frozen=True)
@@ -111,19 +112,29 @@ def rank_pieces(spec: ModelSpec, mapping: Mapping, rank: int) -> list[Piece]:
             for r in refs if on_rank(r, spec, mapping, rank)]
 
 
-# The linear layers ModelOpt's FP8 recipe quantizes (weights stored 1 byte/param); the embedding,
-# the norms and lm_head (in `exclude_modules`) stay in the checkpoint dtype.
-FP8_ROLES = frozenset({Role.Q, Role.K, Role.V, Role.O, Role.GATE, Role.UP, Role.DOWN,
-                       Role.LINEAR_ATTN, Role.LINEAR_FFN})
+# Bytes per stored value: the model dtypes, and float8_e4m3fn for the linears an FP8 checkpoint
+# quantizes (`tensors.stored_dtype`). A per-tensor scale is one float32.
+STORED_BYTES = {**DTYPE_BYTES, FP8_DTYPE: 1}
+SCALE_BYTES = 4
 
 
-def rank_bytes(spec: ModelSpec, mapping: Mapping, rank: int, dtype: str | None = None, *,
-               fp8_linear: bool = False) -> int:
-    """The rank file's weight bytes; `fp8_linear` sizes an FP8 checkpoint (the quantized linears
-    at 1 byte per weight; their per-tensor float32 scales, 8 bytes a linear, are left out)."""
-    per = DTYPE_BYTES[normalize_dtype(dtype or spec.dtype)]
-    return sum(p.numel() * (1 if fp8_linear and p.ref.role in FP8_ROLES else per)
-               for p in rank_pieces(spec, mapping, rank))
+def rank_bytes(spec: ModelSpec, mapping: Mapping, rank: int, dtype: str | None = None) -> int:
+    """The rank's weight bytes, one rule for every precision: each piece at its stored dtype
+    (`tensors.stored_dtype`: float8_e4m3fn for an FP8 linear, else `dtype` or the model's), plus
+    the float32 per-tensor scales the rank keeps (`rank_scales`: not sharded, every rank a copy)."""
+    spec = spec.with_dtype(dtype) if dtype else spec
+    pieces = sum(p.numel() * STORED_BYTES[stored_dtype(spec, p.ref)] for p in rank_pieces(spec, mapping, rank))
+    return pieces + SCALE_BYTES * len(rank_scales(spec, mapping, rank))
+
+
+def rank_scales(spec: ModelSpec, mapping: Mapping, rank: int) -> list[ScaleRef]:
+    """The scales of the rank's FP8 linears and of its stage's FP8 KV cache, as the ModelOpt
+    checkpoint names them (`tensors.scale_refs`: a weight and an input scale per linear, a k and a
+    v scale per attention)."""
+    if spec.quant.is_none:
+        return []
+    held = {(p.ref.role, p.ref.layer, p.ref.branch) for p in rank_pieces(spec, mapping, rank)}
+    return [s for s in scale_refs(spec) if (s.role, s.layer, s.branch) in held]
 
 
 def sync_points_per_token(spec: ModelSpec, mapping: Mapping) -> int:
@@ -148,9 +159,9 @@ def rank_kv_heads(spec: ModelSpec, mapping: Mapping, rank: int) -> dict[Any, int
     return heads
 
 
-def rank_kv_bytes_per_token(spec: ModelSpec, mapping: Mapping, rank: int, dtype: str | None = None, *,
-                            fp8: bool = False) -> int:
-    """K and V the rank caches per token (what the runtime's KVCache allocates per position);
-    `fp8` sizes TRT-LLM's FP8 KV cache (`kv_cache_quant_algo` FP8: 1 byte per value)."""
-    per = 1 if fp8 else DTYPE_BYTES[normalize_dtype(dtype or spec.dtype)]
+def rank_kv_bytes_per_token(spec: ModelSpec, mapping: Mapping, rank: int, dtype: str | None = None) -> int:
+    """K and V the rank caches per token (what the runtime's KVCache allocates per position): at
+    1 byte a value for an FP8 KV cache (`spec.quant.fp8_kv`, TRT-LLM's `kv_cache_quant_algo` FP8),
+    else at `dtype` or the model's."""
+    per = STORED_BYTES[FP8_DTYPE] if spec.quant.fp8_kv else DTYPE_BYTES[normalize_dtype(dtype or spec.dtype)]
     return sum(2 * heads * spec.head_dim * per for heads in rank_kv_heads(spec, mapping, rank).values())

@@ -33,6 +33,9 @@ class Manifest:
     checkpoint: str = "checkpoint"  # relative to engines/NAME
     tokenizer: str | None = "tokenizer"  # relative to engines/NAME; None if the source had none
     engines: dict[str, dict] = field(default_factory=dict)  # only engines that exist
+    # the checkpoint's quantization as hf_quant_config.json's "quantization" body (quant_algo,
+    # kv_cache_quant_algo, exclude_modules); None: unquantized, or a manifest from before FP8
+    quantization: dict | None = None
     build: dict = field(default_factory=lambda: dict(DEFAULT_BUILD))
 
     @property

@@ -79,6 +79,20 @@ class Quantization:
 
 
 NONE = Quantization()
+RECIPE_EXCLUDE = ("lm_head",)  # what ModelOpt's FP8 recipe leaves unquantized (its exclude_modules default)
+
+
+def refusal(where: str, what: str, quant: Quantization) -> str:
+    """The one line a stage without FP8 (the ONNX graph and its runtime) refuses a quantized
+    checkpoint with: what the checkpoint is, and where FP8 runs instead."""
+    return (f"{where} is quantized ({quant.describe()}); {what} has no FP8 (it is emulated in the torch "
+            f"runtime only): use --runtime torch")
+
+
+def fp8_recipe(weights: bool = True, kv_cache: bool = False, exclude: tuple[str, ...] = RECIPE_EXCLUDE) -> Quantization:
+    """ModelOpt's per-tensor FP8 recipe for planning: FP8 linears (lm_head excluded) and/or an FP8
+    KV cache; neither is no quantization."""
+    return Quantization(FP8 if weights else None, FP8 if kv_cache else None, exclude if weights else ())
 
 
 def parse_quantization(hf_quant: dict[str, Any] | None, config_qc: Any, where: str,

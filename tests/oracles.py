@@ -65,3 +65,29 @@ def expected_shapes(spec: ModelSpec, mapping: Mapping, rank: int) -> dict[str, t
         out["transformer.ln_f.weight"] = (h,)
         out["lm_head.weight"] = (padded_vocab(spec.vocab, tp) // tp, h)
     return out
+
+
+# TRT-LLM rank-file linears an FP8 checkpoint stores in float8_e4m3fn (ModelOpt's recipe: every
+# linear but lm_head), and how many HF ModelOpt linears each stands for (their weight_scale +
+# input_scale pairs: q, k and v for the fused qkv).
+FP8_LINEARS = {"attention.qkv.weight": 3, "attention.dense.weight": 1, "attention.weight": 1,
+               "ffn.fc.weight": 1, "ffn.gate.weight": 1, "ffn.proj.weight": 1, "ffn.weight": 1}
+
+
+def fp8_rank_bytes(spec: ModelSpec, mapping: Mapping, rank: int, *, fp8_kv: bool, dtype_bytes: int = 2) -> int:
+    """A rank's bytes with FP8 linears, from `expected_shapes` (not the layout): each quantized
+    linear at 1 byte a weight plus 4 + 4 bytes of float32 scales per HF linear it holds, everything
+    else at `dtype_bytes`, and with an FP8 KV cache a k and a v scale (4 bytes each) per
+    full-attention layer of the rank's stage."""
+    total = 0
+    for name, shape in expected_shapes(spec, mapping, rank).items():
+        numel = 1
+        for d in shape:
+            numel *= d
+        in_layer = ".".join(name.split(".")[3:]) if name.startswith("transformer.layers.") else None
+        linears = FP8_LINEARS.get(in_layer, 0)
+        total += numel + 8 * linears if linears else numel * dtype_bytes
+    if fp8_kv:
+        stage = mapping.pp_layers(spec.num_layers, mapping.pp_rank(rank))
+        total += 8 * sum(1 for i in stage if spec.layers[i].attention.kind is AttentionKind.FULL)
+    return total

@@ -32,7 +32,7 @@ LAYERS: tuple[tuple[str, int], ...] = (
     # 3 runtimes: the reference engine and its registry (torch, onnx)
     ("export.runtime", 3), ("export.onnx.backend", 3),
     # 4 checks and studies that run a runtime
-    ("export.checks", 4), ("export.fusion", 4),
+    ("export.checks", 4), ("export.fusion", 4), ("export.quantize", 4),
     # 5 serving: Triton repositories, the server, the client
     ("export.triton", 5), ("export.chat", 5),
     # 6 apps: the demo and the commands (the command registry may import anything)

@@ -27,18 +27,21 @@ def ultra() -> ModelSpec:
 
 def by_hand(spec: ModelSpec, tp: int, *, fp8: bool = False, split_embedding: bool = False) -> int:
     """Rank 0's bytes at tp (pp 1), from the layer table: linears split tp ways (1 byte each in
-    FP8), norms whole, embedding whole or split, lm_head split. Ultra's kv heads (8) divide tp 8."""
+    FP8, plus a float32 weight and input scale per linear on every rank), norms whole, embedding
+    whole or split, lm_head split (bf16: excluded). Ultra's kv heads (8) divide tp 8."""
     h, hd, lin = spec.hidden, spec.head_dim, 1 if fp8 else 2
-    linear = norms = 0
+    linear = norms = scales = 0
     for lay in spec.layers:
         if lay.attention.kind is AttentionKind.FULL:
             linear += (2 * spec.heads + 2 * lay.attention.kv_heads) * hd * h // tp
             norms += h
+            scales += 4 * 2 * 4  # q, k, v, o
         if lay.ffn.width is not None:
             linear += 3 * lay.ffn.width * h // tp
             norms += h
+            scales += 3 * 2 * 4  # gate, up, down
     emb = spec.vocab * h // (tp if split_embedding else 1)
-    return linear * lin + (norms + h + emb + spec.vocab * h // tp) * 2
+    return linear * lin + (norms + h + emb + spec.vocab * h // tp) * 2 + (scales if fp8 else 0)
 
 
 def test_ultra_bf16_tp8_weights_equal_inspect_and_the_layer_table(ultra):

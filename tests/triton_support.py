@@ -56,6 +56,41 @@ def make_engine_dir(root: Path, tp: int = 2, seed: int = 0) -> Path:
     return out
 
 
+FP8 = ("FP8", "FP8", ("lm_head",))  # Quantization(algo, kv_cache, exclude): ModelOpt's recipe + FP8 KV cache
+
+
+def make_fp8_engine_dir(root: Path, tp: int = 2, seed: int = 0) -> tuple[Path, Path]:
+    """An FP8 engines/NAME and the HF FP8 source it holds: a ModelOpt-format FP8 checkpoint of the
+    tiny model (random weights quantized at amax / 448, random input and KV scales) with the
+    tokenizer, then engines/tiny-fp8 = that checkpoint as checkpoint/ (the torch runtime reads HF
+    FP8 and slices it at the manifest's tp), tokenizer/, and a manifest recording FP8.
+
+    Assumed: `convert` of an FP8 source to TRT-LLM FP8 rank files (branch fp8-convert) has not
+    landed, so the engine directory holds the HF FP8 checkpoint where convert would put rank files;
+    the cpu flavour serves either through the same source registry."""
+    import shutil
+
+    from export.engine_dir import EngineDir
+    from export.manifest import Manifest, tree_sha256
+    from export.quantization import Quantization
+    from export.synthetic import write_random_checkpoint
+    from export.trtllm.convert import default_build
+
+    src, tok_dir, out = root / "hf-fp8", root / "tok", root / "engines" / "tiny-fp8"
+    vocab = write_tokenizer(tok_dir)
+    spec = tiny_spec(vocab).with_quant(Quantization(*FP8))
+    write_random_checkpoint(src, spec, seed=seed, std=0.2)
+    for f in tok_dir.iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    out.mkdir(parents=True)
+    shutil.copytree(src, out / "checkpoint")
+    shutil.copytree(tok_dir, out / "tokenizer")
+    Manifest(source_path=str(src.resolve()), source_sha256=tree_sha256(src), tp=tp, pp=1, dtype=spec.dtype,
+             engines={"cpu": {"path": "checkpoint", "verified": False}}, build=default_build(spec),
+             quantization=EngineDir.quantization_record(spec.quant)).save(out)
+    return out, src
+
+
 def stop_serve(serve, timeout: float = 60) -> int:
     """Ctrl-C a `python -m export serve` subprocess and wait for it. If it does not stop, kill it (its
     reaper then stops the server) so a failing test leaves no server behind, and fail."""

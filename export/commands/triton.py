@@ -55,7 +55,8 @@ def _package_args(p: argparse.ArgumentParser) -> None:
 @with_args(_package_args)
 def _cmd_package(args: argparse.Namespace) -> int:
     from export.engine_dir import EngineDir
-    from export.triton.package import package_repo
+    from export.sources import load_spec
+    from export.triton.package import package_repo, served_runtime
 
     t = time.perf_counter()
     out = package_repo(args.engine_dir, args.out, backend=args.backend, max_batch_size=args.max_batch_size,
@@ -73,6 +74,11 @@ def _cmd_package(args: argparse.Namespace) -> int:
                           "max_batch_size": args.max_batch_size or int(build["max_batch_size"])}, indent=2))
         return 0
     print(f"packaged {args.backend} model repository at {out} ({time.perf_counter() - t:.2f} s)")
+    quant = load_spec(args.engine_dir).quant
+    if not quant.is_none:
+        runs = ("the engine's FP8 kernels" if args.backend == "trtllm"
+                else f"emulated by the {served_runtime(args.backend, args.runtime)} runtime")
+        print(f"quantization: {quant.describe()} ({runs})")
     print(limits_summary(build, args.max_batch_size))
     return 0
 

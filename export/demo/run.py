@@ -1,7 +1,10 @@
 """`python -m export demo`: the whole pipeline on the shipped Puzzle-style model, step by step.
 
 analyze -> fuse -> evaluate -> convert (tp 2) -> verify -> build (TensorRT-LLM where present; ONNX) -> package
--> serve -> query (streaming) -> stop.
+-> serve -> query (streaming) -> stop. With `--fp8`: analyze -> quantize (calibrated FP8 weights,
+activations and KV cache) -> fuse (the FP8 checkpoint) -> evaluate (vs the bf16 source) -> convert
+(a TRT-LLM FP8 checkpoint) -> verify -> build -> package (the PyTorch runtime, which emulates FP8)
+-> serve -> query.
 Each step calls the same library function its subcommand calls and prints what it produced and how
 long it took, so a person can rerun any step by hand from the printed paths. The demo replaces its own
 previous outputs (as `--overwrite` does), so it can be run again; anything else at those paths is refused.
@@ -36,6 +39,7 @@ class DemoConfig:
     # "cpu" (the PyTorch reference runtime over the checkpoint's tp worker processes).
     backend: str = "onnx"
     progress: bool = False
+    fp8: bool = False  # quantize to FP8 (weights, activations, KV cache) before fusing; served by "cpu"
 
 
 @dataclass
@@ -76,15 +80,18 @@ def run_demo(cfg: DemoConfig, out: Callable[[str], None] | None = None) -> DemoR
         r["attention-free layers"] = [i for i, lay in enumerate(source.layers) if not lay.has_attention]
         r["proposed groups"] = groups
         r["heatmap"] = cfg.work / "analysis" / "heatmap.png"
-    with step(rep, "fuse", "Ultra-style checkpoint: each group becomes one wide FFN (norms folded)") as r:
-        fused = fuse_checkpoint(cfg.source, analysis.plan, cfg.work / "fused", progress=cfg.progress, overwrite=True)
+    fuse_source = _quantize(cfg, calib, heldout, rep) if cfg.fp8 else cfg.source
+    what = "the FP8 checkpoint's" if cfg.fp8 else "each"
+    with step(rep, "fuse", f"Ultra-style checkpoint: {what} group becomes one wide FFN (norms folded)") as r:
+        fused = fuse_checkpoint(fuse_source, analysis.plan, cfg.work / "fused", progress=cfg.progress, overwrite=True)
         spec = fused.after
         r["blocks"] = f"{source.num_layers} -> {spec.num_layers}"
         r["sync points / token"] = f"{source.sync_points_per_token()} -> {spec.sync_points_per_token()}"
         for g in fused.groups:
             r[f"group {g.label}"] = f"widths {list(g.widths)} -> one FFN of width {g.fused_width}"
         r["checkpoint"] = fused.out
-    with step(rep, "evaluate", f"fused vs unfused on {cfg.eval_tokens} held-out tokens") as r:
+    vs = "fused FP8 vs the unfused bf16 source" if cfg.fp8 else "fused vs unfused"
+    with step(rep, "evaluate", f"{vs} on {cfg.eval_tokens} held-out tokens") as r:
         base, cand = evaluate(cfg.source, [fused.out], heldout, tokens=cfg.eval_tokens, progress=cfg.progress)
         r["perplexity"] = f"{base.perplexity:.2f} -> {cand.perplexity:.2f}"
         r["KL vs unfused"] = f"{cand.kl_vs_base:.2e}"
@@ -92,6 +99,25 @@ def run_demo(cfg: DemoConfig, out: Callable[[str], None] | None = None) -> DemoR
         rep.facts["kl"] = cand.kl_vs_base
     _deploy(cfg, fused.out, rep)
     return rep
+
+
+def _quantize(cfg: DemoConfig, calib: Path, heldout: Path, rep: DemoReport) -> Path:
+    """The source quantized to FP8 (per-tensor, calibrated; FP8 KV cache), scored against it."""
+    from export.quantize.checkpoint import quantize_checkpoint
+
+    with step(rep, "quantize", f"FP8 weights, activations and KV cache, calibrated on {cfg.calib_tokens} tokens") as r:
+        res = quantize_checkpoint(cfg.source, cfg.work / "fp8", calib, kv_cache="fp8", heldout=heldout,
+                                  calib_tokens=cfg.calib_tokens, heldout_tokens=cfg.eval_tokens,
+                                  progress=cfg.progress, overwrite=True)
+        assert res.scores is not None
+        base, q = res.scores
+        r["quantization"] = res.spec.quant.describe()
+        r["perplexity"] = f"{base.perplexity:.2f} -> {q.perplexity:.2f}"
+        r["KL vs bf16"] = f"{q.kl_vs_base:.2e}"
+        r["top-1 agreement"] = f"{q.top1_agreement:.1%}"
+        r["checkpoint"] = res.out
+        rep.facts["fp8_kl"] = q.kl_vs_base
+    return res.out
 
 
 def _deploy(cfg: DemoConfig, fused: Path, rep: DemoReport) -> None:

@@ -22,6 +22,7 @@ from export.mapping import Mapping
 from export.onnx.external import ExternalData
 from export.onnx.graph import DATA_FILE, IR_VERSION, MODEL_FILE, OPSET, build_model
 from export.progress import byte_progress
+from export.quantization import refusal
 from export.spec import ModelSpec
 
 GRAPH_DTYPE = "float32"
@@ -52,10 +53,13 @@ def export_onnx(source: str | Path, out: str | Path, *, progress: bool = True, o
     """Checkpoint (HF dir, unsplit TRT-LLM checkpoint or engines/NAME) -> ONNX directory `out`."""
     import onnx
 
-    from export.sources import open_source
+    from export.sources import load_spec, open_source
 
     t0 = time.perf_counter()
     check_output(out, inputs=[source], overwrite=overwrite)
+    quant = load_spec(Path(source)).quant
+    if not quant.is_none:  # the graph is fp32 matmuls: an FP8 checkpoint would need Q/DQ nodes we do not write
+        raise ExportError(refusal(str(source), "the ONNX export", quant))
     spec, own, make = open_source(Path(source))
     if own is not None and own.world_size != 1:
         raise ExportError(f"{source}: checkpoint is split for tp={own.tp} pp={own.pp}; the ONNX graph is built "

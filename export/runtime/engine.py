@@ -57,8 +57,12 @@ class Engine:
         `export.runtime.scheduler`. `max_seq_len` bounds prompt + max_tokens (default: the model's
         max_position_embeddings). Where the ranks run is the runtime's choice (`torch_runtime.py`).
         """
-        spec, mapping, backend = registry.get(runtime).load()(Path(source), tp=tp, pp=pp, dtype=dtype,
-                                                               threads=threads, python=python)
+        from export.sources import load_spec
+
+        entry = registry.get(runtime)
+        if entry.quant_algos != registry.QUANT_ALGOS:  # one without FP8: refuse a quantized source first
+            entry.require_quant(load_spec(source).quant, str(source))  # (config files only)
+        spec, mapping, backend = entry.load()(Path(source), tp=tp, pp=pp, dtype=dtype, threads=threads, python=python)
         return cls(spec, mapping, backend, max_batch=max_batch, max_queue=max_queue, kv_cache_tokens=kv_cache_tokens,
                    max_seq_len=max_seq_len)
 

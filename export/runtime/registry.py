@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from export.errors import ExportError
+from export.quantization import QUANT_ALGOS, Quantization, refusal
 
 ALL_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -40,6 +41,7 @@ class RuntimeEntry:
     parallel: bool = True         # tp/pp > 1 (else the whole model in one process)
     dtypes: tuple[str, ...] = ALL_DTYPES
     engine: OwnEngine | None = None  # what it runs beside the checkpoint (package requires and bundles it)
+    quant_algos: tuple[str, ...] = QUANT_ALGOS  # the quantizations it runs (FP8 weights and KV cache, emulated)
 
     def load(self) -> Callable[..., tuple[Any, Any, Any]]:
         module, _, attr = self.start.partition(":")
@@ -48,6 +50,14 @@ class RuntimeEntry:
     def runs(self, tp: int, pp: int) -> bool:
         """Whether this runtime can run at tp x pp."""
         return self.parallel or (tp, pp) == (1, 1)
+
+    def runs_quant(self, quant: Quantization) -> bool:
+        return all(algo is None or algo in self.quant_algos for algo in (quant.algo, quant.kv_cache))
+
+    def require_quant(self, quant: Quantization, where: str) -> None:
+        """Refuse, in one line, a checkpoint quantized in a way this runtime cannot run."""
+        if not self.runs_quant(quant):
+            raise ExportError(refusal(where, f"runtime {self.name!r}", quant))
 
 
 RUNTIMES: dict[str, RuntimeEntry] = {}
@@ -81,4 +91,14 @@ register(RuntimeEntry("torch", "export.runtime.torch_runtime:start_torch",
                       "the reference Decoder in PyTorch (any tp x pp: worker processes beyond one rank)"))
 register(RuntimeEntry("onnx", "export.onnx.backend:start_onnx",
                       "engines/NAME/onnx on ONNX Runtime (tp=1, fp32)",
-                      parallel=False, dtypes=("float32",), engine=OwnEngine("onnx", "ONNX", "--onnx")))
+                      parallel=False, dtypes=("float32",), engine=OwnEngine("onnx", "ONNX", "--onnx"), quant_algos=()))
+
+
+def for_quant(quant: Quantization, chosen: str | None, where: str) -> RuntimeEntry:
+    """The runtime for a checkpoint: `chosen` if it runs `quant` (else the one-line refusal), or
+    when none was chosen the first registered one that does (torch for FP8)."""
+    if chosen is not None:
+        entry = get(chosen)
+        entry.require_quant(quant, where)
+        return entry
+    return next(e for e in RUNTIMES.values() if e.runs_quant(quant))

@@ -20,6 +20,7 @@ from typing import Any
 from export.errors import ExportError
 from export.io.output import check_output, output_dir, tree_bytes
 from export.io.tokenizer_file import TOKENIZER_JSON, check_tokenizer_json
+from export.quantization import Quantization
 from export.runtime import registry
 from export.sources import load_spec
 from export.triton.binary import EXPORT_ROOT
@@ -223,7 +224,11 @@ def _package_engine(engine_dir: str | Path, out: str | Path, *, backend: str = "
     if unknown:  # tp/pp: the checkpoint's own split
         raise ExportError(f"package --backend {flag}: {', '.join(sorted(unknown))} do not apply to it")
     check_output(out, inputs=[engine_dir, TEMPLATES], overwrite=overwrite)
-    runtime = _runtime(overrides.get("runtime", "torch")) if backend == "cpu" else None
+    quant = engine_quantization(Path(engine_dir))
+    runtime = None
+    if backend == "cpu":  # an FP8 engine: the runtime that emulates FP8 (torch), or a refusal of one that cannot
+        runtime = _runtime_for(quant, overrides.get("runtime"), f"package: {engine_dir}")
+        overrides["runtime"] = runtime.name
     if runtime is not None and runtime.engine is not None:
         _require_engine(Path(engine_dir), runtime.engine)
     settings = settings_from_manifest(Path(engine_dir), backend, **overrides)
@@ -319,6 +324,27 @@ def _copy_bytes(trees: dict[Path, Path], out: Path) -> int:
     parent = next((p for p in [out.absolute(), *out.absolute().parents] if p.exists()), Path("/"))
     return sum(tree_bytes(src) if src.is_dir() else src.stat().st_size
                for src in trees.values() if src.stat().st_dev != parent.stat().st_dev)
+
+
+def engine_quantization(engine_dir: Path) -> Quantization:
+    """The engine's quantization, from its checkpoint's own description (the source registry reads
+    each format's); a manifest that records a different one is stale and refused."""
+    from export.engine_dir import EngineDir
+    from export.manifest import MANIFEST
+
+    quant = load_spec(engine_dir).quant
+    engine = EngineDir.of(engine_dir)
+    recorded = engine.quantization if engine is not None else quant
+    if engine is not None and engine.manifest.quantization is not None and recorded != quant:
+        raise ExportError(f"{engine_dir}/{MANIFEST}: quantization says {recorded.describe()} but the checkpoint "
+                          f"{engine.checkpoint} is {quant.describe()}: convert again")
+    return quant
+
+
+def _runtime_for(quant: Quantization, chosen: str | None, where: str) -> registry.RuntimeEntry:
+    if chosen is not None:
+        _runtime(chosen)  # an unknown name: the list of runtimes
+    return registry.for_quant(quant, chosen, where)
 
 
 def _runtime(name: str) -> registry.RuntimeEntry:
