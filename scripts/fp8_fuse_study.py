@@ -2,8 +2,8 @@
 
     .venv/bin/python scripts/fp8_fuse_study.py [--out out/fp8-fuse-study] [--eval-tokens 8192]
 
-Quantizes the shipped Puzzle demo model to FP8 by a small calibration pass (tests/fp8_demo.py, until
-`quantize` lands), fuses the bf16 and the FP8 model with the same plan (the attention-free run
+Quantizes the shipped Puzzle demo model to FP8 (`quantize`, KV cache FP8, 2048 calibration tokens),
+fuses the bf16 and the FP8 model with the same plan (the attention-free run
 without its last FFN, and the whole run), every FP8 candidate, and scores each candidate against
 the fused bf16 model and against the unfused FP8 model (export/fusion/evaluate.py's metrics).
 """
@@ -16,21 +16,20 @@ import shutil
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout, and the test helper
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout
 
-import torch  # noqa: E402
-from fp8_demo import write_fp8_demo  # noqa: E402
+import torch
 
-from export.demo.paths import DEMO_PUZZLE  # noqa: E402
-from export.demo.study import write_demo_texts  # noqa: E402
-from export.deployment_plan import attention_free_runs  # noqa: E402
-from export.fusion.calib import fused_input_amax, load_model, token_batch  # noqa: E402
-from export.fusion.evaluate import evaluate  # noqa: E402
-from export.fusion.fuse import fuse_checkpoint  # noqa: E402
-from export.fusion.plan import FusionPlan  # noqa: E402
-from export.io.tokenizer import load_tokenizer  # noqa: E402
-from export.spec import ModelSpec  # noqa: E402
+from export.demo.paths import DEMO_PUZZLE
+from export.demo.study import write_demo_texts
+from export.deployment_plan import attention_free_runs
+from export.fusion.calib import fused_input_amax, load_model, token_batch
+from export.fusion.evaluate import evaluate
+from export.fusion.fuse import fuse_checkpoint
+from export.fusion.plan import FusionPlan
+from export.io.tokenizer import load_tokenizer
+from export.quantize.checkpoint import quantize_checkpoint
+from export.spec import ModelSpec
 
 CANDIDATES = [("refit", "derived"), ("max-scale", "derived"), ("refit", "members-max"),
               ("max-scale", "members-max"), ("refit", "calibrated")]
@@ -66,7 +65,8 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     calib, heldout = write_demo_texts(out, chars=200_000)
-    q = write_fp8_demo(DEMO_PUZZLE, out / "fp8", calib, tokens=args.calib_tokens)
+    q = quantize_checkpoint(DEMO_PUZZLE, out / "fp8", calib, kv_cache="fp8", calib_tokens=args.calib_tokens,
+                            progress=False).out
     (run,) = attention_free_runs(ModelSpec.load(DEMO_PUZZLE))
     results = {}
     ids = token_batch(heldout, load_tokenizer(DEMO_PUZZLE, None, kind="tokenizers"), 4096, 2048, 128)

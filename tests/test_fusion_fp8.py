@@ -9,7 +9,6 @@ import shutil
 
 import pytest
 import torch
-from fp8_demo import write_fp8_demo
 from safetensors.torch import load_file, save_file
 
 from export import fp8
@@ -24,6 +23,7 @@ from export.fusion.fuse import fuse_checkpoint, widen_parallel_checkpoint
 from export.fusion.plan import FusionPlan
 from export.mapping import Mapping
 from export.quantization import Quantization
+from export.quantize.checkpoint import quantize_checkpoint
 from export.runtime.model import load_decoder
 from export.sources import open_source
 from export.spec import ModelSpec, parse_hf_config
@@ -84,6 +84,9 @@ def test_one_weight_and_input_scale_per_fused_tensor(source, tmp_path, requant):
         n = _name(role, 1)
         assert w[n + ".weight"].dtype == torch.float8_e4m3fn
         assert w[n + ".weight_scale"].shape == () and w[n + ".input_scale"].shape == ()
+    # a fused gate and up share one weight and one input scale (ModelOpt's convention for a layer's gate/up)
+    for kind in (".weight_scale", ".input_scale"):
+        assert float(w[_name(Role.GATE, 1) + kind]) == float(w[_name(Role.UP, 1) + kind])
     assert len(res.fp8) == 3 and {r.name for r in res.fp8} == {_name(r, 1) + ".weight" for r in
                                                                 (Role.GATE, Role.UP, Role.DOWN)}
     # down's input is the members' activations side by side: the max of their input scales, exactly
@@ -126,15 +129,18 @@ def test_refit_rounds_once_and_max_scale_twice(source, tmp_path):
 
 
 def test_norm_last_copies_gate_up_at_their_common_scale(source, tmp_path):
+    """Unfolded, the member with the largest scale of the fused gate+up (which share one scale, as
+    ModelOpt writes a layer's gate/up) is copied bit for bit."""
     res = fuse_checkpoint(source, FusionPlan([GROUP]), tmp_path / "l", norm="last", progress=False)
     w, s = tensors(tmp_path / "l"), tensors(source)
-    top = max(float(s[_name(Role.GATE, j) + ".weight_scale"]) for j in range(1, 4))
-    assert float(w[_name(Role.GATE, 1) + ".weight_scale"]) == top
-    largest = max(range(1, 4), key=lambda j: float(s[_name(Role.GATE, j) + ".weight_scale"]))
+    scales = {(r, j): float(s[_name(r, j) + ".weight_scale"]) for r in (Role.GATE, Role.UP) for j in range(1, 4)}
+    role, largest = max(scales, key=scales.get)
+    for r in (Role.GATE, Role.UP):
+        assert float(w[_name(r, 1) + ".weight_scale"]) == scales[(role, largest)]
     offset = sum(fp8_spec().layers[j].ffn.width for j in range(1, largest))
     rows = fp8_spec().layers[largest].ffn.width
-    assert torch.equal(w[_name(Role.GATE, 1) + ".weight"][offset:offset + rows].view(torch.uint8),
-                       s[_name(Role.GATE, largest) + ".weight"].view(torch.uint8))
+    assert torch.equal(w[_name(role, 1) + ".weight"][offset:offset + rows].view(torch.uint8),
+                       s[_name(role, largest) + ".weight"].view(torch.uint8))
     assert all(r.rel_error < 0.05 for r in res.fp8)
 
 
@@ -240,7 +246,7 @@ def test_cli_reports_the_requantization_error(source, tmp_path, capsys):
 def demo(tmp_path_factory):
     d = tmp_path_factory.mktemp("fp8demo")
     calib, heldout = write_demo_texts(d, chars=40_000)
-    q = write_fp8_demo(DEMO_PUZZLE, d / "fp8", calib, tokens=1024)
+    q = quantize_checkpoint(DEMO_PUZZLE, d / "fp8", calib, kv_cache="fp8", calib_tokens=1024, progress=False).out
     (run,) = attention_free_runs(ModelSpec.load(DEMO_PUZZLE))
     plan = FusionPlan([(run[0], run[-2])])
     return d, q, calib, heldout, plan

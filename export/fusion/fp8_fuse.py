@@ -117,16 +117,21 @@ def _own_scales(reader: CheckpointReader, members: list[Member], stacked: bool, 
             for m, a in zip(members, amax)]
 
 
-def fused_fp8(reader: CheckpointReader, name: str, members: list[Member], *, stacked: bool,
-              input_scale: float, requant: Requant, step: int, report: list[FusedScales]) -> Chunks:
-    """The fused tensor's E4M3 row chunks (two passes); appends its `FusedScales` to `report`
-    once the last chunk is out."""
+def grid_scales(reader: CheckpointReader, members: list[Member], stacked: bool, step: int,
+                requant: Requant) -> list[float]:
+    """Pass 1: the grid each member is on before the fused tensor's scale (their max) is applied:
+    its own amax / 448 (`refit`), or for `max-scale` its stored scale where it is unfolded."""
     own = _own_scales(reader, members, stacked, step)
     if requant is Requant.MAX_SCALE:  # unfolded members stay on their stored grids
-        grids = [m.weight_scale if m.fold is None else s for m, s in zip(members, own)]
-    else:
-        grids = own
-    scale = max(grids)
+        return [m.weight_scale if m.fold is None else s for m, s in zip(members, own)]
+    return own
+
+
+def fused_fp8(reader: CheckpointReader, name: str, members: list[Member], *, stacked: bool, scale: float,
+              input_scale: float, requant: Requant, step: int, report: list[FusedScales]) -> Chunks:
+    """The fused tensor's E4M3 row chunks at weight scale `scale` (>= every member's grid scale,
+    `grid_scales`); appends its `FusedScales` to `report` once the last chunk is out."""
+    grids = grid_scales(reader, members, stacked, step, requant) if requant is Requant.MAX_SCALE else []
     err = ref = 0.0
     for row, pieces in _pieces(reader, members, stacked, step):
         out = []

@@ -39,6 +39,7 @@ from export.fusion.fp8_fuse import (
     down_input_scale,
     fused_fp8,
     gate_up_input_scale,
+    grid_scales,
     remap_exclude,
 )
 from export.fusion.plan import FusionPlan, Group
@@ -194,6 +195,14 @@ def _norm(reader: CheckpointReader, group: Group, norm: NormMode, hidden: int, d
         yield from _copy(reader, HF_NAMES[Role.FFN_NORM].format(l=group.ffn_layers[-1]), (hidden,), dtype)
 
 
+def _fused_roles(spec: ModelSpec, layer: int, role: Role,
+                 members: Callable[[Role], list[TensorRef]]) -> dict[Role, list[TensorRef]]:
+    """The member tensors of `role`'s fused tensor, and of its partner that shares its scales
+    (gate with up; down alone); a plain MLP member has no gate."""
+    roles = (Role.DOWN,) if role is Role.DOWN else (Role.GATE, Role.UP) if spec.layers[layer].ffn.gated else (Role.UP,)
+    return {r: members(r) for r in roles}
+
+
 # ---- FP8 sources: one weight scale and one input scale per fused tensor (fusion/fp8_fuse.py) ----
 @dataclass
 class FP8Job:
@@ -205,23 +214,39 @@ class FP8Job:
     report: list[FusedScales] = field(default_factory=list)
     scales: dict[str, float] = field(default_factory=dict)  # computed scale tensors, by name
 
-    def fused(self, reader: CheckpointReader, out: TensorRef, members: list[TensorRef], norms: list[str],
-              fold: bool, same_input: list[int], fused_norm: torch.Tensor | None, hidden: int,
+    shared: dict[object, tuple[float, float]] = field(default_factory=dict)  # fused gate+up -> their scales
+
+    def fused(self, reader: CheckpointReader, out: TensorRef, members: dict[Role, list[TensorRef]],
+              norms: list[str], fold: bool, same_input: list[int], fused_norm: torch.Tensor | None, hidden: int,
               amax: float | None = None) -> Chunks:
-        """Rows of the fused FP8 tensor `out` from its FP8 `members` (each with its FFN norm
-        `norms[k]`, folded into gate/up under `fold`); records the two scales it gets."""
-        fold = fold and out.role is not Role.DOWN
-        ms = [Member(m.hf_name, reader.scale(_scale(ScaleKind.WEIGHT, m)), reader.scale(_scale(ScaleKind.INPUT, m)),
-                     reader.get(n).float() if fold else None) for m, n in zip(members, norms)]
-        if out.role is Role.DOWN:
-            in_scale = down_input_scale(ms)
+        """Rows of the fused FP8 tensor `out` from its FP8 members (`members[out.role]`, each with
+        its FFN norm `norms[k]`, folded into gate/up under `fold`); records the two scales it gets.
+        A fused gate and up share both (the max of theirs), as ModelOpt writes a layer's gate/up
+        (docs/fp8-quantize.md), so a loader fuses them without requantizing: `members` holds both."""
+        step = _rows_per_chunk(out.shape, torch.float32)
+        stacked = out.role is not Role.DOWN
+        ms = {role: self._members(reader, refs, norms, fold and role is not Role.DOWN)
+              for role, refs in members.items()}
+        if not stacked:
+            scale = max(grid_scales(reader, ms[out.role], False, step, self.requant))
+            in_scale = down_input_scale(ms[out.role])
         else:
-            in_scale = gate_up_input_scale(ms, [reader.get(n) for n in norms], same_input, fused_norm, hidden,
-                                           self.input_rule, amax)
+            key = (out.layer, out.branch)
+            if key not in self.shared:
+                scale = max(max(grid_scales(reader, m, True, step, self.requant)) for m in ms.values())
+                in_scale = max(gate_up_input_scale(m, [reader.get(n) for n in norms], same_input, fused_norm, hidden,
+                                                   self.input_rule, amax) for m in ms.values())
+                self.shared[key] = (scale, in_scale)
+            scale, in_scale = self.shared[key]
         self.scales[_scale(ScaleKind.INPUT, out).name] = in_scale
-        yield from fused_fp8(reader, out.hf_name, ms, stacked=out.role is not Role.DOWN, input_scale=in_scale,
-                             requant=self.requant, step=_rows_per_chunk(out.shape, torch.float32), report=self.report)
-        self.scales[_scale(ScaleKind.WEIGHT, out).name] = self.report[-1].weight_scale
+        self.scales[_scale(ScaleKind.WEIGHT, out).name] = scale
+        yield from fused_fp8(reader, out.hf_name, ms[out.role], stacked=stacked, scale=scale, input_scale=in_scale,
+                             requant=self.requant, step=step, report=self.report)
+
+    @staticmethod
+    def _members(reader: CheckpointReader, refs: list[TensorRef], norms: list[str], fold: bool) -> list[Member]:
+        return [Member(m.hf_name, reader.scale(_scale(ScaleKind.WEIGHT, m)), reader.scale(_scale(ScaleKind.INPUT, m)),
+                       reader.get(n).float() if fold else None) for m, n in zip(refs, norms)]
 
     def scale_value(self, reader: CheckpointReader, ref: ScaleRef, source: ScaleRef | None) -> torch.Tensor:
         """A scale tensor of the output: computed here, or the source's `source`, as float32."""
@@ -269,8 +294,9 @@ def _producer(reader: CheckpointReader, ref: TensorRef, src: int | Group | None,
     if isinstance(src, Group) and job is not None and ref.role is not Role.FFN_NORM:
         norms = [HF_NAMES[Role.FFN_NORM].format(l=j) for j in src.ffn_layers]
         last = None if norm is NormMode.FOLD else reader.get(norms[-1])
-        return job.fused(reader, ref, [TensorRef(ref.role, j, ()) for j in src.ffn_layers], norms,
-                         norm is NormMode.FOLD, [0], last, spec.hidden, job.amax.get(src.ffn_layers[0]))
+        return job.fused(reader, ref, _fused_roles(spec, src.ffn_layers[0], ref.role,
+                                                   lambda r: [TensorRef(r, j, ()) for j in src.ffn_layers]),
+                         norms, norm is NormMode.FOLD, [0], last, spec.hidden, job.amax.get(src.ffn_layers[0]))
     if isinstance(src, Group):
         fused: dict[Role, Callable[[], Chunks]] = {
             Role.FFN_NORM: lambda: _norm(reader, src, norm, spec.hidden, dtype),
@@ -327,8 +353,11 @@ def _widened_chunks(reader: CheckpointReader, spec: ModelSpec, ref: TensorRef, d
         return iter([(0, torch.ones(spec.hidden, dtype=dtype))])
     if job is not None:  # every branch sees the same input, so every branch's input scale bounds it
         assert ref.layer is not None
-        members = [TensorRef(ref.role, ref.layer, (), k) for k in branches]
-        norms = [_branch_name(Role.FFN_NORM, ref.layer, k) for k in branches]
+        layer = ref.layer
+        members = {r: [TensorRef(r, layer, (), k) for k in branches]
+                   for r in ((Role.GATE, Role.UP) if ref.role is not Role.DOWN else (Role.DOWN,))
+                   if any(t.role is r for t in model_tensors(spec) if t.layer == layer)}
+        norms = [_branch_name(Role.FFN_NORM, layer, k) for k in branches]
         return job.fused(reader, ref, members, norms, True, list(range(len(branches))), None, spec.hidden)
     if ref.role in (Role.GATE, Role.UP):
         return _branch_rows(reader, ref.role, ref.layer, branches, dtype)
