@@ -175,7 +175,10 @@ def test_fused_fp8_checkpoint_opens_and_runs_close_to_the_parallel_form(source, 
         assert json.loads((tmp_path / name / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "FP8"
         assert json.loads((tmp_path / name / "config.json").read_text())["quantization_config"]["quant_algo"] == "FP8"
         with torch.no_grad():
-            logits[name] = load_decoder(src.rank_weights(Mapping(1, 1), 0))(ids)
+            one = load_decoder(src.rank_weights(Mapping(1, 1), 0))
+            logits[name] = one(ids)
+        for rank in range(2):  # per-tensor scales: the same on every tp rank
+            assert load_decoder(src.rank_weights(Mapping(2, 1), rank))._fp8 == one._fp8
     diff = float((logits["par"] - logits["wide"]).norm() / logits["par"].norm())
     # measured 6.7e-2 (random weights, the synthetic checkpoint's uncalibrated input scales); a wrong
     # function (--norm last: the last member's norm for all) gives 0.32
