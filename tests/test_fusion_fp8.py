@@ -294,3 +294,10 @@ def test_cli_calib_measures_the_fused_input_scale(source, tmp_path, capsys):
     gate = next(t for t in record["tensors"] if "gate" in t["name"])
     assert record["input_scales"] == "calibrated" and gate["input_scale"] == fp8.scale_for(amax)
     assert 0 < amax < 8.0  # |rmsnorm(x)| < sqrt(hidden)
+
+
+def test_fused_card_says_how_the_fp8_tensors_were_requantized(source, tmp_path):
+    fuse_checkpoint(source, FusionPlan([GROUP]), tmp_path / "f", progress=False)
+    card = (tmp_path / "f" / "README.md").read_text()
+    assert "quantization: FP8 per-tensor, KV cache FP8, excluded: lm_head" in card
+    assert "`--fp8-requant refit`, gate/up input scales derived" in card and "3 fused FP8 tensor(s)" in card

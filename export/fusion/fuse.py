@@ -41,6 +41,7 @@ from export.fusion.fp8_fuse import (
     gate_up_input_scale,
     grid_scales,
     remap_exclude,
+    summary,
 )
 from export.fusion.plan import FusionPlan, Group
 from export.hf_code import install_remote_code
@@ -475,7 +476,7 @@ def fuse_checkpoint(source: str | Path, plan: FusionPlan, out: str | Path, *, no
         copy_sidecars(source, tmp, names=sidecars)
         write_quant_config(tmp, new_spec.quant)  # renumbered exclude_modules (over the copied one)
         write_fused_card(tmp, source, spec, new_spec, groups,
-                         norm.value if form is FusedForm.WIDE else "per branch (parallel-blocks)")
+                         norm.value if form is FusedForm.WIDE else "per branch (parallel-blocks)", _fp8_note(job))
         write_config(tmp, new_spec.to_hf_config())
         install_remote_code(tmp)  # loads in transformers; a source's own auto_map and code are kept
         _write_record(tmp, source, plan, groups, norm, keep_layer_count, mapping, form, new_spec, job)
@@ -483,6 +484,13 @@ def fuse_checkpoint(source: str | Path, plan: FusionPlan, out: str | Path, *, no
     reader.close()
     return FuseResult(Path(out), spec, new_spec, groups, mapping, writer.total_bytes, time.perf_counter() - t0,
                       job.report)
+
+
+def _fp8_note(job: FP8Job) -> str | None:
+    if not job.report:
+        return None
+    return (f"Each fused FP8 tensor has one weight and one input scale (`--fp8-requant {job.requant.value}`, "
+            f"gate/up input scales {job.input_rule.value}): {summary(job.report)}; per tensor in `fusion_plan.json`.")
 
 
 def _members_of(sources: list[int | Group | None]) -> Callable[[TensorRef], list[TensorRef]]:
