@@ -301,3 +301,12 @@ def test_fused_card_says_how_the_fp8_tensors_were_requantized(source, tmp_path):
     card = (tmp_path / "f" / "README.md").read_text()
     assert "quantization: FP8 per-tensor, KV cache FP8, excluded: lm_head" in card
     assert "`--fp8-requant refit`, gate/up input scales derived" in card and "3 fused FP8 tensor(s)" in card
+
+
+def test_gate_fp8_with_up_excluded_fuses_each_alone(tmp_path):
+    src = write_random_checkpoint(tmp_path / "x", fp8_spec(("lm_head", "*up_proj")), seed=1)
+    res = fuse_checkpoint(src, FusionPlan([GROUP]), tmp_path / "f", progress=False)
+    w = tensors(tmp_path / "f")
+    assert w[_name(Role.UP, 1) + ".weight"].dtype == torch.bfloat16
+    assert w[_name(Role.GATE, 1) + ".weight"].dtype == torch.float8_e4m3fn
+    assert {r.name for r in res.fp8} == {_name(Role.GATE, 1) + ".weight", _name(Role.DOWN, 1) + ".weight"}

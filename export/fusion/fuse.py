@@ -199,9 +199,9 @@ def _norm(reader: CheckpointReader, group: Group, norm: NormMode, hidden: int, d
 def _fused_roles(spec: ModelSpec, layer: int, role: Role,
                  members: Callable[[Role], list[TensorRef]]) -> dict[Role, list[TensorRef]]:
     """The member tensors of `role`'s fused tensor, and of its partner that shares its scales
-    (gate with up; down alone); a plain MLP member has no gate."""
+    (gate with up, where both are FP8; down alone); a plain MLP member has no gate."""
     roles = (Role.DOWN,) if role is Role.DOWN else (Role.GATE, Role.UP) if spec.layers[layer].ffn.gated else (Role.UP,)
-    return {r: members(r) for r in roles}
+    return {r: members(r) for r in roles if r is role or is_fp8(spec, members(r)[0])}
 
 
 # ---- FP8 sources: one weight scale and one input scale per fused tensor (fusion/fp8_fuse.py) ----
@@ -214,7 +214,6 @@ class FP8Job:
     amax: dict[int, float] = field(default_factory=dict)  # `--calib`: group's first FFN layer -> fused input amax
     report: list[FusedScales] = field(default_factory=list)
     scales: dict[str, float] = field(default_factory=dict)  # computed scale tensors, by name
-
     shared: dict[object, tuple[float, float]] = field(default_factory=dict)  # fused gate+up -> their scales
 
     def fused(self, reader: CheckpointReader, out: TensorRef, members: dict[Role, list[TensorRef]],
@@ -355,9 +354,9 @@ def _widened_chunks(reader: CheckpointReader, spec: ModelSpec, ref: TensorRef, d
     if job is not None:  # every branch sees the same input, so every branch's input scale bounds it
         assert ref.layer is not None
         layer = ref.layer
+        present = {t.role for t in model_tensors(spec) if t.layer == layer and is_fp8(spec, t)}
         members = {r: [TensorRef(r, layer, (), k) for k in branches]
-                   for r in ((Role.GATE, Role.UP) if ref.role is not Role.DOWN else (Role.DOWN,))
-                   if any(t.role is r for t in model_tensors(spec) if t.layer == layer)}
+                   for r in ((Role.GATE, Role.UP) if ref.role is not Role.DOWN else (Role.DOWN,)) if r in present}
         norms = [_branch_name(Role.FFN_NORM, layer, k) for k in branches]
         return job.fused(reader, ref, members, norms, True, list(range(len(branches))), None, spec.hidden)
     if ref.role in (Role.GATE, Role.UP):
