@@ -18,6 +18,7 @@ scales is exactly the amax / 448 of the concatenation on the calibration data. G
 not any member's: member j saw rmsnorm(x) * s_j, the fused block sees rmsnorm(x) times the fused
 norm (ones under `fold`), so the members' max is the wrong scale (too small when |s_j| < 1: the
 input saturates). `gate_up_input_scale` derives one that never saturates on the calibration data.
+A fused gate and up share both scales (the max of theirs), as ModelOpt writes a layer's gate/up.
 
 Every tensor streams in row chunks: a first pass finds each member's amax, a second writes.
 """
@@ -211,7 +212,7 @@ def remap_exclude(spec: ModelSpec, new: ModelSpec, layer_map: dict[int, int | No
             continue
         old = int(hit.group(1))
         if old in fused:
-            if any(quant.excludes(module_name(r)) and _matches(p, r) for r in model_tensors(spec) if r.layer == old):
+            if any(_matches(p, r) for r in model_tensors(spec) if r.layer == old and r.role in LINEAR_ROLES):
                 raise ExportError(f"exclude_modules pattern {p!r} names layer {old}, which the plan fuses: a fused FFN "
                                   f"is one FP8 tensor, so its members cannot be excluded one by one; quantize them "
                                   f"alike (or leave layer {old} out of the plan)")
