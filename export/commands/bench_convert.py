@@ -17,6 +17,8 @@ def _args(p: argparse.ArgumentParser) -> None:
                         "model, 7.9 and 16.1 GB; about 45 GB of free disk for cache and outputs)")
     p.add_argument("--tp", type=int, default=4, help="tensor-parallel size to convert for")
     p.add_argument("--repeats", type=int, default=2, help="copy/convert runs alternated per size; the best of each")
+    p.add_argument("--fp8", action="store_true",
+                   help="the same shapes as an FP8 (ModelOpt) checkpoint: FP8 linears with their scales, FP8 KV cache")
     p.add_argument("--json-out", type=Path, default=None, help="also write the JSON report here")
 
 
@@ -25,5 +27,5 @@ def _args(p: argparse.ArgumentParser) -> None:
 def _bench_convert(args: argparse.Namespace) -> int:
     from export.trtllm.bench import bench_convert, format_report
 
-    rep = bench_convert(args.cache, sizes=args.layers, tp=args.tp, repeats=args.repeats)
+    rep = bench_convert(args.cache, sizes=args.layers, tp=args.tp, repeats=args.repeats, fp8=args.fp8)
     return print_report(format_report(rep), rep, args.json_out)

@@ -14,7 +14,9 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=1,
                    help="pipeline-parallel size (TRT-LLM's uneven split; each stage needs a full-attention layer)")
-    p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: the source's)")
+    p.add_argument("--dtype", default=None,
+                   help="bf16 | fp16 | fp32 (default: the source's; an FP8 source keeps its FP8 linears, and a bf16 "
+                        "one is quantized by `python -m export quantize`, not here)")
     p.add_argument("--out", help="output engine directory, e.g. engines/NAME (new, or ours with --overwrite)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out if it is a previous output of this toolkit (anything else is refused)")
@@ -62,6 +64,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     m = res.manifest
     if args.json:
         print(json.dumps({"out": str(res.out), "tp": m.tp, "pp": m.pp, "dtype": m.dtype, "tokenizer": m.tokenizer,
+                          **({"fp8": m.engines["cpu"]["fp8"]} if "fp8" in m.engines.get("cpu", {}) else {}),
                           "bytes_read": res.bytes_read, "bytes_written": res.bytes_written,
                           "seconds": round(res.seconds, 3)}, indent=2))
         return 0
@@ -69,6 +72,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
           f"tokenizer/ {'copied' if m.tokenizer else 'absent (source has none)'}, manifest.json")
     print(f"read {res.bytes_read / 1e9:.3f} GB, wrote {res.bytes_written / 1e9:.3f} GB in {res.seconds:.2f} s "
           f"({res.bytes_read / 1e6 / res.seconds:.0f} MB/s read)")
+    fp8 = m.engines.get("cpu", {}).get("fp8")
+    if fp8:
+        print(f"FP8 ({fp8['quantization']}): " + (
+            "q/k/v scales equal in every layer, no requantization" if not fp8["requantized_layers"] else
+            f"q/k/v requantized to their max scale in layers {fp8['requantized_layers']}, largest change of a "
+            f"weight {fp8['max_relative_error']:.3g} of its layer's max |w| (recorded in manifest.json)"))
     return 0
 
 
@@ -78,6 +87,9 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
                    help="the source HF checkpoint, run at tp=1 as the reference (default: the manifest's source_path)")
     p.add_argument("--tol", type=float, default=1e-4,
                    help="max abs logits difference when every source value is exact in the checkpoint dtype")
+    p.add_argument("--bf16-reference", default=None, metavar="CKPT",
+                   help="FP8 sources: the unquantized model it was quantized from; adds perplexity, KL and top-1 "
+                        "agreement of the FP8 rank files against it")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--follow-symlinks", action="store_true", help=FOLLOW_SYMLINKS_HELP)
 
@@ -91,7 +103,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     set_default_follow_symlinks(args.follow_symlinks)  # the reference runs in worker processes
     against = args.against or EngineDir(args.engine_dir).manifest.source_path
-    res = verify(args.engine_dir, against, tol=args.tol)
+    res = verify(args.engine_dir, against, tol=args.tol, bf16_reference=args.bf16_reference)
     print(json.dumps(res.to_json(), indent=2) if args.json else res.summary())
     return 0 if res.passed else 1
 

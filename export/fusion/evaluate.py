@@ -59,6 +59,9 @@ def _compare(base: list[torch.Tensor], cand: list[torch.Tensor], ids: torch.Tens
     return float(torch.tensor(nll / n_next).exp()), kl / n, agree / n
 
 
+compare_logits = _compare  # the one implementation of these figures (`verify` reports FP8 vs bf16 with it)
+
+
 def _score(name: str, spec, base_logits, dec, ids, batch) -> Score:
     t0 = time.perf_counter()
     logits = _logits(dec, ids, batch)

@@ -2,7 +2,7 @@
 
 Everything that can refuse the job (the source and its side files, the quantization asked for,
 both texts, the output path) is checked before the output exists. Then: calibrate on the
-reference runtime (`calibrate.observe_amaxes`), compute the scales (`calibrate.fp8_scales`),
+reference runtime one layer at a time (`runtime.layerwise`), compute the scales (`calibrate.fp8_scales`),
 stream every tensor into the output (FP8 weights quantized row chunk by row chunk at their
 final scale, everything else copied in the source dtype, each scale a float32 scalar beside its
 weight), keep the source's side files, config keys and remote code, re-read what was written
@@ -36,12 +36,13 @@ from export.io.writer import HFCheckpointWriter, copy_sidecars, sidecar_files, w
 from export.mapping import Mapping
 from export.progress import byte_progress
 from export.quantization import FP8, Quantization
-from export.quantize.calibrate import Amaxes, fp8_linears, fp8_scales, observe_amaxes, row_chunks, weight_amaxes
+from export.quantize.calibrate import Amaxes, fp8_linears, fp8_scales, row_chunks, weight_amaxes
 from export.rank_weights import HFRankWeights
 from export.sources import detect
 from export.spec import ModelSpec, read_config_json
 from export.tensors import (
     LINEAR_ROLES,
+    Role,
     ScaleKind,
     ScaleRef,
     is_fp8,
@@ -197,7 +198,8 @@ def quantize_checkpoint(source: str | Path, out: str | Path, calib: str | Path, 
     job = _prepare(Path(source), out, calib, inputs, kv_cache, exclude, heldout, calib_tokens, heldout_tokens,
                    seq_len, tokenizer, overwrite, follow_symlinks)
     source, spec, qspec, reader, quant = job.source, job.spec, job.qspec, job.reader, job.qspec.quant
-    amaxes, t_cal = _calibrate(reader, spec, job.calib_ids, batch, progress)
+    amaxes, t_cal = _calibrate(reader, spec, job.calib_ids, batch, progress,
+                               head=any(r.role is Role.LM_HEAD for r in fp8_linears(qspec)))
     scales = fp8_scales(qspec, weight_amaxes(reader, qspec, progress), amaxes)
     with output_dir(out, inputs=inputs, overwrite=overwrite, planned_bytes=_planned_bytes(qspec)) as tmp:
         t1 = time.perf_counter()
@@ -222,14 +224,16 @@ def quantize_checkpoint(source: str | Path, out: str | Path, calib: str | Path, 
 
 
 def _calibrate(reader: CheckpointReader, spec: ModelSpec, ids: torch.Tensor, batch: int,
-               progress: bool) -> tuple[Amaxes, float]:
-    """The whole unquantized model in fp32 on this process (tp 1), observed over the calibration batches."""
-    from export.runtime.model import load_decoder
+               progress: bool, head: bool) -> tuple[Amaxes, float]:
+    """The unquantized model in fp32, one layer resident at a time (`runtime.layerwise`: the
+    largest layer plus the batches' hidden states, not the whole model), observed over the
+    calibration batches; `head`: the lm_head is quantized, so its input is observed too."""
+    from export.runtime.layerwise import run_layerwise
 
     t0 = time.perf_counter()
-    dec = load_decoder(HFRankWeights(reader, spec, Mapping(), 0), dtype=torch.float32)
-    amaxes = observe_amaxes(dec, ids, batch, progress)
-    del dec
+    amaxes = Amaxes(tokens=ids.numel())
+    run_layerwise(HFRankWeights(reader, spec, Mapping(), 0), list(ids.split(batch)), observe=amaxes.record,
+                  head=head, progress=progress, label="calibrate")
     return amaxes, time.perf_counter() - t0
 
 

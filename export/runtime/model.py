@@ -21,7 +21,7 @@ from torch import nn
 
 from export import fp8, rope
 from export.errors import CheckpointError
-from export.layout import rank_kv_heads, rank_pieces, require_layout
+from export.layout import Piece, rank_kv_heads, rank_pieces, require_layout
 from export.mapping import Mapping
 from export.rank_weights import RankWeights
 from export.runtime.cache import KVCache
@@ -270,11 +270,20 @@ def load_decoder(weights: RankWeights, *, dtype: torch.dtype = torch.float32,
     spec, mapping, rank = weights.spec, weights.mapping, weights.rank
     with torch.device("meta"):
         dec = Decoder(spec, mapping, rank, dtype, group)
+    load_pieces(dec, weights, rank_pieces(spec, mapping, rank), device)
+    dec.inv_freq = rope.inv_freq(spec).to(device)
+    return dec.eval()
+
+
+def load_pieces(dec: Decoder, weights: RankWeights, pieces: list[Piece], device: torch.device | str = "cpu") -> None:
+    """Fill these parameters of `dec` (all of a rank's, or one layer's for a layer-at-a-time run:
+    `runtime.layerwise`), checking every piece's shape; all problems are reported at once."""
+    spec, mapping, rank = weights.spec, weights.mapping, weights.rank
     problems: list[str] = []
-    for piece in rank_pieces(spec, mapping, rank):
+    for piece in pieces:
         ref = piece.ref
         where = f"{ref.role.value} of " + (f"layer {ref.layer}" if ref.layer is not None else "the model")
-        if ref.alias is not None and mapping.tp == 1 and dec.is_first:
+        if ref.alias is not None and mapping.tp == 1 and dec.is_first and dec.w(ref.alias).device.type != "meta":
             dec._store(ref.role, None, dec.w(ref.alias))  # tied and whole: share, not a second copy
             continue
         try:
@@ -292,10 +301,9 @@ def load_decoder(weights: RankWeights, *, dtype: torch.dtype = torch.float32,
                              weights.scale(ScaleRef(ScaleKind.INPUT, ref.role, ref.layer, ref.branch)))
             dec._store(ref.role, ref.layer, t.to(device=device, dtype=torch.float32), ref.branch)
             continue
-        dec._store(ref.role, ref.layer, t.to(device=device, dtype=dtype), ref.branch)
+        dec._store(ref.role, ref.layer, t.to(device=device, dtype=dec.dtype), ref.branch)
     if spec.quant.fp8_kv:
-        dec._kv_scale = {key: kv_scale(weights, key) for key in dec.kv_local}
+        dec._kv_scale.update({key: kv_scale(weights, key) for key in dec.kv_local
+                              if (key if isinstance(key, int) else key[0]) in {p.ref.layer for p in pieces}})
     if problems:
         raise CheckpointError(problems, f"rank {rank} of tp={mapping.tp} pp={mapping.pp}")
-    dec.inv_freq = rope.inv_freq(spec).to(device)
-    return dec.eval()

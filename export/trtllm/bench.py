@@ -5,6 +5,8 @@ The source is a synthetic checkpoint with real Llama-3.1-8B shapes (hidden 4096,
 heads, FFN 14336, vocab 128256, bf16), generated once into a cache directory. Each measurement runs
 in a fresh child process (so its peak RSS is its own) on a warm page cache, and ends with `sync`, so
 both sides pay for getting their bytes to disk. Two model sizes show whether RSS grows with size.
+`fp8`: the same shapes as a ModelOpt FP8 checkpoint (FP8 linears, per-tensor scales, FP8 KV cache,
+lm_head excluded), so the FP8 path (requantized q/k/v, scale tensors) is measured the same way.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from export.mapping import Mapping
+from export.quantization import Quantization
 from export.spec import FFN, LLAMA, Attention, AttentionKind, FFNKind, Layer, ModelSpec, RopeScaling
 
 REPO = Path(__file__).resolve().parents[2]
 LLAMA_31_8B_LAYERS = 32
+FP8_BENCH = Quantization("FP8", "FP8", ("lm_head",))  # as NVIDIA's FP8 checkpoints: lm_head left in bf16
 
 
 def llama8b_shapes(layers: int) -> ModelSpec:
@@ -35,12 +39,13 @@ def llama8b_shapes(layers: int) -> ModelSpec:
                      passthrough={"bos_token_id": 128000, "eos_token_id": 128001})
 
 
-def ensure_source(cache: Path, layers: int) -> Path:
-    """The cached synthetic checkpoint, generated on first use (about 0.44 GB per layer + 2.1 GB)."""
+def ensure_source(cache: Path, layers: int, fp8: bool = False) -> Path:
+    """The cached synthetic checkpoint, generated on first use (about 0.44 GB per layer + 2.1 GB;
+    FP8: about 0.22 GB per layer + 2.1 GB)."""
     from export.synthetic import write_random_checkpoint
 
-    spec = llama8b_shapes(layers)
-    path = Path(cache) / f"llama3.1-8b-shapes-{layers}L"
+    spec = llama8b_shapes(layers).with_quant(FP8_BENCH) if fp8 else llama8b_shapes(layers)
+    path = Path(cache) / f"llama3.1-8b-shapes-{layers}L{'-fp8' if fp8 else ''}"
     if (path / "config.json").is_file() and ModelSpec.load(path) == spec:
         return path
     print(f"generating {path} (once) ...", file=sys.stderr)
@@ -119,19 +124,22 @@ def measure(src: Path, work: Path, tp: int, repeats: int = 2) -> dict[str, Any]:
     return row
 
 
-def bench_convert(cache: Path, *, sizes: tuple[int, ...] = (16, 32), tp: int = 4, repeats: int = 2) -> dict[str, Any]:
+def bench_convert(cache: Path, *, sizes: tuple[int, ...] = (16, 32), tp: int = 4, repeats: int = 2,
+                  fp8: bool = False) -> dict[str, Any]:
     Mapping(tp)  # validates tp
     work = Path(cache) / "bench-out"
-    rows = [measure(ensure_source(cache, n), work, tp, repeats) for n in sizes]
+    rows = [measure(ensure_source(cache, n, fp8), work, tp, repeats) for n in sizes]
     shutil.rmtree(work, ignore_errors=True)
     rss = [r["convert"]["peak_rss_bytes"] for r in rows]
-    return {"tp": tp, "repeats": repeats, "sizes": rows, "peak_rss_growth_bytes": max(rss) - min(rss),
+    return {"tp": tp, "repeats": repeats, "fp8": fp8, "sizes": rows, "peak_rss_growth_bytes": max(rss) - min(rss),
             "min_ratio": min(r["ratio"] for r in rows), "min_ratio_pe": min(r["ratio_pe"] for r in rows),
             "min_written_ratio": min(r["written_ratio"] for r in rows), "target_ratio": 0.7}
 
 
 def format_report(rep: dict[str, Any]) -> str:
-    lines = [f"GB/s = source bytes per second (written: output bytes per second); best of {rep.get('repeats', 1)} "
+    kind = "FP8 (ModelOpt per-tensor, FP8 KV cache) sources; " if rep.get("fp8") else ""
+    lines = [kind + "GB/s = source bytes per second (written: output bytes per second); "
+             f"best of {rep.get('repeats', 1)} "
              "alternated runs each (all run times in the JSON)",
              f"{'model':<24} {'mode':<10} {'source':>8} {'written':>8} {'copy GB/s':>10} {'convert GB/s':>13} "
              f"{'ratio':>6} {'written ratio':>14} {'peak RSS copy':>14} {'peak RSS convert':>17}"]

@@ -16,6 +16,7 @@ from typing import Any
 
 from export.errors import ConfigError
 from export.mapping import Mapping
+from export.quantization import KV_CACHE_ALGOS, QUANT_ALGOS, Quantization
 from export.spec import (
     DECILM,
     FFN,
@@ -48,7 +49,7 @@ def trtllm_config(spec: ModelSpec, mapping: Mapping, dtype: str) -> dict[str, An
         "hidden_act": "silu", "norm_epsilon": spec.norm_eps, "position_embedding_type": "rope_gpt_neox",
         "max_position_embeddings": spec.max_position_embeddings, "rotary_base": spec.rope_theta,
         "rotary_scaling": _rotary_scaling(spec.rope_scaling),
-        "mapping": mapping.to_trtllm(), "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
+        "mapping": mapping.to_trtllm(), "quantization": trtllm_quantization(spec, mapping),
         # read by every TRT-LLM model, DeciLM included: `PretrainedModel.__post_init__` runs
         # `optimize_model(use_parallel_embedding=...)`, whose `parallelize_embedding` rebuilds each
         # Embedding with tp_size/tp_rank/sharding_dim before the rank file is loaded
@@ -56,6 +57,39 @@ def trtllm_config(spec: ModelSpec, mapping: Mapping, dtype: str) -> dict[str, An
         "embedding_sharding_dim": mapping.embedding_shard if mapping.parallel_embedding else 0,
         "layer_configs": trtllm_layer_configs(spec),
     }
+
+
+def trtllm_quantization(spec: ModelSpec, mapping: Mapping) -> dict[str, Any]:
+    """`quantization` as TRT-LLM 1.2.1's `QuantConfig` fields (`models/modeling_utils.py`): the
+    algorithms, and for FP8 weights the linears left in the model dtype, by TRT-LLM module name."""
+    q = {"quant_algo": spec.quant.algo, "kv_cache_quant_algo": spec.quant.kv_cache}
+    if not spec.quant.fp8:
+        return q
+    from export.trtllm.rank_layout import excluded_modules  # imports torch: only for FP8 descriptions
+
+    return {**q, "exclude_modules": excluded_modules(spec, mapping)}
+
+
+def parse_trtllm_quantization(cfg: Any, spec: ModelSpec, mapping: Mapping, where: str) -> Quantization:
+    """`quantization` read back: FP8 per-tensor (and an FP8 KV cache) or none; anything else is
+    refused by field. `exclude_modules` becomes the HF modules it leaves unquantized."""
+    if cfg is None:
+        return Quantization()
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{where}: field 'quantization' must be an object, got {cfg!r}")
+    algo, kv, ex = cfg.get("quant_algo"), cfg.get("kv_cache_quant_algo"), cfg.get("exclude_modules")
+    if algo not in (None, *QUANT_ALGOS):
+        raise ConfigError(f"{where}: field 'quantization.quant_algo' is {algo!r}: only per-tensor 'FP8' (or null) "
+                          f"is read")
+    if kv not in (None, *KV_CACHE_ALGOS):
+        raise ConfigError(f"{where}: field 'quantization.kv_cache_quant_algo' is {kv!r}: only 'FP8' (or null) is read")
+    if ex is not None and (not isinstance(ex, list) or not all(isinstance(x, str) for x in ex)):
+        raise ConfigError(f"{where}: field 'quantization.exclude_modules' must be a list of module names, got {ex!r}")
+    if not algo:
+        return Quantization(algo, kv)
+    from export.trtllm.rank_layout import hf_excludes  # imports torch: only for FP8 checkpoints
+
+    return Quantization(algo, kv, hf_excludes(spec, mapping, ex))
 
 
 def trtllm_layer_configs(spec: ModelSpec) -> list[dict[str, Any]]:
@@ -115,7 +149,7 @@ def parse_trtllm_config(cfg: dict[str, Any], where: str = "config") -> tuple[Mod
         norm_eps=float(cfg.get("norm_epsilon", 1e-5)),
         tie_embeddings=False, dtype=normalize_dtype(cfg["dtype"]),
         max_position_embeddings=int(cfg["max_position_embeddings"]), architecture=DECILM)
-    return spec, mapping
+    return spec.with_quant(parse_trtllm_quantization(cfg.get("quantization"), spec, mapping, where)), mapping
 
 
 def _parse_layers(entries: Any, n: int, problems: list[str]) -> list[Layer]:

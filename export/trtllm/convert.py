@@ -6,6 +6,11 @@ file order and in row windows of at most 64 MiB, each window cut into its pieces
 row ranges of the rank's qkv. Peak memory is a couple of windows, whatever the model or tensor size
 (Ultra's widest fused FFN matrix alone is 14 GB). Everything is checked before the first byte is
 written, and the output appears atomically with its manifest.
+
+An FP8 (ModelOpt) source converts the same way: FP8 weights stream as float8_e4m3fn bytes (q, k and
+v requantized to their qkv's shared scale when their scales differ, `packed_scales`), and each
+rank file also gets the per-tensor scales its plan names (`RankPlan.scales`), identical on every
+rank. Quantizing a bf16 source is `python -m export quantize`'s job, not this one's.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from export.errors import ExportError
+from export.engine_dir import EngineDir
+from export.errors import ConfigError, ExportError
 from export.io.output import check_output, output_dir
 from export.io.paths import check_tree, checkpoint_file
 from export.io.raw_tensors import RawTensors
@@ -33,11 +39,20 @@ from export.layout import require_layout
 from export.manifest import DEFAULT_BUILD, Manifest, tree_sha256
 from export.mapping import Mapping
 from export.progress import byte_progress
+from export.quantization import FP8_MAX
 from export.sharding import take
 from export.spec import TRTLLM_STAGE, ModelSpec, normalize_dtype
-from export.trtllm.config import write_trtllm_config
+from export.trtllm.config import read_trtllm_config, write_trtllm_config
+from export.trtllm.packed_scales import RequantError, requant_plan, scale_value
 from export.trtllm.rank_files import rank_file
-from export.trtllm.rank_layout import Placement, RankPlan, check_complete, plan_checkpoint, window
+from export.trtllm.rank_layout import (
+    Placement,
+    RankPlan,
+    check_complete,
+    plan_checkpoint,
+    quant_layout_problems,
+    window,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +62,7 @@ TOKENIZER_FILES = (*TOKENIZER_CORE, "tokenizer_config.json", "special_tokens_map
                    "merges.txt", "generation_config.json", "chat_template.jinja", "chat_template.json")
 FUSION_PLAN = "fusion_plan.json"  # written by `fuse` beside the fused checkpoint
 WINDOW_BYTES = 64 << 20  # source rows read at a time: bounds memory whatever the largest tensor
+FP8_DTYPE_NAMES = ("fp8", "float8", "float8_e4m3fn", "e4m3")  # refused as a target: see refuse_quantizing
 
 
 @dataclass(frozen=True)
@@ -56,6 +72,7 @@ class ConvertResult:
     bytes_read: int
     bytes_written: int
     seconds: float
+    requant: RequantError | None = None  # FP8 sources: what q/k/v requantization changed (empty: exact)
 
 
 @dataclass(frozen=True)
@@ -76,8 +93,12 @@ def prepare(source: Path, tp: int, pp: int, dtype: str | None, *, follow_symlink
     header, the files the source names (inside it), and the tokenizer that will be copied."""
     check_tree(source, follow_symlinks=follow_symlinks)  # config.json included; the manifest hashes every file
     spec = ModelSpec.load(source)
+    refuse_quantizing(dtype, spec, source)
     mapping = Mapping(tp, pp, embedding_shard=embedding_shard)
     require_layout(spec, mapping, trtllm=True)
+    problems = quant_layout_problems(spec, mapping)
+    if problems:
+        raise ExportError(f"{source}: cannot write this FP8 checkpoint at tp={tp} pp={pp}: " + "; ".join(problems))
     reader = CheckpointReader(source, follow_symlinks=follow_symlinks)
     reader.validate(spec)
     plans = plan_checkpoint(spec, mapping)
@@ -86,6 +107,15 @@ def prepare(source: Path, tp: int, pp: int, dtype: str | None, *, follow_symlink
         raise AssertionError("incomplete TRT-LLM plan:\n  - " + "\n  - ".join(problems))
     tokenizer = tokenizer_files(source, follow_symlinks=follow_symlinks)
     return Prepared(spec, mapping, normalize_dtype(dtype or spec.dtype), reader, plans, tokenizer)
+
+
+def refuse_quantizing(dtype: str | None, spec: ModelSpec, source: Path) -> None:
+    """`--dtype fp8` asks convert to quantize, which it does not do (calibration belongs to
+    `quantize`); an FP8 source keeps its FP8 linears whatever `--dtype` says of the rest."""
+    if dtype is not None and dtype.lower() in FP8_DTYPE_NAMES:
+        have = " (it already is FP8: drop --dtype)" if spec.quant.fp8 else ""
+        raise ConfigError(f"{source}: convert does not quantize{have}; make an FP8 checkpoint with "
+                          f"`python -m export quantize {source} --out DIR --calib TEXT`, then convert DIR")
 
 
 def convert(source: Path, out: Path, *, tp: int, pp: int = 1, dtype: str | None = None,
@@ -106,6 +136,10 @@ def convert(source: Path, out: Path, *, tp: int, pp: int = 1, dtype: str | None 
     source = Path(source)
     check_output(out, inputs=[source], overwrite=overwrite)
     spec = ModelSpec.load(source)
+    refuse_quantizing(dtype, spec, source)
+    if spec.parallel_layers() and not spec.quant.is_none:
+        raise ExportError(f"{source}: parallel_blocks layers of an FP8 checkpoint cannot be widened here; "
+                          f"`python -m export fuse` it first")
     if spec.parallel_layers():
         return _convert_parallel(source, Path(out), spec, tp=tp, pp=pp, dtype=dtype, progress=progress,
                                  window_bytes=window_bytes, overwrite=overwrite, follow_symlinks=follow_symlinks,
@@ -118,7 +152,9 @@ def convert(source: Path, out: Path, *, tp: int, pp: int = 1, dtype: str | None 
     with output_dir(out, inputs=[source], overwrite=overwrite, planned_bytes=planned) as tmp:
         ckpt = tmp / "checkpoint"
         ckpt.mkdir()
-        written, digests = write_rank_files(reader, plans, ckpt, dtype, progress, window_bytes)
+        requant = RequantError()
+        written, digests = write_rank_files(reader, plans, ckpt, dtype, progress, window_bytes, spec=spec,
+                                            requant=requant)
         write_trtllm_config(ckpt, spec, mapping, dtype)
         tokenizer = copy_tokenizer(source, tmp / "tokenizer", names=job.tokenizer)
         named = recorded_source or source
@@ -126,12 +162,20 @@ def convert(source: Path, out: Path, *, tp: int, pp: int = 1, dtype: str | None 
                             source_sha256=tree_sha256(named, digests if recorded_source is None else {}),
                             fusion_plan=plan_record, tp=tp, pp=pp, dtype=dtype, tokenizer=tokenizer,
                             engines={"cpu": {"path": "checkpoint", "verified": False}}, build=default_build(spec))
+        # the checkpoint's quantization as its own config.json reads back (exclude_modules resolved)
+        manifest.quantization = EngineDir.quantization_record(read_trtllm_config(ckpt)[0].quant)
+        if spec.quant.fp8:  # what verify and build need to know of the FP8 conversion
+            manifest.engines["cpu"]["fp8"] = {"quantization": spec.quant.describe(), **requant.to_json()}
         manifest.save(tmp)
     seconds = time.perf_counter() - start
     read = sum(reader.info(n).nbytes for n, _ in _by_source(reader, plans))
     log.info("converted %s -> %s: %d ranks, %.3f GB read, %.3f GB written in %.2f s (%.0f MB/s read)",
              source, out, mapping.world_size, read / 1e9, written / 1e9, seconds, read / 1e6 / seconds)
-    return ConvertResult(Path(out), manifest, read, written, seconds)
+    if requant.layers:
+        log.warning("q/k/v weight scales differ in %d layers: requantized to the max (max relative change of a "
+                    "weight %.3g); verify compares against the source requantized the same way",
+                    len(requant.layers), requant.max_relative())
+    return ConvertResult(Path(out), manifest, read, written, seconds, requant if spec.quant.fp8 else None)
 
 
 def _convert_parallel(source: Path, out: Path, spec: ModelSpec, *, tp: int, pp: int, dtype: str | None,
@@ -173,16 +217,24 @@ def default_build(spec: ModelSpec) -> dict[str, int]:
 
 
 def write_rank_files(reader: CheckpointReader, plans: list[RankPlan], ckpt: Path, dtype: str,
-                     progress: bool = True, window_bytes: int = WINDOW_BYTES) -> tuple[int, dict[str, bytes]]:
+                     progress: bool = True, window_bytes: int = WINDOW_BYTES, *,
+                     spec: ModelSpec | None = None,
+                     requant: RequantError | None = None) -> tuple[int, dict[str, bytes]]:
     """The streaming pass: each source tensor read once, in row windows of at most `window_bytes`,
-    each window's pieces written to every rank file at their final rows.
+    each window's pieces written to every rank file at their final rows (an FP8 part of a packed
+    tensor of `spec` requantized to the packed scale on the way, its change recorded in `requant`);
+    then each rank's scales.
 
     Returns (bytes written, sha256 of each source file whose every byte the pass read).
     """
-    tdtype = torch_dtype(dtype)
     source = RawTensors(reader)
-    writers = {p.rank: SafetensorsWriter(rank_file(ckpt, p.rank), [(n, tdtype, s) for n, s in p.tensors.items()])
+    writers = {p.rank: SafetensorsWriter(rank_file(ckpt, p.rank), [(n, torch_dtype(p.dtype_of(n, dtype)), s)
+                                                                   for n, s in p.tensors.items()])
                for p in plans}
+    changes = requant_plan(spec, reader.scale) if spec is not None and spec.quant.fp8 else {}
+    requant = RequantError() if requant is None else requant
+    dtypes = {p.rank: {n: torch_dtype(p.dtype_of(n, dtype)) for n in p.tensors} for p in plans}
+    fix = _Requant(requant)
     order = list(_by_source(reader, plans))
     written = 0
     scratch = Scratch()
@@ -196,11 +248,14 @@ def write_rank_files(reader: CheckpointReader, plans: list[RankPlan], ckpt: Path
                     stop = min(rows, first + step)
                     chunk = source.get_slice(name, first, stop)  # also hashed, in a thread, while it is written
                     for p in placements:
-                        written += _write_window(writers[p.rank], p, chunk, first, stop, tdtype, scratch)
+                        written += _write_window(writers[p.rank], p, chunk, first, stop, dtypes[p.rank][p.name],
+                                                 scratch, fix, changes.get(_key(p)))
                     bar.update(chunk.numel() * chunk.element_size())
                     del chunk
                 for p in placements:
-                    written += _write_padding(writers[p.rank], p, tdtype)
+                    written += _write_padding(writers[p.rank], p, dtypes[p.rank][p.name])
+            for plan in plans:
+                written += _write_scales(writers[plan.rank], plan, reader)
     except BaseException:
         for w in writers.values():
             _close_quietly(w)
@@ -212,16 +267,67 @@ def write_rank_files(reader: CheckpointReader, plans: list[RankPlan], ckpt: Path
     return written, digests
 
 
+class _Requant:
+    """Requantizes FP8 pieces (own scale -> packed scale) in reused buffers, recording the change.
+
+    The same arithmetic as `fp8.requantize` (dequantize, divide by the new scale, saturate, round to
+    E4M3), done in place, a block of rows at a time: fresh fp32 copies per piece (and the casts'
+    own temporaries, which torch makes for float8) made peak RSS creep up with the layer count
+    (+70 MiB from 2 to 6 layers of Llama-3.1-8B shapes at tp 4), as `Scratch` explains."""
+
+    BLOCK = 1 << 18  # elements per step: every temporary is at most 1 MiB of fp32
+
+    def __init__(self, errors: RequantError) -> None:
+        self.errors = errors
+        self._old, self._new, self._out = Scratch(), Scratch(), Scratch()
+
+    def __call__(self, piece: torch.Tensor, change: tuple[float, float], layer: int | None) -> torch.Tensor:
+        own, new = change
+        out = self._out.like(piece, torch.float8_e4m3fn)
+        rows = max(1, self.BLOCK // max(1, piece[0].numel())) if piece.dim() else 1
+        moved = amax = 0.0
+        for first in range(0, piece.shape[0] if piece.dim() else 1, rows):
+            part = piece[first:first + rows]
+            old = self._old.like(part, torch.float32).copy_(part).mul_(own)  # the weight as the source holds it
+            out[first:first + rows].copy_(self._new.like(part, torch.float32).copy_(old).div_(new)
+                                          .clamp_(-FP8_MAX, FP8_MAX))
+            diff = self._new.like(part, torch.float32).copy_(out[first:first + rows]).mul_(new).sub_(old)
+            moved, amax = max(moved, _amax(diff)), max(amax, _amax(old))
+        self.errors.record(layer, moved, amax)
+        return out
+
+
+def _amax(t: torch.Tensor) -> float:
+    if not t.numel():
+        return 0.0
+    lo, hi = torch.aminmax(t)
+    return max(-float(lo), float(hi))
+
+
+def _key(p: Placement) -> tuple:
+    return (p.piece.ref.role, p.piece.ref.layer, p.piece.ref.branch)
+
+
 def _write_window(w: SafetensorsWriter, p: Placement, chunk: torch.Tensor, first: int, stop: int,
-                  dtype: torch.dtype, scratch: Scratch) -> int:
+                  dtype: torch.dtype, scratch: Scratch, fix: _Requant | None = None,
+                  change: tuple[float, float] | None = None) -> int:
     fed = window(p, first, stop)
     if fed is None:
         return 0
     shard, row = fed
     piece = take(chunk, shard, tuple(chunk.shape))
+    if change is not None and fix is not None:  # an FP8 part of a packed tensor whose scale changes
+        piece = fix(piece, change, p.piece.ref.layer)
     if piece.dtype != dtype or not piece.is_contiguous():  # a column slice, or a cast: packed in reused memory
         piece = scratch.like(piece, dtype).copy_(piece)
     return w.write_rows(p.name, row, piece)
+
+
+def _write_scales(w: SafetensorsWriter, plan: RankPlan, reader: CheckpointReader) -> int:
+    """The rank's per-tensor scales, from the source's (validated, so finite and > 0): the same
+    values on every rank, since per-tensor scales are not sharded."""
+    return sum(w.write(name, torch.tensor([scale_value(v, reader.scale)], dtype=torch.float32))
+               for name, v in plan.scales.items())
 
 
 class Scratch:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from export.deployment_plan import human_bytes
-from export.layout import rank_bytes, require_layout
+from export.layout import SCALE_BYTES, rank_bytes, rank_scales, require_layout
 from export.mapping import Mapping
+from export.quantization import FP8_DTYPE
 from export.spec import DTYPE_BYTES, TRTLLM_STAGE, ModelSpec, normalize_dtype
 from export.trtllm.config import trtllm_config
-from export.trtllm.rank_layout import check_complete, plan_checkpoint
+from export.trtllm.rank_layout import check_complete, plan_checkpoint, quant_layout_problems
 
 
 def dry_run(spec: ModelSpec, mapping: Mapping, dtype: str | None = None) -> dict[str, Any]:
@@ -19,14 +20,20 @@ def dry_run(spec: ModelSpec, mapping: Mapping, dtype: str | None = None) -> dict
     spec = spec.widened()  # as `convert` writes it: an attention-free parallel_blocks layer as one wide FFN
     require_layout(spec, mapping, trtllm=True)  # a TRT-LLM checkpoint: stages trtllm-build can build
     plans = plan_checkpoint(spec, mapping)
-    problems = check_complete(spec, mapping, plans)
-    per = DTYPE_BYTES[dtype]
+    problems = check_complete(spec, mapping, plans) + quant_layout_problems(spec, mapping)
+    sizes = {FP8_DTYPE: 1, **DTYPE_BYTES}
     ranks = []
     for plan in plans:
-        tensors = [{"name": n, "shape": list(s), "bytes": _numel(s) * per} for n, s in plan.tensors.items()]
+        tensors = [{"name": n, "shape": list(s), "dtype": plan.dtype_of(n, dtype),
+                    "bytes": _numel(s) * sizes[plan.dtype_of(n, dtype)]} for n, s in plan.tensors.items()]
+        scales = sum(t["bytes"] for t in tensors if t["name"] in plan.scales)
+        # `inspect` counts ModelOpt's scales (q, k and v a pair each); the rank file has TRT-LLM's
+        # (one pair for the qkv): the weights are compared, each side with its own scales
+        hf_scales = SCALE_BYTES * len(rank_scales(spec, mapping, plan.rank))
         ranks.append({"rank": plan.rank, "tp_rank": mapping.tp_rank(plan.rank), "pp_rank": mapping.pp_rank(plan.rank),
                       "file": f"rank{plan.rank}.safetensors", "tensors": tensors, "bytes": plan.nbytes(dtype),
-                      "inspect_bytes": rank_bytes(spec, mapping, plan.rank, dtype)})
+                      "scale_bytes": scales,
+                      "inspect_bytes": rank_bytes(spec, mapping, plan.rank, dtype) - hf_scales + scales})
     whole = Mapping(mapping.tp, mapping.pp)  # the embedding on every tp rank, TRT-LLM's default
     saved = max(rank_bytes(spec, whole, r, dtype) for r in whole.ranks()) - max(r["bytes"] for r in ranks)
     return {"tp": mapping.tp, "pp": mapping.pp, "dtype": dtype, "problems": problems,

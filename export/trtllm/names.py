@@ -3,11 +3,17 @@
 Names follow `tensorrt_llm/models/nemotron_nas/convert.py`. `{i}` is the layer index local to the
 pipeline stage. Note the swap TRT-LLM makes: `ffn.fc` is HF's gate_proj (the SiLU branch) and
 `ffn.gate` is HF's up_proj. Nothing is pre-fused: `fused_fc` is made at build time.
+
+FP8 (TRT-LLM 1.2.1 `FP8Linear` / `FP8RowLinear`, `quantization/layers.py`): each quantized linear
+module `M` (its weight's name less `.weight`) also holds `M.weights_scaling_factor` and
+`M.activation_scaling_factor`, shape (1,) float32; a packed tensor shares one pair. An attention
+with an FP8 KV cache (`quantize.py kv_cache_quantize`) holds `attention.kv_cache_scaling_factor`
+and `attention.kv_cache_rcp_scaling_factor`, shape (1,) float32. docs/fp8-convert.md has the sources.
 """
 
 from __future__ import annotations
 
-from export.tensors import Role
+from export.tensors import Role, ScaleKind
 
 QKV = "transformer.layers.{i}.attention.qkv.weight"
 
@@ -30,6 +36,31 @@ TRTLLM_NAMES: dict[Role, str] = {
 
 # Tensors TRT-LLM stores packed: the parts, in row order, concatenated on dim 0 per rank.
 PACKED: dict[str, tuple[Role, ...]] = {QKV: (Role.Q, Role.K, Role.V)}
+
+
+# A quantized linear's per-tensor scales, as suffixes of its module name.
+LINEAR_SCALE_SUFFIX: dict[ScaleKind, str] = {
+    ScaleKind.WEIGHT: "weights_scaling_factor",  # HF ModelOpt weight_scale
+    ScaleKind.INPUT: "activation_scaling_factor",  # HF ModelOpt input_scale
+}
+# An FP8 KV cache's scales: one pair per attention layer, read by the attention plugin as
+# kv_quant_orig_scale (the scale) and kv_orig_quant_scale (its reciprocal).
+KV_SCALE = "transformer.layers.{i}.attention.kv_cache_scaling_factor"
+KV_RCP_SCALE = "transformer.layers.{i}.attention.kv_cache_rcp_scaling_factor"
+KV_SCALES = (KV_SCALE, KV_RCP_SCALE)
+
+
+def trtllm_module(role: Role, local_layer: int | None) -> str:
+    """The TRT-LLM module a weight belongs to (`transformer.layers.0.attention.qkv`): what
+    `exclude_modules` names and what the scale names hang off."""
+    return trtllm_name(role, local_layer).removesuffix(".weight")
+
+
+def trtllm_scale_name(kind: ScaleKind, role: Role, local_layer: int | None) -> str:
+    """The rank-file name of a linear's scale; a K or V cache scale is the layer's one KV scale."""
+    if kind in LINEAR_SCALE_SUFFIX:
+        return f"{trtllm_module(role, local_layer)}.{LINEAR_SCALE_SUFFIX[kind]}"
+    return KV_SCALE.format(i=local_layer)
 
 
 def trtllm_name(role: Role, local_layer: int | None) -> str:
