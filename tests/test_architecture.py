@@ -28,7 +28,7 @@ LAYERS: tuple[tuple[str, int], ...] = (
     ("export.hf_code", 1),
     # 2 formats and transforms: HF <-> TRT-LLM <-> ONNX, fusion of weights, the source registry
     ("export.sources", 2), ("export.trtllm", 2), ("export.onnx", 2), ("export.synthetic", 2),
-    ("export.fusion.fuse", 2), ("export.fusion.plan", 2), ("export.fusion.card", 2),
+    ("export.fusion.fuse", 2), ("export.fusion.fp8_fuse", 2), ("export.fusion.plan", 2), ("export.fusion.card", 2),
     # 3 runtimes: the reference engine and its registry (torch, onnx)
     ("export.runtime", 3), ("export.onnx.backend", 3),
     # 4 checks and studies that run a runtime

@@ -107,6 +107,14 @@ def _fuse_args(p: argparse.ArgumentParser) -> None:
                    help="wide-ffn: each group one wide FFN (Theorem 3.1); parallel-blocks: each group one "
                         "Puzzletron parallel_blocks layer of the members' own FFNs, exact (Puzzletron sources "
                         "only; --norm does not apply); see docs/fusion.md")
+    p.add_argument("--fp8-requant", choices=["refit", "max-scale"], default="refit",
+                   help="FP8 sources: refit: dequantize, fuse, requantize each fused tensor once at its amax/448 "
+                        "(default); max-scale: each member requantized to the group's largest weight scale "
+                        "(TRT-LLM's q/k/v rule); see docs/fp8-fuse.md")
+    p.add_argument("--calib", default=None,
+                   help="FP8 sources: calibration text (file or directory); the fused gate/up input scales are "
+                        "then measured on it (default: a bound derived from the members' scales)")
+    p.add_argument("--calib-tokens", type=int, default=2048, help="tokens of --calib to use (default 2048)")
     p.add_argument("--max-shard-size", type=byte_size, default=5 << 30, help="safetensors shard size")
     p.add_argument("--follow-symlinks", action="store_true", help=FOLLOW_SYMLINKS_HELP)
 
@@ -118,14 +126,18 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
     from export.io.output import check_output
 
     args.ckpt = hf_checkpoint(args.ckpt)
-    check_output(args.out, inputs=[args.ckpt, args.plan], overwrite=args.overwrite)  # before torch is imported
+    inputs = [args.plan, *([args.calib] if args.calib else [])]
+    check_output(args.out, inputs=[args.ckpt, *inputs], overwrite=args.overwrite)  # before torch is imported
     from export.fusion.fuse import fuse_checkpoint
     from export.fusion.plan import FusionPlan
 
-    r = fuse_checkpoint(args.ckpt, FusionPlan.load(args.plan), args.out, norm=args.norm,
+    plan = FusionPlan.load(args.plan)
+    amax = _fused_input_amax(args, plan) if args.calib else None
+    r = fuse_checkpoint(args.ckpt, plan, args.out, norm=args.norm,
                         keep_layer_count=args.keep_layer_count, max_shard_bytes=args.max_shard_size,
-                        dtype=args.dtype, overwrite=args.overwrite, inputs=[args.plan],
-                        follow_symlinks=args.follow_symlinks, form=args.form)
+                        dtype=args.dtype, overwrite=args.overwrite, inputs=inputs,
+                        follow_symlinks=args.follow_symlinks, form=args.form, requant=args.fp8_requant,
+                        input_amax=amax)
     for g in r.groups:
         into = (f"one FFN of width {g.fused_width}" if args.form == "wide-ffn"
                 else f"one parallel-blocks layer of {len(g.ffn_layers)} branches")
@@ -134,6 +146,11 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
           f"{len(r.after.ffn_layers())}, sync points per token {r.before.sync_points_per_token()} -> "
           f"{r.after.sync_points_per_token()}")
     how = f"norm={args.norm}" if args.form == "wide-ffn" else "as parallel-blocks, norms per branch"
+    if r.fp8:
+        from export.fusion.fp8_fuse import summary
+
+        rule = "calibrated on --calib" if amax else "derived (never saturating on the calibration data)"
+        print(f"fp8 ({args.fp8_requant}): {summary(r.fp8)}; gate/up input scales {rule}, down: max of the members'")
     print(f"wrote {r.out} ({r.bytes_written / 2**20:.1f} MiB in {r.seconds:.2f} s, {how})")
     odd = [i for i, lay in enumerate(r.after.layers) if lay.ffn.width is not None and lay.ffn.ffn_mult is None]
     if odd and r.after.block_schema.width_key == "ffn_mult":  # TRT-LLM's PyTorch nemotron_nas: ffn_mult only
@@ -141,6 +158,18 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
               f"there: vLLM, this toolkit and the TRT-LLM engine path (`convert`) read it; TensorRT-LLM's PyTorch "
               f"backend reads ffn_mult only", file=sys.stderr)
     return 0
+
+
+def _fused_input_amax(args: argparse.Namespace, plan) -> dict[int, float] | None:
+    """`--calib` on an FP8 source: each group's fused gate/up input amax, measured (fusion.calib)."""
+    from export.fusion.calib import fused_input_amax
+    from export.spec import ModelSpec
+
+    spec = ModelSpec.load(args.ckpt)
+    if not spec.quant.fp8:
+        raise ExportError(f"{args.ckpt}: --calib measures FP8 input scales; this checkpoint is not FP8")
+    return fused_input_amax(args.ckpt, plan.resolve(spec), args.calib, fold=args.norm == "fold",
+                            tokens=args.calib_tokens)
 
 
 # ---- analyze -------------------------------------------------------------------------------

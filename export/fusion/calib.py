@@ -64,3 +64,37 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
 
 def non_empty_layers(spec: ModelSpec) -> int:
     return spec.num_layers - len(spec.empty_layers())
+
+
+def fused_input_amax(path: str | Path, groups: list, text: str | Path, *, fold: bool = True, tokens: int = 2048,
+                     seq_len: int = 128, batch: int = 8, tokenizer: str | Path | None = None) -> dict[int, float]:
+    """For each fusion group (`plan.Group`), the amax over `text` of its fused gate/up input, keyed
+    by its first FFN layer: rmsnorm(x) times the fused norm (ones under `fold`, else the last
+    member's), x the residual entering the group. Measured on the source model (`fuse --calib`):
+    the first member's gate/up input is rmsnorm(x) * s_first, so dividing by s_first gives the
+    fused block's input exactly (channels where s_first is 0 carry no information and count 0)."""
+    import torch
+
+    from export.io.tokenizer import load_tokenizer
+    from export.tensors import Role
+
+    spec, dec = load_model(path)
+    firsts = {g.ffn_layers[0]: g for g in groups}
+    scales = {i: dec.w(Role.FFN_NORM, i).float() for i in firsts}
+    fused_norms = {i: (None if fold else dec.w(Role.FFN_NORM, g.ffn_layers[-1]).float()) for i, g in firsts.items()}
+    amax: dict[int, float] = dict.fromkeys(firsts, 0.0)
+
+    def observe(key: object, x: torch.Tensor) -> None:
+        if isinstance(key, tuple) and len(key) == 2 and key[0] is Role.UP and key[1] in firsts:
+            i = key[1]
+            s = scales[i]
+            u = torch.where(s != 0, x.float() / torch.where(s != 0, s, 1.0), 0.0)
+            if fused_norms[i] is not None:
+                u = u * fused_norms[i]
+            amax[i] = max(amax[i], float(u.abs().max()))
+    dec.observe = observe
+    ids = token_batch(text, load_tokenizer(path, tokenizer, kind="tokenizers"), spec.vocab, tokens, seq_len)
+    with torch.inference_mode():
+        for b in ids.split(batch):
+            dec(b)
+    return amax

@@ -18,8 +18,9 @@ SOURCE_CARD = "README.source.md"
 
 
 def write_fused_card(out: Path, source: Path, before: ModelSpec, after: ModelSpec, groups: list[Group],
-                     norm: str) -> None:
-    """README.md in `out` (the source's card, if any, moved to README.source.md first)."""
+                     norm: str, fp8_note: str | None = None) -> None:
+    """README.md in `out` (the source's card, if any, moved to README.source.md first); `fp8_note`
+    says how an FP8 source's fused tensors were requantized."""
     if (out / "README.md").is_file():
         (out / "README.md").rename(out / SOURCE_CARD)
     facts = {
@@ -30,6 +31,10 @@ def write_fused_card(out: Path, source: Path, before: ModelSpec, after: ModelSpe
         "sync_points_per_token_after": after.sync_points_per_token(),
         "parameters_before": parameter_count(before), "parameters_after": parameter_count(after),
     }
+    if not after.quant.is_none:
+        facts["quantization"] = after.quant.describe()
+    quant = (f"\nQuantization: {after.quant.describe()} (ModelOpt format, `hf_quant_config.json`). {fp8_note}\n"
+             if fp8_note else "")
     rows = [(f"group {g.label}", f"FFNs of layers {list(g.ffn_layers)}, widths {list(g.widths)} -> one FFN of "
              f"width {g.fused_width}") for g in groups]
     body = f"""
@@ -48,7 +53,7 @@ dependency the fusion removed.
 | parameters | {parameter_count(before):,} | {parameter_count(after):,} |
 
 Norms: `{norm}`. {NORM_NOTES[norm]}
-
+{quant}
 Quality is not measured by `fuse`: `python -m export evaluate {source} THIS_DIR --text HELDOUT`
 gives perplexity, KL and top-1 agreement against the source. What the source's card says
 (`{SOURCE_CARD}`, when it had one) is about the source, not about this model. The exact plan and
