@@ -1,4 +1,4 @@
-"""FP8 fusion on the demo model: which requantization and which gate/up input scale (docs/fp8-fuse.md).
+"""FP8 fusion on the demo model: which requantization and which gate/up input scale (docs/fp8.md).
 
     .venv/bin/python scripts/fp8_fuse_study.py [--out out/fp8-fuse-study] [--eval-tokens 8192]
 

@@ -261,7 +261,7 @@ def test_fused_fp8_agrees_with_fused_bf16_on_the_demo(demo):
     bf = fuse_checkpoint(DEMO_PUZZLE, plan, d / "bf16-fused", progress=False).out
     fq = fuse_checkpoint(q, plan, d / "fp8-fused", progress=False).out
     fused = evaluate(bf, [fq], heldout, tokens=2048, progress=False)[1]
-    # measured on 4096 held-out tokens (docs/fp8-fuse.md): FP8 costs KL 2.5e-3 vs bf16 unfused, the
+    # measured on 4096 held-out tokens (docs/fp8.md): FP8 costs KL 2.5e-3 vs bf16 unfused, the
     # fused FP8 model 2.8e-3 vs the fused bf16 one: fusing in FP8 adds ~10% to the quantization's cost
     assert fused.kl_vs_base < 1e-2 and fused.top1_agreement > 0.9
     ref = evaluate(DEMO_PUZZLE, [q], heldout, tokens=2048, progress=False)[1]

@@ -286,7 +286,7 @@ def test_library_refuses_before_writing(source, texts, tmp_path):
 def test_demo_model_quantized_stays_close_to_bf16(tmp_path, capsys):
     """Measured on the shipped Puzzle model (2048 calibration tokens, 4096 held-out tokens of its
     stdlib split): KL 1.7e-3 and top-1 96% (FP8 weights and activations), KL 2.7e-3 and 95% with the
-    FP8 KV cache too, perplexity within 0.3% (docs/fp8-quantize.md). Input scales 8x too small
+    FP8 KV cache too, perplexity within 0.3% (docs/fp8.md). Input scales 8x too small
     (saturating activations) cost KL 0.68 and top-1 41%: a bound of 1e-2 separates a correct
     recipe from a broken one by two orders of magnitude."""
     from export.demo.study import write_demo_texts

@@ -1,5 +1,5 @@
 """HF FP8 (ModelOpt) -> TensorRT-LLM 1.2.1 FP8 checkpoint: every tensor's name, shape and dtype
-against the format (docs/fp8-convert.md), the round trip through verify, bad FP8 rank files
+against the format (docs/fp8.md), the round trip through verify, bad FP8 rank files
 refused, and the trtllm-build flags for FP8."""
 
 from __future__ import annotations

@@ -110,7 +110,7 @@ def _fuse_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp8-requant", choices=["refit", "max-scale"], default="refit",
                    help="FP8 sources: refit: dequantize, fuse, requantize each fused tensor once at its amax/448 "
                         "(default); max-scale: each member requantized to the group's largest weight scale "
-                        "(TRT-LLM's q/k/v rule); see docs/fp8-fuse.md")
+                        "(TRT-LLM's q/k/v rule); see docs/fp8.md")
     p.add_argument("--calib", default=None,
                    help="FP8 sources: calibration text (file or directory); the fused gate/up input scales are "
                         "then measured on it (default: a bound derived from the members' scales)")

@@ -2,7 +2,7 @@
 
 A fused gate/up stacks its members' rows and a fused down concatenates their columns, but an FP8
 checkpoint holds one `weight_scale` and one `input_scale` per tensor, and each member came with
-its own. Two ways to get the fused tensor's (`Requant`, measured in docs/fp8-fuse.md):
+its own. Two ways to get the fused tensor's (`Requant`, measured in docs/fp8.md):
 
 - `max-scale` (TRT-LLM's rule for q/k/v and gate+fc): each member on its own E4M3 grid, then
   requantized to the group's largest weight scale. Under `--norm fold` a member's folded weight

@@ -222,7 +222,7 @@ class FP8Job:
         """Rows of the fused FP8 tensor `out` from its FP8 members (`members[out.role]`, each with
         its FFN norm `norms[k]`, folded into gate/up under `fold`); records the two scales it gets.
         A fused gate and up share both (the max of theirs), as ModelOpt writes a layer's gate/up
-        (docs/fp8-quantize.md), so a loader fuses them without requantizing: `members` holds both."""
+        (docs/fp8.md), so a loader fuses them without requantizing: `members` holds both."""
         step = _rows_per_chunk(out.shape, torch.float32)
         stacked = out.role is not Role.DOWN
         ms = {role: self._members(reader, refs, norms, fold and role is not Role.DOWN)

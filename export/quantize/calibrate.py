@@ -12,7 +12,7 @@ gate/up as one gate_up GEMM), and a fused GEMM has one weight scale and one inpu
 export gives such a group one shared weight amax and one shared input amax (the max over the
 group: `requantize_resmooth_fused_llm_layers` -> `preprocess_linear_fusion`,
 modelopt/torch/export/unified_export_hf.py and quant_utils.py), so a loader fuses them without
-requantizing. We do the same (`SHARED_INPUT`); docs/fp8-quantize.md has the sources.
+requantizing. We do the same (`SHARED_INPUT`); docs/fp8.md has the sources.
 """
 
 from __future__ import annotations

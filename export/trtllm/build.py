@@ -8,7 +8,7 @@ is the engine recorded in the manifest.
 An FP8 checkpoint (config.json `quantization.quant_algo: FP8`) needs no flag to be built as FP8:
 trtllm-build reads the quantization from config.json and swaps every linear not in
 `exclude_modules` for `FP8Linear` / `FP8RowLinear`. `FP8_FLAGS` adds what 1.2.1 leaves off for it
-(`builder.py`, `commands/build.py`, `plugin/plugin.py`; docs/fp8-convert.md): the FP8 context FMHA,
+(`builder.py`, `commands/build.py`, `plugin/plugin.py`; docs/fp8.md): the FP8 context FMHA,
 where an FP8 KV cache makes it usable. Unverified here: no trtllm-build runs on this host.
 """
 

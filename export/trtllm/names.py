@@ -8,7 +8,7 @@ FP8 (TRT-LLM 1.2.1 `FP8Linear` / `FP8RowLinear`, `quantization/layers.py`): each
 module `M` (its weight's name less `.weight`) also holds `M.weights_scaling_factor` and
 `M.activation_scaling_factor`, shape (1,) float32; a packed tensor shares one pair. An attention
 with an FP8 KV cache (`quantize.py kv_cache_quantize`) holds `attention.kv_cache_scaling_factor`
-and `attention.kv_cache_rcp_scaling_factor`, shape (1,) float32. docs/fp8-convert.md has the sources.
+and `attention.kv_cache_rcp_scaling_factor`, shape (1,) float32. docs/fp8.md has the sources.
 """
 
 from __future__ import annotations
