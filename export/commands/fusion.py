@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from export.commands.registry import command, with_args
+from export.commands.registry import checkpoint_writer_args, command, with_args
 from export.errors import ExportError
 from export.io.paths import FOLLOW_SYMLINKS_HELP
 
@@ -92,8 +92,6 @@ def _fuse_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", help="HF checkpoint directory (safetensors + config.json)")
     p.add_argument("--plan", required=True, help="plan JSON (from `plan` or `analyze`, edited or not)")
     p.add_argument("--out", required=True, help="output directory (written atomically; new, or ours with --overwrite)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace --out if it is a previous output of this toolkit (anything else is refused)")
     p.add_argument("--norm", choices=["fold", "last"], default="fold",
                    help="fold: each layer's norm scale into its gate/up: the parallel form, with each folded "
                         "weight rounded once to the output dtype (default); last: the last layer's norm for "
@@ -115,8 +113,7 @@ def _fuse_args(p: argparse.ArgumentParser) -> None:
                    help="FP8 sources: calibration text (file or directory); the fused gate/up input scales are "
                         "then measured on it (default: a bound derived from the members' scales)")
     p.add_argument("--calib-tokens", type=int, default=2048, help="tokens of --calib to use (default 2048)")
-    p.add_argument("--max-shard-size", type=byte_size, default=5 << 30, help="safetensors shard size")
-    p.add_argument("--follow-symlinks", action="store_true", help=FOLLOW_SYMLINKS_HELP)
+    checkpoint_writer_args(p)
 
 
 @command("fuse", "fuse FFN groups of an HF DeciLM checkpoint into wide FFNs (Ultra-style checkpoint)")

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from export.commands.fusion import byte_size
-from export.commands.registry import command, with_args
-from export.io.paths import FOLLOW_SYMLINKS_HELP
+from export.commands.registry import checkpoint_writer_args, command, with_args
 
 
 def _quantize_args(p: argparse.ArgumentParser) -> None:
@@ -27,10 +25,7 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     p.add_argument("--batch", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (default: the checkpoint's)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace --out if it is a previous output of this toolkit (anything else is refused)")
-    p.add_argument("--max-shard-size", type=byte_size, default=5 << 30, help="safetensors shard size")
-    p.add_argument("--follow-symlinks", action="store_true", help=FOLLOW_SYMLINKS_HELP)
+    checkpoint_writer_args(p)
 
 
 @command("quantize", "post-training FP8 (per-tensor, calibrated on the CPU) -> a ModelOpt-format HF FP8 checkpoint")

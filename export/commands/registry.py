@@ -24,6 +24,17 @@ def command(name: str, help_text: str) -> Callable[[Callable], Callable]:
     return deco
 
 
+def checkpoint_writer_args(p: argparse.ArgumentParser) -> None:
+    """The flags every command that writes an HF checkpoint shares (`fuse`, `quantize`)."""
+    from export.commands.fusion import byte_size
+    from export.io.paths import FOLLOW_SYMLINKS_HELP
+
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is a previous output of this toolkit (anything else is refused)")
+    p.add_argument("--max-shard-size", type=byte_size, default=5 << 30, help="safetensors shard size")
+    p.add_argument("--follow-symlinks", action="store_true", help=FOLLOW_SYMLINKS_HELP)
+
+
 def with_args(configure: Callable[[argparse.ArgumentParser], None]) -> Callable[[Callable], Callable]:
     def deco(fn: Callable) -> Callable:
         fn.configure = configure  # type: ignore[attr-defined]
