@@ -82,3 +82,6 @@ register(RuntimeEntry("torch", "export.runtime.torch_runtime:start_torch",
 register(RuntimeEntry("onnx", "export.onnx.backend:start_onnx",
                       "engines/NAME/onnx on ONNX Runtime (tp=1, fp32)",
                       parallel=False, dtypes=("float32",), engine=OwnEngine("onnx", "ONNX", "--onnx")))
+register(RuntimeEntry("torch-fast", "export.runtime.fast:start_fast",
+                      "the reference Decoder's weights with a low-overhead step: fused qkv/gate-up, "
+                      "KV written in place (tp = pp = 1)", parallel=False))
