@@ -27,14 +27,17 @@ def test_importing_the_runtime_and_package_does_not_import_onnx():
 def test_every_entry_loads_and_declares_what_it_runs():
     from export.onnx.backend import GRAPH_DTYPE
 
-    assert registry.names() == ("torch", "onnx", "torch-fast")
+    assert registry.names() == ("torch", "onnx", "torch-fast", "onnx-fast")
     for entry in registry.RUNTIMES.values():
         assert callable(entry.load())
         assert set(entry.dtypes) <= set(registry.ALL_DTYPES)
     onnx = registry.get("onnx")
     assert onnx.dtypes == (GRAPH_DTYPE,) and not onnx.runs(2, 1) and onnx.runs(1, 1)
+    assert registry.get("onnx-fast").dtypes == (GRAPH_DTYPE,) and registry.get("onnx-fast").engine == onnx.engine
     assert registry.get("torch").runs(2, 2) and not registry.get("torch-fast").runs(2, 1)
-    with pytest.raises(ExportError, match=r"runtime must be one of \('torch', 'onnx', 'torch-fast'\), got 'tensorrt'"):
+    assert not registry.get("onnx-fast").runs(1, 2)
+    with pytest.raises(ExportError, match=r"runtime must be one of \('torch', 'onnx', 'torch-fast', 'onnx-fast'\), "
+                                          r"got 'tensorrt'"):
         registry.get("tensorrt")
     with pytest.raises(ValueError, match="twice"):
         registry.register(registry.RuntimeEntry("torch", "x:y", "again"))

@@ -85,3 +85,7 @@ register(RuntimeEntry("onnx", "export.onnx.backend:start_onnx",
 register(RuntimeEntry("torch-fast", "export.runtime.fast:start_fast",
                       "the reference Decoder's weights with a low-overhead step: fused qkv/gate-up, "
                       "KV written in place (tp = pp = 1)", parallel=False))
+register(RuntimeEntry("onnx-fast", "export.onnx.fast_backend:start_onnx_fast",
+                      "engines/NAME/onnx's weights in ORT's fused graph (GroupQueryAttention over the KV cache "
+                      "bound in place, SkipSimplifiedLayerNormalization; tp=1, fp32)",
+                      parallel=False, dtypes=("float32",), engine=OwnEngine("onnx", "ONNX", "--onnx")))
