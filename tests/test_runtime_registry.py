@@ -105,3 +105,20 @@ def test_package_refuses_a_dtype_the_runtime_does_not_run(tmp_path):
     build_onnx(engine_dir, progress=False)
     with pytest.raises(ExportError, match=r"runtime 'onnx' runs float32 only, got runtime_dtype 'bfloat16'"):
         package_repo(engine_dir, tmp_path / "r", backend="cpu", runtime="onnx", runtime_dtype="bfloat16")
+
+
+def test_package_serves_the_fastest_exact_runtime_it_can_by_default(tmp_path):
+    """onnx-fast where the ONNX engine is built, the split is tp=pp=1 and the dtype fp32; else torch."""
+    from export.onnx.export import build_onnx
+    from export.triton.package import package_repo
+
+    engine_dir = make_engine_dir(tmp_path, tp=1)
+    plain = package_repo(engine_dir, tmp_path / "plain", backend="cpu")
+    assert _engine_params(plain)["runtime"] == "torch"
+    build_onnx(engine_dir, progress=False)
+    fast = package_repo(engine_dir, tmp_path / "fast", backend="cpu")
+    assert _engine_params(fast) == {"tp": "1", "pp": "1", "dtype": "float32", "runtime": "onnx-fast"}
+    assert (fast / "tensorrt_llm" / "engine" / "onnx").is_dir()
+    bf16 = package_repo(engine_dir, tmp_path / "bf16", backend="cpu", runtime_dtype="bfloat16")
+    assert _engine_params(bf16)["runtime"] == "torch"
+    assert registry.preferred(2, 1, "float32", lambda own: True) == "torch"

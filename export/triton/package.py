@@ -223,7 +223,9 @@ def _package_engine(engine_dir: str | Path, out: str | Path, *, backend: str = "
     if unknown:  # tp/pp: the checkpoint's own split
         raise ExportError(f"package --backend {flag}: {', '.join(sorted(unknown))} do not apply to it")
     check_output(out, inputs=[engine_dir, TEMPLATES], overwrite=overwrite)
-    runtime = _runtime(overrides.get("runtime", "torch")) if backend == "cpu" else None
+    if backend == "cpu" and "runtime" not in overrides:
+        overrides["runtime"] = default_runtime(Path(engine_dir), overrides.get("runtime_dtype", "float32"))
+    runtime = _runtime(overrides["runtime"]) if backend == "cpu" else None
     if runtime is not None and runtime.engine is not None:
         _require_engine(Path(engine_dir), runtime.engine)
     settings = settings_from_manifest(Path(engine_dir), backend, **overrides)
@@ -326,6 +328,22 @@ def _runtime(name: str) -> registry.RuntimeEntry:
         return registry.get(name)
     except ExportError as e:
         raise ExportError(f"package: {e}") from None
+
+
+def default_runtime(engine_dir: Path, dtype: str) -> str:
+    """What the cpu engine model runs when `--runtime` is not given: the fastest exact runtime that
+    runs this engine's split and dtype and whose own engine is built (`registry.preferred`)."""
+    from export.manifest import Manifest
+
+    m = Manifest.load(engine_dir)
+
+    def built(own: registry.OwnEngine) -> bool:
+        try:
+            _require_engine(engine_dir, own)
+        except ExportError:
+            return False
+        return True
+    return registry.preferred(m.tp, m.pp, dtype, built)
 
 
 def _require_engine(engine_dir: Path, own: registry.OwnEngine) -> None:
