@@ -60,7 +60,8 @@ class Bound:
     seqlens_k: np.ndarray  # [n] int32
     total: np.ndarray      # [] int32
     qlens: np.ndarray      # [n] int32
-    logits: torch.Tensor   # [n, T, V]
+    keep: np.ndarray       # [n, K] int64: the chunk rows whose logits come back
+    logits: torch.Tensor   # [n, K, V]
 
 
 class OnnxFastBackend(SlotSteps):
@@ -81,16 +82,16 @@ class OnnxFastBackend(SlotSteps):
         self._bound.clear()
 
     # ---- binding -------------------------------------------------------------------------------
-    def _bind(self, kv: dict[int, tuple[torch.Tensor, torch.Tensor]], n: int, t: int) -> Bound:
-        """Bind fresh ids/length arrays, the logits buffer and `kv` ([n, kv_i, C, hd] contiguous
-        views) as past and present of every attention layer."""
+    def _bind(self, kv: dict[int, tuple[torch.Tensor, torch.Tensor]], n: int, t: int, keep: int = 1) -> Bound:
+        """Bind fresh ids/length/index arrays, a logits buffer for `keep` rows per entry and `kv`
+        ([n, kv_i, C, hd] contiguous views) as past and present of every attention layer."""
         if self.session is None:
             raise ExportError("the ONNX engine is closed")
         b = self.session.io_binding()
         arrays = Bound(b, np.zeros((n, t), np.int64), np.zeros(n, np.int32), np.zeros((), np.int32),
-                       np.zeros(n, np.int32), torch.empty(n, t, self.spec.vocab))
-        for name, arr in zip(("input_ids", "seqlens_k", "total_sequence_length", "query_seqlens"),
-                             (arrays.ids, arrays.seqlens_k, arrays.total, arrays.qlens)):
+                       np.zeros(n, np.int32), np.zeros((n, keep), np.int64), torch.empty(n, keep, self.spec.vocab))
+        for name, arr in zip(("input_ids", "seqlens_k", "total_sequence_length", "query_seqlens", "logit_index"),
+                             (arrays.ids, arrays.seqlens_k, arrays.total, arrays.qlens, arrays.keep)):
             b.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
         b.bind_output("logits", "cpu", 0, np.float32, list(arrays.logits.shape), arrays.logits.data_ptr())
         for i, tensors in kv.items():
@@ -131,9 +132,10 @@ class OnnxFastBackend(SlotSteps):
         bound.ids[rows] = ids.numpy()
         bound.qlens[rows] = lens.numpy()
         bound.seqlens_k[rows] = (start + lens - 1).numpy()
+        bound.keep[rows, 0] = (lens - 1).numpy()  # idle entries keep row 0: their logits are not read
         bound.total[()] = int(bound.seqlens_k.max()) + 1
         self.session.run_with_iobinding(bound.binding)
-        return bound.logits[torch.from_numpy(rows), lens - 1]  # a copy: the buffer is reused
+        return bound.logits[torch.from_numpy(rows), 0]  # a copy: the buffer is reused
 
     def _decode(self, cmd: Decode) -> torch.Tensor | None:
         """One token for contiguous slots (the scheduler's usual step) in numpy only: what
@@ -148,6 +150,7 @@ class OnnxFastBackend(SlotSteps):
         bound = self._block(lo, n, 1)
         bound.ids[:, 0] = cmd.tokens
         bound.qlens.fill(1)
+        bound.keep.fill(0)
         bound.seqlens_k[:] = start
         bound.total[()] = total
         self.session.run_with_iobinding(bound.binding)
@@ -160,8 +163,9 @@ class OnnxFastBackend(SlotSteps):
         n, t = ids.shape
         kv = {i: (torch.zeros(n, h, t, self.spec.head_dim), torch.zeros(n, h, t, self.spec.head_dim))
               for i, h in self.kv_heads.items()}
-        bound = self._bind(kv, n, t)
+        bound = self._bind(kv, n, t, keep=t)
         bound.ids[:] = ids.numpy()
+        bound.keep[:] = np.arange(t)
         bound.qlens.fill(t)
         bound.seqlens_k.fill(t - 1)
         bound.total[()] = t

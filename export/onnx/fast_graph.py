@@ -21,8 +21,10 @@ per-layer kv heads are each node's attributes, no-op sublayers emit nothing, lin
 are one MatMul, parallel blocks were widened into one FFN when the engine was built.
 
     inputs : input_ids [batch, seq] int64, seqlens_k [batch] int32, total_sequence_length [] int32,
-             query_seqlens [batch] int32, past_key_values.{i}.key/value [batch, kv_i, capacity, hd]
-    outputs: logits [batch, seq, vocab], present.{i}.key/value (the same buffers as the past)
+             query_seqlens [batch] int32, logit_index [batch, keep] int64 (the chunk rows whose logits
+             are wanted: a prefill needs its last token's only, so lm_head runs on `keep` rows),
+             past_key_values.{i}.key/value [batch, kv_i, capacity, hd]
+    outputs: logits [batch, keep, vocab], present.{i}.key/value (the same buffers as the past)
 """
 
 from __future__ import annotations
@@ -144,7 +146,8 @@ class FastDecoderGraph:
             pending = emit(self, i, x)
         g.scope = "head"
         x, _ = self.residual_norm(h, pending, Role.FINAL_NORM, None)
-        g.op("MatMul", x, self.w("lm_head", (spec.hidden, spec.vocab)), out="logits")
+        kept = g.op("GatherND", x, g.op("Unsqueeze", "logit_index", g.const([-1])), batch_dims=1)  # [B, keep, H]
+        g.op("MatMul", kept, self.w("lm_head", (spec.hidden, spec.vocab)), out="logits")
         graph = helper.make_graph(g.nodes, "decoder_fast", self.inputs(), self.outputs(), initializer=g.initializers)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                         helper.make_opsetid(MS_DOMAIN, 1)],
@@ -157,12 +160,13 @@ class FastDecoderGraph:
         out = [vi("input_ids", TensorProto.INT64, ["batch", "seq"]),
                vi("seqlens_k", TensorProto.INT32, ["batch"]),
                vi("total_sequence_length", TensorProto.INT32, []),
-               vi("query_seqlens", TensorProto.INT32, ["batch"])]
+               vi("query_seqlens", TensorProto.INT32, ["batch"]),
+               vi("logit_index", TensorProto.INT64, ["batch", "keep"])]
         return out + self._kv(0)
 
     def outputs(self) -> list[Any]:
         vi = helper.make_tensor_value_info
-        return [vi("logits", TensorProto.FLOAT, ["batch", "seq", self.spec.vocab]), *self._kv(2)]
+        return [vi("logits", TensorProto.FLOAT, ["batch", "keep", self.spec.vocab]), *self._kv(2)]
 
     def _kv(self, first: int) -> list[Any]:
         vi, hd = helper.make_tensor_value_info, self.spec.head_dim
