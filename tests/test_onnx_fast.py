@@ -130,6 +130,11 @@ def test_refusals_are_one_line(hetero, tmp_path):
         Engine.start(onnx_dir, runtime="onnx-fast", dtype="bfloat16")
     with pytest.raises(ExportError, match=r"no ONNX graph \(model.onnx\) here .*build engines/NAME --onnx"):
         Engine.start(ckpt, runtime="onnx-fast")
+    _, _, backend = start_onnx_fast(onnx_dir, tp=1, pp=1, dtype="float32", threads=1)
+    backend.run(Reserve(1, 300))
+    backend.cache.lengths[0] = 256  # max_position_embeddings
+    with pytest.raises(ExportError, match=r"a sequence of 257 tokens is beyond the model's max_position_embeddings"):
+        backend.run(Decode((0,), (1,)))
     spec = ModelSpec.load(onnx_dir)
     engine = onnx.load(str(onnx_dir / MODEL_FILE), load_external_data=False).graph
     table = {t.name: t for t in engine.initializer if t.name != "layers.1.attn.o"}

@@ -133,7 +133,7 @@ class OnnxFastBackend(SlotSteps):
         bound.qlens[rows] = lens.numpy()
         bound.seqlens_k[rows] = (start + lens - 1).numpy()
         bound.keep[rows, 0] = (lens - 1).numpy()  # idle entries keep row 0: their logits are not read
-        bound.total[()] = int(bound.seqlens_k.max()) + 1
+        bound.total[()] = self._positions_fit(int(bound.seqlens_k.max()) + 1)
         self.session.run_with_iobinding(bound.binding)
         return bound.logits[torch.from_numpy(rows), 0]  # a copy: the buffer is reused
 
@@ -144,7 +144,7 @@ class OnnxFastBackend(SlotSteps):
         if cmd.slots != tuple(range(lo, lo + n)):
             return super()._decode(cmd)
         start = self.cache.lengths.numpy()[lo:lo + n]
-        total = int(start.max()) + 1
+        total = self._positions_fit(int(start.max()) + 1)
         self.cache.reserve(lo + n, total)
         start = self.cache.lengths.numpy()[lo:lo + n]  # reserve may have replaced the tensor
         bound = self._block(lo, n, 1)
@@ -171,6 +171,14 @@ class OnnxFastBackend(SlotSteps):
         bound.total[()] = t
         self.session.run_with_iobinding(bound.binding)
         return bound.logits
+
+    def _positions_fit(self, total: int) -> int:
+        """`total` (tokens after the step), or the one-line refusal: the rotary cache in the graph
+        holds max_position_embeddings positions (the engine's max_seq_len defaults to it)."""
+        if total > self.spec.max_position_embeddings:
+            raise ExportError(f"runtime 'onnx-fast': a sequence of {total} tokens is beyond the model's "
+                              f"max_position_embeddings {self.spec.max_position_embeddings} (its rotary cache)")
+        return total
 
     def sync_counts(self) -> dict[str, int]:
         return {"rank": 0, "tp_collectives": 0, "pp_transfers": 0}
