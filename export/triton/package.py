@@ -267,13 +267,16 @@ def package_repo(engine_dir: str | Path, out: str | Path, *, backend: str = "cpu
     return flavour.package(engine_dir, out, overwrite=overwrite, **overrides)
 
 
-def served_runtime(backend: str, runtime: str | None = None) -> str:
-    """The runtime the engine model of `package --backend BACKEND [--runtime RUNTIME]` runs."""
+def served_runtime(backend: str, runtime: str | None = None, engine_dir: Path | None = None) -> str:
+    """The runtime the engine model of `package ENGINE_DIR --backend BACKEND [--runtime RUNTIME]` runs
+    (with no runtime named: the flavour's, else `default_runtime` for ENGINE_DIR, else torch)."""
     fixed = FLAVOURS[backend].runtime if backend in FLAVOURS else None
     if fixed is not None and runtime not in (None, fixed):
         raise ExportError(f"package --backend {backend} runs runtime {fixed!r}; got runtime {runtime!r} "
                           f"(use --backend cpu --runtime {runtime})")
-    return fixed or runtime or "torch"
+    if fixed or runtime:
+        return fixed or runtime  # type: ignore[return-value]
+    return default_runtime(Path(engine_dir), "float32") if engine_dir is not None and backend == "cpu" else "torch"
 
 
 BUNDLE = Path("tensorrt_llm", "engine")  # in the engine model's directory (a repository subdir would be a model)
