@@ -48,6 +48,11 @@ def fast_session(onnx_dir: Path, spec: ModelSpec, threads: int = 1) -> Any:
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(onnx_dir))
+    # ORT's worker threads spin after each kernel by default. On shared cores (this machine, or a Triton
+    # host whose serving path needs the other core) they take the CPU the engine's other threads need:
+    # interleaved at 2 threads, not spinning gave 1.2-2.0x the decode tokens/s at load 4-4.6 and cost 4-18%
+    # in a quieter run (docs/notes-decode-speed.md). At 1 thread there is no worker and nothing changes.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
