@@ -30,7 +30,9 @@ def test_demo_runs_every_step(tmp_path):
     assert manifest["tp"] == 2 and manifest["engines"]["cpu"]["verified"] is True
     assert "trtllm" not in manifest["engines"] and "onnx" in manifest["engines"]
     assert re.search(r"ONNX graph\s+.*checked", out)
-    assert re.search(r"== package: Triton model repository, ONNX Runtime at tp=1", out)
+    assert re.search(r"== package: Triton model repository, ONNX Runtime's fused graph \(onnx-fast\) at tp=1", out)
+    engine_config = (work / "triton_repo" / "tensorrt_llm" / "config.pbtxt").read_text()
+    assert 'key: "runtime" value: { string_value: "onnx-fast" }' in engine_config  # the faster exact path
     assert (work / "analysis" / "heatmap.png").stat().st_size > 10_000
 
 

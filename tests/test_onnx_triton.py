@@ -1,5 +1,7 @@
-"""The ONNX flavour through a real tritonserver: `package --backend onnx` serves engines/NAME/onnx
-with ONNX Runtime, and its greedy text equals the reference runtime's."""
+"""The ONNX runtimes through a real tritonserver: `package --backend onnx` serves engines/NAME/onnx
+with ONNX Runtime, `package` with no runtime named serves the same engine on onnx-fast (the fastest
+exact runtime, its default where the ONNX engine is built), and the greedy text of both equals the
+reference runtime's."""
 
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ PROMPTS = ["héllo wörld 中文", "the quick brown fox"]
 MAX_TOKENS = 12
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
+@pytest.fixture(scope="module", params=["onnx", "default"])
+def served(request, tmp_path_factory):
     from export.onnx.export import build_onnx
     from export.runtime.engine import Engine
     from export.runtime.sampling import SamplingParams
@@ -31,8 +33,13 @@ def served(tmp_path_factory):
             ids = engine.generate([tok.encode(p)], SamplingParams(MAX_TOKENS, stop_token_ids=(tok.eos_token_id,)))[0]
             ids = ids[:ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
             reference[p] = (tok.decode(ids), len(ids))
-    repo = package_repo(engine_dir, root / "repo", backend="onnx")
-    assert 'string_value: "onnx"' in (repo / "tensorrt_llm" / "config.pbtxt").read_text()
+    if request.param == "onnx":
+        repo = package_repo(engine_dir, root / "repo", backend="onnx")
+    else:
+        repo = package_repo(engine_dir, root / "repo")
+    runtime = {"onnx": "onnx", "default": "onnx-fast"}[request.param]
+    config = (repo / "tensorrt_llm" / "config.pbtxt").read_text()
+    assert f'key: "runtime" value: {{ string_value: "{runtime}" }}' in config
     # The torch runtime could not load without its rank file; the ONNX engine never reads it.
     (engine_dir / "checkpoint" / "rank0.safetensors").rename(root / "rank0.safetensors.aside")
     with start_server(repo, timeout=240) as server:

@@ -25,6 +25,7 @@ from export.fusion.plan import FusionPlan, PlanError
 from export.io.reader import CheckpointReader
 from export.mapping import Mapping
 from export.rank_weights import HFRankWeights
+from export.runtime.engine import Engine
 from export.runtime.model import load_decoder
 from export.spec import FFNKind, ModelSpec, parse_hf_config, read_config_json
 from export.synthetic import write_random_checkpoint
@@ -661,3 +662,22 @@ def test_a_puzzletron_config_without_head_dim_is_ambiguous_and_refused():
         parse_hf_config(cfg)
     cfg["head_dim"] = None  # null: every reader takes hidden // heads
     assert parse_hf_config(cfg).head_dim == HIDDEN // HEADS
+
+
+@pytest.mark.parametrize("which", ["plain", "parallel"])
+def test_torch_fast_runtime_matches_reference_on_puzzletron_layers(tmp_path, which):
+    """Plain (gated: false) MLPs run fused-free in torch-fast; parallel_blocks layers (with an
+    attention branch, cached) run through the reference block on the same cache."""
+    from export.runtime.steps import Decode, Prefill, Reserve
+
+    cfg = v1_config(plain_layer=2) if which == "plain" else parallel_config(with_attention=True)
+    src = checkpoint(tmp_path, cfg, seed=5)
+    got = {}
+    for rt in ("torch", "torch-fast"):
+        with Engine.start(src, runtime=rt) as eng:
+            call = eng.backend.call
+            call(Reserve(2, 32))
+            out = [call(Prefill((0, 1), ((1, 5, 7, 9), (4, 2))))[0]]
+            out += [call(Decode((0, 1), (s, s + 1)))[0] for s in range(4)]
+            got[rt] = torch.stack(out)
+    assert (got["torch"] - got["torch-fast"]).abs().max().item() <= 1e-4

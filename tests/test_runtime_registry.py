@@ -27,14 +27,17 @@ def test_importing_the_runtime_and_package_does_not_import_onnx():
 def test_every_entry_loads_and_declares_what_it_runs():
     from export.onnx.backend import GRAPH_DTYPE
 
-    assert registry.names() == ("torch", "onnx")
+    assert registry.names() == ("torch", "onnx", "torch-fast", "onnx-fast")
     for entry in registry.RUNTIMES.values():
         assert callable(entry.load())
         assert set(entry.dtypes) <= set(registry.ALL_DTYPES)
     onnx = registry.get("onnx")
     assert onnx.dtypes == (GRAPH_DTYPE,) and not onnx.runs(2, 1) and onnx.runs(1, 1)
-    assert registry.get("torch").runs(2, 2)
-    with pytest.raises(ExportError, match=r"runtime must be one of \('torch', 'onnx'\), got 'tensorrt'"):
+    assert registry.get("onnx-fast").dtypes == (GRAPH_DTYPE,) and registry.get("onnx-fast").engine == onnx.engine
+    assert registry.get("torch").runs(2, 2) and not registry.get("torch-fast").runs(2, 1)
+    assert not registry.get("onnx-fast").runs(1, 2)
+    with pytest.raises(ExportError, match=r"runtime must be one of \('torch', 'onnx', 'torch-fast', 'onnx-fast'\), "
+                                          r"got 'tensorrt'"):
         registry.get("tensorrt")
     with pytest.raises(ValueError, match="twice"):
         registry.register(registry.RuntimeEntry("torch", "x:y", "again"))
@@ -102,3 +105,20 @@ def test_package_refuses_a_dtype_the_runtime_does_not_run(tmp_path):
     build_onnx(engine_dir, progress=False)
     with pytest.raises(ExportError, match=r"runtime 'onnx' runs float32 only, got runtime_dtype 'bfloat16'"):
         package_repo(engine_dir, tmp_path / "r", backend="cpu", runtime="onnx", runtime_dtype="bfloat16")
+
+
+def test_package_serves_the_fastest_exact_runtime_it_can_by_default(tmp_path):
+    """onnx-fast where the ONNX engine is built, the split is tp=pp=1 and the dtype fp32; else torch."""
+    from export.onnx.export import build_onnx
+    from export.triton.package import package_repo
+
+    engine_dir = make_engine_dir(tmp_path, tp=1)
+    plain = package_repo(engine_dir, tmp_path / "plain", backend="cpu")
+    assert _engine_params(plain)["runtime"] == "torch"
+    build_onnx(engine_dir, progress=False)
+    fast = package_repo(engine_dir, tmp_path / "fast", backend="cpu")
+    assert _engine_params(fast) == {"tp": "1", "pp": "1", "dtype": "float32", "runtime": "onnx-fast"}
+    assert (fast / "tensorrt_llm" / "engine" / "onnx").is_dir()
+    bf16 = package_repo(engine_dir, tmp_path / "bf16", backend="cpu", runtime_dtype="bfloat16")
+    assert _engine_params(bf16)["runtime"] == "torch"
+    assert registry.preferred(2, 1, "float32", lambda own: True) == "torch"

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from export.commands.registry import command, print_report, with_args
+from export.errors import ExportError
 from export.runtime import registry
 
 Configure = Callable[[argparse.ArgumentParser], None]
@@ -61,6 +62,12 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--runtime", type=_runtimes, default=("torch",),
                    help=f"comma-separated runtimes -- {registry.describe()}")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="interleaved repeats (engines alternate each repeat); figures are medians")
+    p.add_argument("--against-llama-cpp", type=Path, default=None, metavar="LLAMA_BENCH",
+                   help="a llama-bench binary: run `llama-bench -m GGUF -p 0 -n 64 -t THREADS -o json` in each "
+                        "repeat and print our batch-1 decode as a ratio of its (needs --gguf)")
+    p.add_argument("--gguf", type=Path, default=None, help="the model as GGUF, for --against-llama-cpp")
     p.add_argument("--json-out", type=Path, default=None, help="also write the JSON report here")
 
 
@@ -78,8 +85,14 @@ def _bench_decode(args: argparse.Namespace) -> int:
     from export.io.output import check_output_file
     from export.runtime.bench import bench_decode, format_table
 
+    if (args.against_llama_cpp is None) != (args.gguf is None):
+        raise ExportError("--against-llama-cpp and --gguf go together (a llama-bench binary and the model as GGUF)")
+    if args.repeats < 1:
+        raise ExportError(f"--repeats must be >= 1, got {args.repeats}")
+    llama = (args.against_llama_cpp, args.gguf) if args.gguf else None
     if args.json_out:  # a report, rewritten freely; but never over the checkpoint
         check_output_file(args.json_out, inputs=[args.ckpt], overwrite=True)
     report = bench_decode(args.ckpt, args.tp, pp=args.pp, prompt_len=args.prompt_len, batches=tuple(args.batches),
-                          steps=args.steps, dtype=args.dtype, threads=args.threads, runtimes=args.runtime)
+                          steps=args.steps, dtype=args.dtype, threads=args.threads, runtimes=args.runtime,
+                          repeats=args.repeats, llama_cpp=llama)
     return print_report(format_table(report), report, args.json_out)

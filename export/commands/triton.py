@@ -26,7 +26,9 @@ def _package_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=tuple(FLAVOURS), default="cpu",
                    help="; ".join(f"{k} = {f.help}" for k, f in FLAVOURS.items()))
     p.add_argument("--runtime", choices=registry.names(), default=None,
-                   help=f"cpu: what the engine model runs (default torch) -- {registry.describe()}")
+                   help=f"cpu: what the engine model runs (default: the fastest exact one this engine has, "
+                        f"registry.PREFERRED: onnx-fast where the ONNX graph is built at tp=1 fp32, else torch) "
+                        f"-- {registry.describe()}")
     p.add_argument("--max-batch-size", type=int, default=None, help="override the manifest's build.max_batch_size")
     p.add_argument("--kv-cache-fraction", type=float, default=None, dest="kv_cache_free_gpu_mem_fraction",
                    help="trtllm: kv_cache_free_gpu_mem_fraction; llmapi/trtllm-serve: kv_cache_config."
@@ -258,7 +260,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                    help="cpu: the reference runtime's repository (--runtime picks which); onnx: the older "
                         "spelling of --runtime onnx")
     p.add_argument("--runtime", choices=registry.names(), default=None,
-                   help=f"what Triton's engine model and the direct side run (default torch) -- {registry.describe()}")
+                   help=f"what Triton's engine model and the direct side run (default: what `package` serves) "
+                        f"-- {registry.describe()}")
 
 
 def _register_bench() -> None:

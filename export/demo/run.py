@@ -35,8 +35,9 @@ class DemoConfig:
     max_tokens: int = 48
     calib_tokens: int = 2048
     eval_tokens: int = 2048
-    # What Triton serves: "onnx" (ONNX Runtime, tp=1; fastest on this small model, see README) or
-    # "cpu" (the PyTorch reference runtime over the checkpoint's tp worker processes).
+    # What Triton serves: "onnx" (the ONNX graph is built and `package` serves the fastest exact
+    # runtime, onnx-fast: ORT's fused graph at tp=1, see README) or "cpu" (the PyTorch reference
+    # runtime over the checkpoint's tp worker processes).
     backend: str = "onnx"
     progress: bool = False
     fp8: bool = False  # quantize to FP8 (weights, activations, KV cache) before fusing; served by "cpu"
@@ -147,9 +148,10 @@ def _deploy(cfg: DemoConfig, fused: Path, rep: DemoReport) -> None:
         if cfg.backend == "onnx":
             graph = build_onnx(cfg.engine_dir, progress=cfg.progress)
             r["ONNX graph"] = f"{graph.out} ({graph.nodes} nodes, checked)"
-    flavour = {"onnx": "ONNX Runtime at tp=1", "cpu": f"PyTorch runtime at tp={cfg.tp}"}[cfg.backend]
-    with step(rep, "package", f"Triton model repository, {flavour}") as r:
-        repo = package_repo(cfg.engine_dir, cfg.work / "triton_repo", backend=cfg.backend, overwrite=True)
+    runtime = {"onnx": "onnx-fast", "cpu": "torch"}[cfg.backend]
+    flavour = {"onnx": "ONNX Runtime's fused graph (onnx-fast) at tp=1", "cpu": f"PyTorch runtime at tp={cfg.tp}"}
+    with step(rep, "package", f"Triton model repository, {flavour[cfg.backend]}") as r:
+        repo = package_repo(cfg.engine_dir, cfg.work / "triton_repo", backend="cpu", runtime=runtime, overwrite=True)
         r["repository"] = repo
         r["models"] = sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file())
     _serve_and_query(cfg, repo, rep)

@@ -79,6 +79,18 @@ def describe() -> str:
     return "; ".join(f"{e.name}: {e.help}" for e in RUNTIMES.values())
 
 
+def preferred(tp: int, pp: int, dtype: str, has_engine: Callable[[OwnEngine], bool],
+              quant: Quantization | None = None) -> str:
+    """The runtime to serve when none is named: the first of `PREFERRED` that runs at tp x pp,
+    `dtype` and `quant` and whose own engine, if it needs one, `has_engine` finds built."""
+    for name in PREFERRED:
+        entry = RUNTIMES[name]
+        if (entry.runs(tp, pp) and dtype in entry.dtypes and (quant is None or entry.runs_quant(quant))
+                and (entry.engine is None or has_engine(entry.engine))):
+            return name
+    return "torch"
+
+
 def get(name: str) -> RuntimeEntry:
     """The entry for `name`, or the one-line refusal that lists the runtimes there are."""
     entry = RUNTIMES.get(name)
@@ -92,6 +104,18 @@ register(RuntimeEntry("torch", "export.runtime.torch_runtime:start_torch",
 register(RuntimeEntry("onnx", "export.onnx.backend:start_onnx",
                       "engines/NAME/onnx on ONNX Runtime (tp=1, fp32)",
                       parallel=False, dtypes=("float32",), engine=OwnEngine("onnx", "ONNX", "--onnx"), quant_algos=()))
+register(RuntimeEntry("torch-fast", "export.runtime.fast:start_fast",
+                      "the reference Decoder's weights with a low-overhead step: fused qkv/gate-up, "
+                      "KV written in place (tp = pp = 1)", parallel=False, quant_algos=()))
+register(RuntimeEntry("onnx-fast", "export.onnx.fast_backend:start_onnx_fast",
+                      "engines/NAME/onnx's weights in ORT's fused graph (GroupQueryAttention over the KV cache "
+                      "bound in place, SkipSimplifiedLayerNormalization; tp=1, fp32)",
+                      parallel=False, dtypes=("float32",), engine=OwnEngine("onnx", "ONNX", "--onnx"), quant_algos=()))
+
+# Fastest first, exact ones only (parity with "torch" <= 1e-4, greedy tokens identical): what `package`
+# and the demo serve when no runtime is named. Measured in one interleaved `bench decode` run
+# (docs/notes-decode-speed.md); "torch" runs everything (FP8 included, emulated), so it is last.
+PREFERRED = ("onnx-fast", "torch")
 
 
 def for_quant(quant: Quantization, chosen: str | None, where: str) -> RuntimeEntry:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from export.errors import ExportError
-from export.runtime.sampling import SamplingParams, make_generator, sample
+from export.runtime.sampling import SamplingError, SamplingParams, check_logits, make_generator, sample
 from export.runtime.steps import Decode, Free, Prefill, Reserve
 
 LEN_QUANTUM = 64  # the cache's length grows in steps of this many tokens, not one per decode step
@@ -270,11 +270,15 @@ class Scheduler:
         answer with any array torch can wrap, e.g. numpy from another runtime). A row that fails
         fails its request only; it is freed with the finished ones at the end of the step."""
         logits = torch.as_tensor(logits)
+        greedy = _greedy_tokens(logits, reqs)
         for row, req in enumerate(reqs):
             if req.cancelled or req.done:
                 continue  # it leaves at the next step; nothing more reaches its consumer
             try:
-                tok = sample(logits[row:row + 1], req.params, req.gen)[0]
+                if greedy is not None and req.params.greedy:
+                    tok = greedy[row]
+                else:
+                    tok = sample(logits[row:row + 1], req.params, req.gen)[0]
                 req.generated.append(tok)
                 reason = req.finish_reason()
             except Exception as e:  # this row's fault: the other rows of the batch go on
@@ -314,6 +318,19 @@ class Scheduler:
         if failed:
             with contextlib.suppress(Exception):
                 self.call(Free(tuple(r.slot for r in failed)))  # type: ignore[arg-type]
+
+
+def _greedy_tokens(logits: torch.Tensor, reqs: list[_Request]) -> list[int] | None:
+    """Every row's argmax in one call when some rows are greedy and every row's logits are sound:
+    the tokens `sample` gives row by row, without its ~40 us of checks per row (16 rows: ~0.6 ms a
+    step). None when a row is unsound: then each row goes through `sample`, which fails that one."""
+    if not any(r.params.greedy for r in reqs):
+        return None
+    try:
+        check_logits(logits)
+    except SamplingError:
+        return None
+    return logits.argmax(-1).tolist()
 
 
 def _request_error(e: Exception) -> ExportError:

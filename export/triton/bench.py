@@ -299,7 +299,7 @@ def bench_engine(engine_dir: Path, *, levels: tuple[int, ...], rounds: int, max_
     from export.manifest import Manifest
 
     m = Manifest.load(engine_dir)
-    runtime = served_runtime(backend, runtime)
+    runtime = served_runtime(backend, runtime, engine_dir)  # what `package` serves: the direct side runs the same
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         repo = package_repo(engine_dir, Path(tmp) / "repo", backend=backend, max_batch_size=max(levels),
                             engine_queue_limit=max(levels), runtime=runtime)

@@ -226,8 +226,10 @@ def _package_engine(engine_dir: str | Path, out: str | Path, *, backend: str = "
     check_output(out, inputs=[engine_dir, TEMPLATES], overwrite=overwrite)
     quant = engine_quantization(Path(engine_dir))
     runtime = None
-    if backend == "cpu":  # an FP8 engine: the runtime that emulates FP8 (torch), or a refusal of one that cannot
-        runtime = _runtime_for(quant, overrides.get("runtime"), f"package: {engine_dir}")
+    if backend == "cpu":  # the named runtime if it runs this checkpoint (an FP8 one: torch), else the fastest that does
+        dtype = overrides.get("runtime_dtype", "float32")
+        chosen = overrides.get("runtime") or default_runtime(Path(engine_dir), dtype, quant)
+        runtime = _runtime_for(quant, chosen, f"package: {engine_dir}")
         overrides["runtime"] = runtime.name
     if runtime is not None and runtime.engine is not None:
         _require_engine(Path(engine_dir), runtime.engine)
@@ -270,13 +272,18 @@ def package_repo(engine_dir: str | Path, out: str | Path, *, backend: str = "cpu
     return flavour.package(engine_dir, out, overwrite=overwrite, **overrides)
 
 
-def served_runtime(backend: str, runtime: str | None = None) -> str:
-    """The runtime the engine model of `package --backend BACKEND [--runtime RUNTIME]` runs."""
+def served_runtime(backend: str, runtime: str | None = None, engine_dir: Path | None = None) -> str:
+    """The runtime the engine model of `package ENGINE_DIR --backend BACKEND [--runtime RUNTIME]` runs
+    (with no runtime named: the flavour's, else `default_runtime` for ENGINE_DIR, else torch)."""
     fixed = FLAVOURS[backend].runtime if backend in FLAVOURS else None
     if fixed is not None and runtime not in (None, fixed):
         raise ExportError(f"package --backend {backend} runs runtime {fixed!r}; got runtime {runtime!r} "
                           f"(use --backend cpu --runtime {runtime})")
-    return fixed or runtime or "torch"
+    if fixed or runtime:
+        return fixed or runtime  # type: ignore[return-value]
+    if engine_dir is None or backend != "cpu":
+        return "torch"
+    return default_runtime(Path(engine_dir), "float32", engine_quantization(Path(engine_dir)))
 
 
 BUNDLE = Path("tensorrt_llm", "engine")  # in the engine model's directory (a repository subdir would be a model)
@@ -352,6 +359,22 @@ def _runtime(name: str) -> registry.RuntimeEntry:
         return registry.get(name)
     except ExportError as e:
         raise ExportError(f"package: {e}") from None
+
+
+def default_runtime(engine_dir: Path, dtype: str, quant: Quantization | None = None) -> str:
+    """What the cpu engine model runs when `--runtime` is not given: the fastest exact runtime that
+    runs this engine's split, dtype and quantization and whose own engine is built (`registry.preferred`)."""
+    from export.manifest import Manifest
+
+    m = Manifest.load(engine_dir)
+
+    def built(own: registry.OwnEngine) -> bool:
+        try:
+            _require_engine(engine_dir, own)
+        except ExportError:
+            return False
+        return True
+    return registry.preferred(m.tp, m.pp, dtype, built, quant)
 
 
 def _require_engine(engine_dir: Path, own: registry.OwnEngine) -> None:
