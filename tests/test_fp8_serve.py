@@ -6,6 +6,7 @@ same HF FP8 source."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,20 @@ def test_the_onnx_export_and_runtime_refuse_fp8(fp8_engine, tmp_path):
     assert not (tmp_path / "onnx").exists()
     with pytest.raises(ExportError, match=REFUSAL.format(what="runtime 'onnx'")):
         Engine.start(engine_dir, runtime="onnx")
+
+
+@pytest.mark.parametrize("runtime", ["torch-fast", "onnx-fast"])
+def test_the_fast_runtimes_refuse_fp8_and_generate_prints_only_the_refusal(fp8_engine, capsys, runtime):
+    """The fast runtimes read the weights as they are (no emulation): an FP8 source is refused, and
+    `generate` prints nothing else (the prompt is echoed only once the engine runs)."""
+    from export.cli import main
+
+    engine_dir, src = fp8_engine
+    assert main(["generate", str(src), "hello", "--runtime", runtime, "--tokenizer", str(engine_dir / "tokenizer"),
+                 "--max-tokens", "2"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1
+    assert re.search(REFUSAL.format(what=f"runtime '{runtime}'"), err.strip())
 
 
 def test_a_stale_manifest_quantization_is_refused(fp8_engine, tmp_path):

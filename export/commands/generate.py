@@ -50,14 +50,20 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                                          top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     prompt = _prompt_text(args)
     stream = not args.json
-    if stream and not args.no_echo:
-        print(prompt, end="", flush=True)
+    echo = [stream and not args.no_echo]  # the prompt is echoed once the engine runs: a refusal prints alone
+
+    def on_text(text: str) -> None:
+        if echo[0]:
+            print(prompt, end="")
+            echo[0] = False
+        print(text, end="", flush=True)
     res = generate_text(args.ckpt, prompt, params, tp=args.tp, pp=args.pp, dtype=args.dtype,
                         tokenizer=args.tokenizer, stop_at_eos=not args.ignore_eos, threads=args.threads,
-                        runtime=args.runtime, on_text=(lambda s: print(s, end="", flush=True)) if stream else None)
+                        runtime=args.runtime, on_text=on_text if stream else None)
     if args.json:
         print(json.dumps(res.to_json(), indent=2))
         return 0
+    on_text("")  # a generation with no text still shows its prompt
     print(flush=True)
     print(f"[tp={res.tp} pp={res.pp}] {res.prompt_tokens} prompt tokens, {len(res.new_tokens)} new tokens; "
           f"prefill {res.prefill_s * 1e3:.1f} ms, decode {res.tokens_per_s:.1f} tokens/s", file=sys.stderr)
