@@ -174,9 +174,13 @@ def test_a_dead_engine_stub_makes_the_server_not_ready(repo):
     try:
         tree = tree_pids(server.process.pid)
         (stub,) = [p for p in tree if "/tensorrt_llm/1/model.py" in cmdline(p)]
+        before = set(Path(tempfile.gettempdir()).glob("tritonserver-failed-*.log"))
         os.kill(stub, signal.SIGKILL)
         wait_not_ready(server, timeout=5)
         assert leftovers(tree, server.shm_prefix) == ([], [])
+        server.reaper.wait(timeout=20)
+        kept = set(Path(tempfile.gettempdir()).glob("tritonserver-failed-*.log")) - before
+        assert len(kept) == 1 and "tensorrt_llm" in kept.pop().read_text()  # the death can be diagnosed
     finally:
         server.stop()
 

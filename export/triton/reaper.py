@@ -109,6 +109,17 @@ def watch(args: argparse.Namespace) -> str:
         time.sleep(POLL_S)
 
 
+def keep_log(work: Path) -> None:
+    """A stub died: keep the server's log (the stub's faulthandler traceback, the backend's last
+    words) before the work dir goes, so the death can be diagnosed."""
+    from export.triton.server import _keep_log
+
+    log = work / "tritonserver.log"
+    if log.is_file():
+        name = _keep_log(log.read_text(errors="replace"))
+        print(f"reaper: the server's log is kept in {name}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m export.triton.reaper")
     p.add_argument("--server", type=int, required=True, help="tritonserver's pid (= its process group)")
@@ -121,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     why = watch(args)
     if why != "server gone":
         print(f"reaper: {why}; stopping tritonserver {args.server}", file=sys.stderr, flush=True)
+        if why.endswith("died"):  # before the stop: the launcher removes the work dir once the server is gone
+            keep_log(Path(args.work_dir))
         kill_group(args.server, signal.SIGTERM)
         wait_gone(args.server, GRACE_S)
     kill_group(args.server, signal.SIGKILL)
