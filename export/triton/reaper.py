@@ -75,12 +75,15 @@ def wait_gone(pid: int, timeout: float) -> bool:
 
 
 def clean(args: argparse.Namespace, seen: set[int]) -> None:
-    """What the tree left on disk: shm regions, the work dir, the engines' export-runtime dirs."""
+    """What the tree left on disk: shm regions, the engines' export-runtime dirs, and the work dir
+    unless the launcher is alive: it still reads the server's log there (why the server went) and
+    removes the dir in its own `stop()`; a launcher that dies leaves it to the next start's sweep."""
     from export.triton.server import _remove_runtime_dirs, remove_shm
 
     remove_shm(args.shm_prefix)
     _remove_runtime_dirs(sorted(seen))
-    shutil.rmtree(args.work_dir, ignore_errors=True)
+    if not alive(args.launcher):
+        shutil.rmtree(args.work_dir, ignore_errors=True)
 
 
 def watch(args: argparse.Namespace) -> str:
