@@ -101,11 +101,17 @@ def start_onnx(source: Path, *, tp: int | None, pp: int | None, dtype: str, thre
     """The "onnx" registry entry's start (`Engine.start(source, runtime="onnx")`): the spec, a
     one-rank mapping and the backend, or a clear refusal. `python` (worker interpreter) does not
     apply: there are no workers."""
-    if (tp or 1) != 1 or (pp or 1) != 1:
-        raise ExportError(f"runtime 'onnx' runs the whole model in one process (tp=1, pp=1); got tp={tp}, pp={pp}. "
-                          f"Use runtime='torch' for tensor/pipeline parallelism")
-    if normalize_dtype(dtype) != GRAPH_DTYPE:
-        raise ExportError(f"runtime 'onnx': the exported graph is {GRAPH_DTYPE}; dtype={dtype} is not available")
-    onnx_dir = find_onnx_dir(Path(source))
-    spec = ModelSpec.load(onnx_dir)
+    onnx_dir, spec = one_rank_graph("onnx", source, tp, pp, dtype)
     return spec, Mapping(1, 1), OnnxBackend(onnx_dir, spec, threads)
+
+
+def one_rank_graph(runtime: str, source: Path, tp: int | None, pp: int | None, dtype: str) -> tuple[Path, ModelSpec]:
+    """The checks every ONNX runtime's start makes (one process, the graph's dtype), then the
+    engine's ONNX directory and its description."""
+    if (tp or 1) != 1 or (pp or 1) != 1:
+        raise ExportError(f"runtime '{runtime}' runs the whole model in one process (tp=1, pp=1); got tp={tp}, "
+                          f"pp={pp}. Use runtime='torch' for tensor/pipeline parallelism")
+    if normalize_dtype(dtype) != GRAPH_DTYPE:
+        raise ExportError(f"runtime '{runtime}': the exported graph is {GRAPH_DTYPE}; dtype={dtype} is not available")
+    onnx_dir = find_onnx_dir(Path(source))
+    return onnx_dir, ModelSpec.load(onnx_dir)

@@ -22,15 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.engine_dir import onnx_dir as find_onnx_dir
 from export.errors import ExportError
 from export.mapping import Mapping
-from export.onnx.backend import GRAPH_DTYPE
+from export.onnx.backend import one_rank_graph
 from export.onnx.fast_graph import FastDecoderGraph
 from export.onnx.graph import MODEL_FILE, kv_names
 from export.runtime.cache import KVCache
 from export.runtime.steps import Decode, SlotSteps
-from export.spec import ModelSpec, normalize_dtype
+from export.spec import ModelSpec
 
 BINDINGS_KEPT = 8  # distinct (block, chunk) shapes kept bound: prefill and decode of a few batch sizes
 
@@ -193,12 +192,6 @@ def start_onnx_fast(source: Path, *, tp: int | None, pp: int | None, dtype: str,
                     python: str | None = None) -> tuple[ModelSpec, Mapping, OnnxFastBackend]:
     """The "onnx-fast" registry entry's start: the engine's ONNX directory (as "onnx" finds it), a
     one-rank mapping and the backend, or a clear refusal."""
-    if (tp or 1) != 1 or (pp or 1) != 1:
-        raise ExportError(f"runtime 'onnx-fast' runs the whole model in one process (tp=1, pp=1); got tp={tp}, "
-                          f"pp={pp}. Use runtime='torch' for tensor/pipeline parallelism")
-    if normalize_dtype(dtype) != GRAPH_DTYPE:
-        raise ExportError(f"runtime 'onnx-fast': the exported graph is {GRAPH_DTYPE}; dtype={dtype} is not available")
-    onnx_dir = find_onnx_dir(Path(source))
-    spec = ModelSpec.load(onnx_dir)
+    onnx_dir, spec = one_rank_graph("onnx-fast", source, tp, pp, dtype)
     return spec, Mapping(1, 1), OnnxFastBackend(onnx_dir, spec, threads)
 

@@ -61,24 +61,6 @@ class Amaxes:
         table[key] = max(a, table.get(key, 0.0))  # type: ignore[index]
 
 
-@torch.inference_mode()
-def observe_amaxes(dec: torch.nn.Module, ids: torch.Tensor, batch: int, progress: bool = True) -> Amaxes:
-    """Run the calibration batches [N, T] through `dec` (the unquantized model, as ModelOpt's
-    calibration pass runs with quantization off) and collect every amax."""
-    amaxes = Amaxes(tokens=ids.numel())
-    chunks = ids.split(batch)
-    bar = item_progress(len(chunks), "calibrate", unit="batch", enabled=progress)
-    dec.observe = amaxes.record
-    try:
-        for b in chunks:
-            dec(b)
-            bar.update()
-    finally:
-        dec.observe = None
-        bar.close()
-    return amaxes
-
-
 def row_chunks(reader: CheckpointReader, ref: TensorRef) -> Iterator[tuple[int, torch.Tensor]]:
     """(first row, rows) of a stored tensor in chunks of about CHUNK_BYTES (a fused Ultra FFN
     weight is 13 GiB in bf16: never read whole)."""

@@ -303,7 +303,8 @@ def load_pieces(dec: Decoder, weights: RankWeights, pieces: list[Piece], device:
             continue
         dec._store(ref.role, ref.layer, t.to(device=device, dtype=dec.dtype), ref.branch)
     if spec.quant.fp8_kv:
+        layers = {p.ref.layer for p in pieces}
         dec._kv_scale.update({key: kv_scale(weights, key) for key in dec.kv_local
-                              if (key if isinstance(key, int) else key[0]) in {p.ref.layer for p in pieces}})
+                              if (key if isinstance(key, int) else key[0]) in layers})
     if problems:
         raise CheckpointError(problems, f"rank {rank} of tp={mapping.tp} pp={mapping.pp}")
