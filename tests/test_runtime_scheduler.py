@@ -6,10 +6,11 @@ import threading
 import time
 
 import pytest
+import torch
 
 from export.errors import ExportError
 from export.runtime.engine import Engine
-from export.runtime.sampling import SamplingParams
+from export.runtime.sampling import SamplingError, SamplingParams, check_logits
 from export.runtime.scheduler import BusyError
 from export.synthetic import write_random_checkpoint
 from tests.conftest import hetero_spec
@@ -208,3 +209,25 @@ def test_tiny_temperature_is_greedy_and_harms_nobody(eng, tiny):
 def test_non_finite_sampling_settings_are_refused(bad):
     with pytest.raises(ExportError, match="bad sampling parameters"):
         SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("value, ok", [(float("nan"), False), (float("inf"), False), (float("-inf"), True),
+                                       (3e38, True)])
+def test_check_logits_one_element(value: float, ok: bool) -> None:
+    """The one-reduction fast path (a finite sum) never lets a bad row through and never refuses a
+    sound one: -inf is a masked token, and finite logits whose sum overflows take the exact check."""
+    logits = torch.zeros(3, 64)
+    logits[1, 5] = value
+    logits[1, 6] = value
+    if ok:
+        check_logits(logits)
+    else:
+        with pytest.raises(SamplingError, match="row 1"):
+            check_logits(logits)
+
+
+def test_check_logits_row_with_nothing_finite() -> None:
+    logits = torch.zeros(2, 8)
+    logits[0] = float("-inf")
+    with pytest.raises(SamplingError, match="row 0"):
+        check_logits(logits)

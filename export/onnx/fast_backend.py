@@ -47,11 +47,15 @@ def fast_session(onnx_dir: Path, spec: ModelSpec, threads: int = 1) -> Any:
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(onnx_dir))
-    # ORT's worker threads spin after each kernel by default. On shared cores (this machine, or a Triton
-    # host whose serving path needs the other core) they take the CPU the engine's other threads need:
-    # interleaved at 2 threads, not spinning gave 1.2-2.0x the decode tokens/s at load 4-4.6 and cost 4-18%
-    # in a quieter run (docs/notes-decode-speed.md). At 1 thread there is no worker and nothing changes.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # ORT's worker threads spin between kernels, so handing each kernel's share to the other thread
+    # costs no futex wake-up; by default they also go on spinning after the run, taking the core the
+    # engine's scheduler thread and its consumers need between steps. Spinning only during a run
+    # (force_spinning_stop) keeps the first and drops the second. Interleaved at 2 threads on 2 idle
+    # cores it gave 1.10-1.56x the batch-1 and 1.05-1.18x the batch-16 tokens/s of not spinning at
+    # all; beside a busy process it loses at batch 16 (0.59-0.69x), where `--threads 1` (no worker, so
+    # nothing spins) is the setting (docs/notes-decode-speed.md).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 

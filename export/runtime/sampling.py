@@ -9,6 +9,8 @@ row, so the scheduler can fail that request alone.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from export.errors import ExportError
@@ -57,7 +59,11 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 def check_logits(logits: torch.Tensor) -> None:
     """Raise SamplingError unless every row has no NaN, no +inf and at least one finite logit
-    (-inf is a masked token and fine): argmax over NaN picks a garbage token, multinomial raises."""
+    (-inf is a masked token and fine): argmax over NaN picks a garbage token, multinomial raises.
+    The usual case costs one reduction: a NaN or an inf anywhere makes the sum NaN or inf, so a finite
+    sum means every logit is finite (at 16 rows the three per-element checks cost ~0.6 ms a step)."""
+    if math.isfinite(float(logits.sum())):
+        return
     bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | ~torch.isfinite(logits).any(-1)
     if bool(bad.any()):
         raise SamplingError(f"the model produced non-finite logits for this request "
