@@ -3,6 +3,8 @@ validation, and the cpu engine's request loop on the real reference runtime."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from triton_support import tiny_spec, write_tokenizer
@@ -239,3 +241,21 @@ def test_request_integers_must_fit_triton_int32():
     with pytest.raises(ExportError, match="seed -1 does not fit"):
         Request("hi", seed=-1)
     assert Request("hi", max_tokens=2**31 - 1).fields()["max_tokens"] == 2**31 - 1
+
+
+def test_cancel_probe_is_rate_limited_and_sticky() -> None:
+    """The engine model asks the server whether a client cancelled at most once per interval (each ask
+    is a round trip to the server process); once it said yes, the answer stays yes without asking."""
+    from export.triton.stub import at_most_every
+
+    answers, asked = iter([False, True]), []
+
+    def check() -> bool:
+        asked.append(1)
+        return next(answers)
+
+    probe = at_most_every(0.05, check)
+    assert [probe() for _ in range(50)] == [False] * 50 and len(asked) == 1  # one ask in the interval
+    time.sleep(0.06)
+    assert probe() is True and len(asked) == 2
+    assert all(probe() for _ in range(10)) and len(asked) == 2  # sticky: not asked again

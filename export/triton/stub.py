@@ -12,6 +12,7 @@ import faulthandler
 import json
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -48,6 +49,24 @@ def serve_in_thread(serve: Callable[[Any], None], request: Any, threads: set[thr
     t = threading.Thread(target=serve, args=(request,), daemon=True)
     threads.add(t)
     t.start()
+
+
+def at_most_every(interval_s: float, check: Callable[[], bool]) -> Callable[[], bool]:
+    """`check` (a cancellation probe that stays true once true) called at most once per `interval_s`.
+
+    The python backend's `is_cancelled()` is a round trip to the server process (0.15 ms p50 measured
+    in the engine model, asked before every streamed token), CPU the serving path shares with the
+    engine on a small host. Asked at most every `interval_s`, a client's cancel is seen up to that
+    much later; the slot is freed at the engine's next step after that."""
+    state = {"next": 0.0, "seen": False}
+
+    def probe() -> bool:
+        now = time.monotonic()
+        if not state["seen"] and now >= state["next"]:
+            state["seen"], state["next"] = bool(check()), now + interval_s
+        return state["seen"]
+
+    return probe
 
 
 def gather(pb: Any, request: Any, names: tuple[str, ...]) -> dict[str, np.ndarray | None]:

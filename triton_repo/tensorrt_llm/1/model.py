@@ -32,6 +32,7 @@ import threading
 
 import triton_python_backend_utils as pb_utils
 
+CANCEL_POLL_S = 0.02  # how often a stream asks the server whether its client cancelled (stub.at_most_every)
 INPUTS = ("input_ids", "input_lengths", "request_output_len", "end_id", "pad_id", "stop_words_list",
           "bad_words_list", "temperature", "runtime_top_k", "runtime_top_p", "seed", "streaming", "stop")
 
@@ -120,7 +121,8 @@ class TritonPythonModel:
             with self.lock:
                 for n in names:
                     self.stops.setdefault(n, []).append(stop)
-            cancelled = lambda: stop.is_set() or sender.is_cancelled()  # noqa: E731
+            client_gone = self.stub.at_most_every(CANCEL_POLL_S, sender.is_cancelled)
+            cancelled = lambda: stop.is_set() or client_gone()  # noqa: E731
             with contextlib.closing(self.runner.steps(req, cancelled)) as steps:  # closing cancels
                 for step in steps:
                     out = self.pipeline.engine_outputs(step, key)
