@@ -88,13 +88,17 @@ class FastModel:
             return lambda x: w * F.rms_norm(x.float(), shape, eps=eps).to(x.dtype)
         return lambda x: F.rms_norm(x, shape, w, eps)
 
+    def _linear(self, norm_role: Role, role: Role, i: int) -> Sublayer:
+        """A sublayer replaced by one linear map (Puzzle's `replace_with_linear`), after its norm."""
+        norm, lin = self._norm(norm_role, i), self.dec.w(role, i)
+        return lambda h, ctx: F.linear(norm(h), lin)
+
     def _attention(self, i: int, kind: AttentionKind) -> Sublayer | None:
         if kind is AttentionKind.NOOP:
             return None
-        norm, w = self._norm(Role.ATTN_NORM, i), self.dec.w
         if kind is AttentionKind.LINEAR:
-            lin = w(Role.LINEAR_ATTN, i)
-            return lambda h, ctx: F.linear(norm(h), lin)
+            return self._linear(Role.ATTN_NORM, Role.LINEAR_ATTN, i)
+        norm, w = self._norm(Role.ATTN_NORM, i), self.dec.w
         heads, kvh, hd = self.dec.local_heads, self.dec.kv_local[i], self.spec.head_dim
         qkv = torch.cat([w(Role.Q, i), w(Role.K, i), w(Role.V, i)])
         wo, sizes, gqa = w(Role.O, i), (heads * hd, kvh * hd, kvh * hd), heads != kvh
@@ -113,10 +117,9 @@ class FastModel:
     def _ffn(self, i: int, kind: FFNKind, gated: bool) -> Sublayer | None:
         if kind is FFNKind.NOOP:
             return None
-        norm, w = self._norm(Role.FFN_NORM, i), self.dec.w
         if kind is FFNKind.LINEAR:
-            lin = w(Role.LINEAR_FFN, i)
-            return lambda h, ctx: F.linear(norm(h), lin)
+            return self._linear(Role.FFN_NORM, Role.LINEAR_FFN, i)
+        norm, w = self._norm(Role.FFN_NORM, i), self.dec.w
         down = w(Role.DOWN, i)
         if not gated:
             up = w(Role.UP, i)
